@@ -1,0 +1,59 @@
+"""llava-queue producer: submit LLaVA-NeXT jobs and collect typed results. Never imports torch."""
+
+from producer.client import Job, LlavaClient
+from producer.contract import (
+    TASK_CAPTION,
+    TASK_CLASSIFY,
+    TASK_VQA,
+    CaptionRequest,
+    CaptionResult,
+    ClassifyRequest,
+    ClassifyResult,
+    GenerationParams,
+    VQARequest,
+    VQAResult,
+)
+from producer.errors import (
+    FetchFailed,
+    FetchForbidden,
+    ImageError,
+    ImageTooLarge,
+    InternalError,
+    InvalidImage,
+    InvalidRequest,
+    JobTimeout,
+    LlavaError,
+    ResourceExhausted,
+    ResultTimeout,
+    WorkerLost,
+)
+from producer.settings import ClientSettings, load_settings
+
+__all__ = [
+    "TASK_CAPTION",
+    "TASK_CLASSIFY",
+    "TASK_VQA",
+    "CaptionRequest",
+    "CaptionResult",
+    "ClassifyRequest",
+    "ClassifyResult",
+    "ClientSettings",
+    "FetchFailed",
+    "FetchForbidden",
+    "GenerationParams",
+    "ImageError",
+    "ImageTooLarge",
+    "InternalError",
+    "InvalidImage",
+    "InvalidRequest",
+    "Job",
+    "JobTimeout",
+    "LlavaClient",
+    "LlavaError",
+    "ResourceExhausted",
+    "ResultTimeout",
+    "VQARequest",
+    "VQAResult",
+    "WorkerLost",
+    "load_settings",
+]

@@ -1,0 +1,43 @@
+"""The Celery app factory shared by producer and worker, so both sides run the same configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from producer.settings import QueueSettings
+
+
+def celery_config(settings: QueueSettings) -> dict[str, Any]:
+    """Celery settings for llava-queue (see DESIGN.md, "Decisions already taken")."""
+    transport_options = {"visibility_timeout": settings.visibility_timeout}
+    return {
+        # JSON only: pickle from the broker would be remote code execution.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # A job is acknowledged only when done; a worker that dies gives it back.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": transport_options,
+        "result_backend_transport_options": transport_options,
+        "result_expires": settings.result_expires,
+        "result_extended": True,
+        "broker_connection_retry_on_startup": True,
+        # Events so Flower sees every state.
+        "task_track_started": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_default_queue": settings.default_queue,
+        "worker_hijack_root_logger": False,
+    }
+
+
+def create_celery_app(settings: QueueSettings, main: str = "llava-queue") -> Celery:
+    """A Celery app bound to ``settings`` (not set as the process-wide current app)."""
+    app = Celery(main, broker=settings.broker_url, backend=settings.result_backend, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app

@@ -1,0 +1,138 @@
+"""The wire contract between producers and workers: task names, request and result models.
+
+Any Celery client can enqueue a job: send task ``llava.caption`` | ``llava.vqa`` | ``llava.classify`` with
+one keyword argument, ``request``, holding the request model as a JSON object. The result is the matching
+result model as a JSON object. Failures are stored as coded errors (see :mod:`producer.errors`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+TASK_CAPTION = "llava.caption"
+TASK_VQA = "llava.vqa"
+TASK_CLASSIFY = "llava.classify"
+TASKS = (TASK_CAPTION, TASK_VQA, TASK_CLASSIFY)
+
+DEFAULT_CAPTION_PROMPT = "What is shown in this image?"
+DEFAULT_CLASSIFY_PROMPT = "Classify the object in the image."
+
+# Hard limits of the contract; a worker may enforce lower ones from its settings.
+MAX_TEXT_CHARS = 2000
+MAX_LABELS = 100
+MAX_LABEL_CHARS = 100
+MAX_NEW_TOKENS_LIMIT = 4096
+
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT_CHARS)]
+Label = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_LABEL_CHARS)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GenerationParams(_Model):
+    """Decoding parameters. Greedy (``temperature=0``) unless asked otherwise."""
+
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="None: the worker's default"
+    )
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 means greedy decoding")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
+class _Request(_Model):
+    image: str = Field(
+        description="http(s) URL, data: URI, or an absolute path under a worker's allowed roots"
+    )
+
+    @field_validator("image")
+    @classmethod
+    def _image_reference(cls, value: str) -> str:
+        head = value[:16].lower()
+        if head.startswith(("http://", "https://", "data:")) or value.startswith("/"):
+            return value
+        scheme = value.split(":", 1)[0] if ":" in value[:16] else ""
+        hint = f"scheme {scheme!r} is not supported" if scheme else "not a URL, data: URI or absolute path"
+        raise ValueError(f"image must be an http(s) URL, a data: URI or an absolute path ({hint})")
+
+
+class CaptionRequest(_Request):
+    """Describe an image. ``prompt`` defaults to "What is shown in this image?"."""
+
+    prompt: Text | None = None
+    generation: GenerationParams = GenerationParams()
+
+
+class VQARequest(_Request):
+    """Answer ``question`` about an image."""
+
+    question: Text
+    generation: GenerationParams = GenerationParams()
+
+
+class ClassifyRequest(_Request):
+    """Pick the best of ``labels`` for an image, or (no labels) answer "Classify the object in the image."."""
+
+    labels: list[Label] | None = Field(default=None, min_length=1, max_length=MAX_LABELS)
+    prompt: Text | None = None
+    generation: GenerationParams = GenerationParams()
+
+    @model_validator(mode="after")
+    def _distinct_labels(self) -> ClassifyRequest:
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be distinct")
+        return self
+
+
+class Timings(_Model):
+    """Milliseconds spent on the worker."""
+
+    queued_ms: float | None = Field(default=None, description="enqueue to start, if the producer stamped it")
+    image_ms: float = Field(description="fetch + decode")
+    inference_ms: float = Field(description="preprocessing + model")
+    total_ms: float = Field(description="task start to result")
+
+
+class _Result(_Model):
+    model: str = Field(description="the checkpoint that answered")
+    worker: str = Field(description="Celery node name of the worker")
+    prompt_tokens: int = Field(ge=0, description="prompt tokens, image tokens included")
+    image_tokens: int = Field(ge=0)
+    generated_tokens: int = Field(ge=0)
+    timings: Timings
+
+
+class CaptionResult(_Result):
+    kind: Literal["caption"] = "caption"
+    text: str
+
+
+class VQAResult(_Result):
+    kind: Literal["vqa"] = "vqa"
+    text: str
+
+
+class ClassifyResult(_Result):
+    kind: Literal["classify"] = "classify"
+    label: str
+    scores: dict[str, float] | None = Field(
+        default=None, description="softmax over labels of the mean token log-likelihood; None without labels"
+    )
+
+
+Request = CaptionRequest | VQARequest | ClassifyRequest
+Result = CaptionResult | VQAResult | ClassifyResult
+
+REQUEST_MODELS: dict[str, type[CaptionRequest] | type[VQARequest] | type[ClassifyRequest]] = {
+    TASK_CAPTION: CaptionRequest,
+    TASK_VQA: VQARequest,
+    TASK_CLASSIFY: ClassifyRequest,
+}
+RESULT_MODELS: dict[str, type[CaptionResult] | type[VQAResult] | type[ClassifyResult]] = {
+    TASK_CAPTION: CaptionResult,
+    TASK_VQA: VQAResult,
+    TASK_CLASSIFY: ClassifyResult,
+}

@@ -1,0 +1,88 @@
+"""Turn what a caller passes as an image into the wire form: an http(s) URL or a ``data:`` URI.
+
+Torch-free and Pillow-free: a PIL image is recognised by duck typing and saved as PNG.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from pathlib import Path
+from typing import Any, Union
+
+from producer.errors import ImageTooLarge, InvalidRequest
+
+ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Any]
+
+_MAGIC = (
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+    (b"II*\x00", "image/tiff"),
+    (b"MM\x00*", "image/tiff"),
+)
+
+
+def sniff_mime(data: bytes) -> str:
+    """The image MIME type from magic bytes, or ``application/octet-stream`` (the worker decides)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((mime for magic, mime in _MAGIC if data.startswith(magic)), "application/octet-stream")
+
+
+def data_uri(data: bytes) -> str:
+    return f"data:{sniff_mime(data)};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _check_size(size: int, max_bytes: int, what: str) -> None:
+    if size > max_bytes:
+        raise ImageTooLarge(f"{what} is {size} bytes, over the {max_bytes}-byte cap (max_image_bytes)")
+
+
+def _read_file(path: Path, max_bytes: int) -> bytes:
+    try:
+        _check_size(path.stat().st_size, max_bytes, f"image file {path}")
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read image file {path}: {exc.strerror or exc}") from exc
+
+
+def to_wire(image: ImageInput, max_bytes: int) -> str:
+    """The ``image`` field for a request: URLs pass through; everything else is sent inline, size-checked."""
+    if isinstance(image, str):
+        lowered = image[:8].lower()
+        if lowered.startswith(("http://", "https://")):
+            return image
+        if lowered.startswith("data:"):
+            _check_size(len(image) * 3 // 4, max_bytes, "data: URI image")
+            return image
+        if "://" in image[:16]:
+            raise InvalidRequest(
+                f"unsupported image URL scheme in {image[:40]!r}: use http(s), data: or a path"
+            )
+        return data_uri(_read_file(Path(image), max_bytes))
+    if isinstance(image, os.PathLike):
+        return data_uri(_read_file(Path(image), max_bytes))
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        _check_size(len(data), max_bytes, "image")
+        return data_uri(data)
+    if hasattr(image, "save") and hasattr(image, "mode"):  # a PIL image
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        _check_size(buffer.tell(), max_bytes, "image")
+        return data_uri(buffer.getvalue())
+    raise InvalidRequest(
+        f"unsupported image type {type(image).__name__}: pass a URL, path, bytes or PIL image"
+    )
+
+
+def redact(image: str) -> str:
+    """A short, byte-free description of a wire image, for logs and Flower."""
+    if image[:5].lower() == "data:":
+        header = image[5:].split(",", 1)[0]
+        return f"<data:{header}, {len(image)} chars>"
+    return image if len(image) <= 200 else image[:197] + "..."

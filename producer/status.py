@@ -1,0 +1,43 @@
+"""Cluster status over the broker: workers online (with their ``llava_health``) and queue depths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+HEALTH_COMMAND = "llava_health"  # inspect command registered by the worker (worker/app.py)
+
+
+def worker_health(app: Celery, timeout: float = 2.0) -> dict[str, dict[str, Any]]:
+    """``{node name: health}`` for every worker that answers within ``timeout`` seconds."""
+    replies = app.control.broadcast(HEALTH_COMMAND, reply=True, timeout=timeout) or []
+    health: dict[str, dict[str, Any]] = {}
+    for reply in replies:
+        for node, info in reply.items():
+            health[node] = info if isinstance(info, dict) else {"error": str(info)}
+    return health
+
+
+def queue_depths(app: Celery, queues: list[str]) -> dict[str, int]:
+    """Messages waiting in each queue (unacknowledged, in-flight jobs are not counted)."""
+    depths: dict[str, int] = {}
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        for queue in queues:
+            try:
+                depths[queue] = int(channel.queue_declare(queue=queue, passive=True).message_count)
+            except Exception:  # the queue does not exist yet: nothing was ever sent to it
+                depths[queue] = 0
+    return depths
+
+
+def cluster_status(app: Celery, queues: list[str], timeout: float = 2.0) -> dict[str, Any]:
+    """Workers, what each serves, and the depth of ``queues`` plus every queue a worker consumes."""
+    workers = worker_health(app, timeout)
+    served = sorted({q for info in workers.values() for q in info.get("queues", [])})
+    return {
+        "workers": workers,
+        "served_queues": served,
+        "queues": queue_depths(app, sorted(set(queues) | set(served))),
+    }

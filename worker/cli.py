@@ -1,0 +1,73 @@
+"""``llava-worker``: load LLaVA-NeXT once, then serve jobs from Redis with a Celery threads pool."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from worker.settings import WorkerSettings, load_settings
+
+log = logging.getLogger("llava.worker")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="llava-worker", description=__doc__)
+    parser.add_argument("--config", help="YAML settings file (default: $LLAVA_CONFIG)")
+    parser.add_argument("--model", help="hub id, local checkpoint dir, or tiny:<template>")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--queues", help="comma-separated queues to consume")
+    parser.add_argument("--concurrency", type=int, help="task threads")
+    parser.add_argument("--hostname", help="Celery node name, e.g. gpu0@%%h")
+    parser.add_argument("--loglevel", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser.parse_args(argv)
+
+
+def build_settings(args: argparse.Namespace) -> WorkerSettings:
+    overrides = {key: getattr(args, key) for key in ("model", "device", "queues", "concurrency", "hostname")}
+    return load_settings(WorkerSettings, config_file=args.config, loglevel=args.loglevel, **overrides)
+
+
+def celery_argv(settings: WorkerSettings) -> list[str]:
+    """The ``celery worker`` arguments this worker runs with (threads pool: see DESIGN.md)."""
+    return [
+        "worker",
+        "--pool=threads",
+        f"--concurrency={settings.concurrency}",
+        f"--queues={','.join(settings.consumed_queues)}",
+        f"--hostname={settings.hostname}",
+        f"--loglevel={settings.loglevel}",
+        "--without-mingle",
+        "--without-gossip",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = build_settings(args)
+    except (ValidationError, FileNotFoundError) as exc:
+        print(f"llava-worker: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from worker.app import create_app
+    from worker.runtime import StartupError
+    from worker.service import Service
+
+    service = Service(settings)
+    try:
+        service.start()
+    except (StartupError, OSError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        print(f"llava-worker: cannot start: {exc}", file=sys.stderr)
+        return 1
+    app = create_app(settings, service)
+    app.worker_main(celery_argv(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""Worker settings: ``LLAVA_*`` environment over the YAML config over defaults (see producer.settings)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from producer.settings import QueueSettings, load_settings
+
+DEFAULT_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
+
+
+class WorkerSettings(QueueSettings):
+    """Everything a worker process needs. Unknown keys (typos in a YAML file) are errors."""
+
+    model_config = SettingsConfigDict(env_prefix="LLAVA_", extra="forbid", validate_default=True)
+
+    # -- model
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        min_length=1,
+        description="hub id, local checkpoint dir, or tiny:<template> (random tiny checkpoint built on use)",
+    )
+    model_name: str | None = Field(default=None, description="name reported in results; default: from model")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda if available")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="auto: bfloat16 on cuda, float32 on cpu"
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        default="auto", description="attention kernel passed to from_pretrained (auto: sdpa)"
+    )
+    cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "llava-queue",
+        description="where tiny:<template> checkpoints are built",
+    )
+    # -- generation
+    max_new_tokens: int = Field(default=128, ge=1, description="default when a job gives none")
+    max_new_tokens_cap: int = Field(default=512, ge=1, description="jobs asking for more are refused")
+    seed: int = Field(default=0, description="torch seed for sampled (temperature > 0) generation")
+    # -- images
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="download / inline byte cap")
+    max_image_pixels: int = Field(default=40_000_000, ge=1, description="decoded width x height cap")
+    fetch_timeout: float = Field(
+        default=5.0, gt=0, description="seconds to connect and between bytes of a fetch"
+    )
+    local_image_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="directories absolute image paths may come from (none: paths refused)",
+    )
+    # -- worker process
+    concurrency: int = Field(default=4, ge=1, le=256, description="task threads (Celery threads pool)")
+    queues: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="queues to consume; default: [default_queue]"
+    )
+    hostname: str = Field(default="llava@%h", description="Celery node name")
+    loglevel: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("queues", "local_image_roots", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _caps(self) -> WorkerSettings:
+        if self.max_new_tokens > self.max_new_tokens_cap:
+            raise ValueError(
+                f"max_new_tokens {self.max_new_tokens} is over max_new_tokens_cap {self.max_new_tokens_cap}"
+            )
+        return self
+
+    @property
+    def served_model_name(self) -> str:
+        """The name results report: ``model_name`` or the last part of ``model``."""
+        return self.model_name or self.model.rstrip("/").rsplit("/", 1)[-1].removeprefix("tiny:")
+
+    @property
+    def consumed_queues(self) -> list[str]:
+        return self.queues or [self.default_queue]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> WorkerSettings:
+    """The process's settings from env and ``LLAVA_CONFIG`` (cached). Tests build their own instead."""
+    return load_settings(WorkerSettings)

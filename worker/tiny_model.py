@@ -1,0 +1,178 @@
+"""Build a tiny, real LLaVA-NeXT checkpoint (random weights) for tests, the demo and benchmarks.
+
+The output is a genuine Hugging Face checkpoint directory: ``config.json`` + ``model.safetensors`` for
+``LlavaNextForConditionalGeneration``, a byte-level BPE tokenizer trained here with ``tokenizers``, the
+LLaVA-NeXT image processor config and the family's chat template, so that
+``LlavaNextForConditionalGeneration.from_pretrained(DIR)`` and ``LlavaNextProcessor.from_pretrained(DIR)``
+load it exactly as they load a llava-hf checkpoint. Everything is seeded: the same command writes the same
+weights and tokenizer.
+
+Usage: ``python -m worker.tiny_model --out DIR [--template mistral|vicuna|chatml|llama3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from worker.templates import TEMPLATES, Template
+
+log = logging.getLogger(__name__)
+
+SEED = 1234
+VOCAB_SIZE = 1024
+# Tiny anyres geometry: 32 px tiles of 8 px patches (16 patches + CLS per tile).
+TINY_IMAGE_SIZE = 32
+TINY_PATCH_SIZE = 8
+TINY_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+
+_CORPUS_WORDS = (
+    "what is shown in this image classify the object describe picture photo question answer a an of on in "
+    "with and or to is are sign stop red white street road car cat dog bird chart radar graph logo text "
+    "transparent background blue green yellow black person people tree sky house building yes no safe "
+    "nsfw violence animal vehicle food plant number one two three left right top bottom colour color "
+    "the image shows there it this that which where how many does say word letters say"
+).split()
+
+
+def _corpus(template: Template) -> list[str]:
+    words = _CORPUS_WORDS
+    lines = [" ".join(words[i : i + 12]) for i in range(0, len(words), 5)]
+    lines += [w.capitalize() + "?" for w in words]
+    lines += [template.system_prompt] if template.system_prompt else []
+    return lines * 4
+
+
+def build_tokenizer(template: Template):  # -> PreTrainedTokenizerFast
+    """Train a small byte-level BPE tokenizer holding the family's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = list(
+        dict.fromkeys([*template.special_tokens.values(), *template.extra_special_tokens, "<image>"])
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - len(special),
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(template), trainer=trainer)
+    if template.add_bos:
+        bos = template.special_tokens["bos_token"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        model_max_length=4096,
+        padding_side="left",
+        extra_special_tokens={"image_token": "<image>"},
+        **template.special_tokens,
+    )
+    fast.add_special_tokens({"additional_special_tokens": [t for t in template.extra_special_tokens]})
+    return fast
+
+
+def build_config(tokenizer, vocab_size: int):  # -> LlavaNextConfig
+    """A LLaVA-NeXT config with the real architecture at toy sizes (CLIP vision tower, Llama-style LM)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=TINY_PATCH_SIZE,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=TINY_PINPOINTS,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=(TINY_IMAGE_SIZE // TINY_PATCH_SIZE) ** 2,
+    )
+
+
+def build_processor(tokenizer, template: Template):  # -> LlavaNextProcessor
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": TINY_IMAGE_SIZE},
+        crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+        image_grid_pinpoints=TINY_PINPOINTS,
+    )
+    # CLIP adds a CLS token: without num_additional_image_tokens=1 every image is off by one token.
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=TINY_PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=template.chat_template,
+    )
+
+
+def build(out: Path, template_name: str = "mistral") -> Path:
+    """Write a tiny checkpoint for ``template_name`` into ``out`` and return ``out``."""
+    import torch
+    from transformers import GenerationConfig, LlavaNextForConditionalGeneration
+
+    template = TEMPLATES[template_name]
+    torch.manual_seed(SEED)
+    tokenizer = build_tokenizer(template)
+    config = build_config(tokenizer, vocab_size=len(tokenizer))
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    build_processor(tokenizer, template).save_pretrained(out)
+    (out / "llava_queue_tiny.json").write_text(json.dumps({"template": template_name, "seed": SEED}) + "\n")
+    return out
+
+
+def is_tiny_checkpoint(path: Path) -> bool:
+    """True if ``path`` holds a complete checkpoint written by :func:`build`."""
+    return (path / "llava_queue_tiny.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.tiny_model", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="directory to write the checkpoint into")
+    parser.add_argument("--template", choices=sorted(TEMPLATES), default="mistral", help="prompt family")
+    args = parser.parse_args(argv)
+    build(args.out, args.template)
+    size = sum(p.stat().st_size for p in args.out.iterdir() if p.is_file())
+    print(f"wrote tiny LLaVA-NeXT checkpoint ({args.template}, {size / 1024:.0f} KiB) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
