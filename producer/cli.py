@@ -28,7 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-queue", description="Submit LLaVA-NeXT jobs; show status.")
     parser.add_argument("--config", help="YAML settings file (default: $LLAVA_CONFIG)")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("caption", "describe images"), ("vqa", "ask a question"), ("classify", "classify")):
+    for name, help_text in (
+        ("caption", "describe images"),
+        ("vqa", "ask a question"),
+        ("classify", "classify"),
+    ):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("images", nargs="+", metavar="IMAGE", help="URL, data: URI or local file")
         sub.add_argument("--prompt", help="instruction (caption, classify)")
@@ -60,7 +64,9 @@ def _line(image: str, outcome: dict[str, Any]) -> dict[str, Any]:
 
 def _print_human(record: dict[str, Any], stream: TextIO) -> None:
     if "error" in record:
-        print(f"{record['image']}: ERROR {record['error']['code']}: {record['error']['message']}", file=stream)
+        print(
+            f"{record['image']}: ERROR {record['error']['code']}: {record['error']['message']}", file=stream
+        )
     elif "scores" in record["result"] and record["result"]["scores"]:
         scores = ", ".join(f"{k}={v:.3f}" for k, v in record["result"]["scores"].items())
         print(f"{record['image']}: {record['result']['label']} ({scores})", file=stream)
@@ -84,7 +90,9 @@ def run_jobs(client: LlavaClient, args: argparse.Namespace) -> int:
             try:
                 if isinstance(job, LlavaError):
                     raise job
-                record = _line(image, {"job_id": job.id, "result": job.get(args.timeout).model_dump(mode="json")})
+                record = _line(
+                    image, {"job_id": job.id, "result": job.get(args.timeout).model_dump(mode="json")}
+                )
             except LlavaError as exc:
                 failures += 1
                 record = _line(image, {"error": exc.to_dict()})

@@ -100,7 +100,9 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise ImageTooLarge(f"image rejected as a decompression bomb: {exc}") from None
     except UnidentifiedImageError:
-        raise InvalidImage(f"cannot decode image ({len(data)} bytes): not a recognised image format") from None
+        raise InvalidImage(
+            f"cannot decode image ({len(data)} bytes): not a recognised image format"
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImage(f"cannot decode image ({len(data)} bytes): {exc}") from None
     return _to_rgb(ImageOps.exif_transpose(image))

@@ -1,0 +1,43 @@
+# llava-queue: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+# Broker and result backend; when nothing answers there, worker.devstack starts a redis-server on a free port.
+export LLAVA_BROKER_URL ?= redis://localhost:6379/0
+export LLAVA_RESULT_BACKEND ?= redis://localhost:6379/1
+DEVSTACK := $(BIN)/python -m worker.devstack --
+
+.PHONY: demo test lint unit integration images install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[worker,monitor,dev]"
+	touch $@
+
+demo: install
+	$(DEVSTACK) $(BIN)/python examples/demo.py
+
+test: install lint
+	$(DEVSTACK) $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: install
+	$(DEVSTACK) $(BIN)/python -m pytest -q tests/integration
+
+images: install
+	$(BIN)/python examples/make_images.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,77 @@
+"""Settings precedence: CLI overrides > LLAVA_* environment > YAML file > defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from producer.settings import ClientSettings, load_settings
+from worker.settings import DEFAULT_MODEL, WorkerSettings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("LLAVA_"):
+            monkeypatch.delenv(key)
+
+
+def write_yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "worker.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults() -> None:
+    settings = load_settings(WorkerSettings)
+    assert settings.broker_url == "redis://localhost:6379/0"
+    assert settings.result_backend == "redis://localhost:6379/1"
+    assert settings.model == DEFAULT_MODEL
+    assert settings.consumed_queues == ["llava"]
+
+
+def test_yaml_over_defaults_env_over_yaml_overrides_over_env(tmp_path: Path, monkeypatch) -> None:
+    config = write_yaml(tmp_path, "model: from-yaml\nmax_new_tokens: 10\ndevice: cpu\nconcurrency: 3\n")
+    monkeypatch.setenv("LLAVA_MAX_NEW_TOKENS", "20")
+    monkeypatch.setenv("LLAVA_CONCURRENCY", "5")
+    settings = load_settings(WorkerSettings, config_file=config, concurrency=7, device=None)
+    assert settings.model == "from-yaml"  # YAML over default
+    assert settings.device == "cpu"  # YAML, since the override was None (flag not given)
+    assert settings.max_new_tokens == 20  # env over YAML
+    assert settings.concurrency == 7  # override over env
+
+
+def test_llava_config_env_names_the_yaml(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LLAVA_CONFIG", str(write_yaml(tmp_path, "model: via-env-config\n")))
+    assert load_settings(WorkerSettings).model == "via-env-config"
+
+
+def test_worker_refuses_unknown_keys_but_client_ignores_them(tmp_path: Path) -> None:
+    config = write_yaml(tmp_path, "model: m\nmax_new_tokenz: 3\n")
+    with pytest.raises(ValidationError, match="max_new_tokenz"):
+        load_settings(WorkerSettings, config_file=config)
+    assert load_settings(ClientSettings, config_file=config).broker_url.startswith("redis://")
+
+
+def test_lists_from_env_and_range_checks(monkeypatch) -> None:
+    monkeypatch.setenv("LLAVA_QUEUES", "llava.a, llava.b")
+    assert load_settings(WorkerSettings).consumed_queues == ["llava.a", "llava.b"]
+    with pytest.raises(ValidationError, match="max_new_tokens_cap"):
+        load_settings(WorkerSettings, max_new_tokens=600, max_new_tokens_cap=512)
+    with pytest.raises(ValidationError):
+        load_settings(WorkerSettings, device="tpu")
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_settings(WorkerSettings, config_file=tmp_path / "nope.yaml")
+
+
+def test_shipped_configs_load() -> None:
+    for config in sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")):
+        settings = load_settings(WorkerSettings, config_file=config)
+        assert settings.model, config

@@ -1,0 +1,162 @@
+"""A throwaway local stack for the demo, the tests and the benchmarks: redis-server and worker processes.
+
+    python -m worker.devstack -- COMMAND [ARGS...]
+
+runs COMMAND with ``LLAVA_BROKER_URL``/``LLAVA_RESULT_BACKEND`` pointing at a Redis that answers: the one
+already configured if it replies to PING, otherwise a ``redis-server`` started here on a free port (AOF on,
+``noeviction``) and stopped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import redis
+
+INSTALL_HINT = (
+    "redis-server was not found on PATH. Install it (Debian/Ubuntu: sudo apt-get install redis-server; "
+    "macOS: brew install redis) or point LLAVA_BROKER_URL at a running Redis."
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_answers(url: str, timeout: float = 1.0) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout).ping())
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+class RedisServer:
+    """A ``redis-server`` on a free port with its own data dir; stop, kill and restart it (AOF keeps data)."""
+
+    def __init__(self, data_dir: Path | None = None, port: int | None = None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(INSTALL_HINT)
+        self.binary = binary
+        self.port = port or free_port()
+        self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="llava-redis-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        command = [
+            self.binary,
+            "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+            "--maxmemory-policy", "noeviction", "--daemonize", "no",
+        ]  # fmt: skip
+        log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115  (kept open for the child)
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not redis_answers(self.url(), timeout=0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start on port {self.port}; see {log.name}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=15)
+        self.process = None
+
+    def restart(self) -> RedisServer:
+        self.stop()
+        return self.start()
+
+
+class WorkerProcess:
+    """``llava-worker`` as a subprocess with its own environment and log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.args = args
+        self.env = env
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        command = [sys.executable, "-m", "worker.cli", *self.args]
+        self.process = subprocess.Popen(command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        return self
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_ready(self, app: Any, hostname: str, timeout: float = 120.0) -> None:
+        """Wait until the worker answers a ping (its model is loaded by then)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log_tail()}")
+            if app.control.ping(destination=[hostname], timeout=0.5):
+                return
+        raise RuntimeError(f"worker {hostname} not ready after {timeout} s:\n{self.log_tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log is not None:
+            self._log.close()
+        return self.process.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if not args:
+        print(__doc__, file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    broker = env.setdefault("LLAVA_BROKER_URL", "redis://localhost:6379/0")
+    server = None
+    if not broker.startswith("redis") or redis_answers(broker):
+        print(f"devstack: using the broker at {broker}", file=sys.stderr)
+    else:
+        try:
+            server = RedisServer().start()
+        except RuntimeError as exc:
+            print(f"devstack: {exc}", file=sys.stderr)
+            return 3
+        env["LLAVA_BROKER_URL"], env["LLAVA_RESULT_BACKEND"] = server.url(0), server.url(1)
+        print(
+            f"devstack: nothing answered at {broker}; started redis-server on {server.url()}", file=sys.stderr
+        )
+    try:
+        return subprocess.call(args, env=env)
+    finally:
+        if server is not None:
+            server.stop()
+            shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
