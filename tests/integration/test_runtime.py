@@ -1,0 +1,100 @@
+"""The runtime on the real tiny checkpoint (no queue): loading, token counts, batching, label scoring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from worker.runtime import Prompt, Runtime, Sampling, StartupError
+from worker.settings import WorkerSettings
+from worker.tiny_model import build
+
+IMAGES = Path(__file__).resolve().parents[2] / "examples" / "images"
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_checkpoint: Path) -> Runtime:
+    return Runtime(WorkerSettings(model=str(tiny_checkpoint), device="cpu", dtype="float32"))
+
+
+def sample_prompts() -> list[Prompt]:
+    return [
+        Prompt(Image.open(IMAGES / "stop_sign.jpg").convert("RGB"), "What does the sign say?"),
+        Prompt(Image.new("RGB", (100, 300), (10, 200, 10)), "What colour is this?"),
+        Prompt(
+            Image.open(IMAGES / "radar_chart.png").convert("RGB"), "Describe the chart in detail, please."
+        ),
+    ]
+
+
+def test_tiny_checkpoint_is_a_real_small_hf_checkpoint(tiny_checkpoint: Path) -> None:
+    names = {p.name for p in tiny_checkpoint.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= names
+    assert sum(p.stat().st_size for p in tiny_checkpoint.iterdir()) < 1_000_000
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    assert config["model_type"] == "llava_next"
+    assert config["vision_feature_select_strategy"] == "default"
+
+
+def test_tiny_checkpoint_build_is_deterministic(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    build(tmp_path / "again", "mistral")
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (tiny_checkpoint / name).read_bytes(), name
+
+
+def test_prompt_goes_through_the_chat_template(runtime: Runtime) -> None:
+    assert (
+        runtime.prompt_text("What is shown in this image?")
+        == "[INST] <image>\nWhat is shown in this image? [/INST]"
+    )
+
+
+def test_image_token_count_matches_the_anyres_geometry(runtime: Runtime) -> None:
+    # 640x480 on 32 px tiles with pinpoints up to 64x64: the processor's count, CLS token accounted for.
+    [output] = runtime.generate(sample_prompts()[:1], Sampling(max_new_tokens=1))
+    expected = runtime.processor._get_number_of_features(480, 640, 32, 32) - 1
+    assert output.image_tokens == expected
+    assert output.prompt_tokens > output.image_tokens
+
+
+def test_batched_generation_equals_one_by_one(runtime: Runtime) -> None:
+    prompts = sample_prompts()
+    sampling = Sampling(max_new_tokens=12)
+    batched = runtime.generate(prompts, sampling)
+    alone = [runtime.generate([prompt], sampling)[0] for prompt in prompts]
+    assert batched == alone
+    assert len({output.prompt_tokens for output in batched}) == 3  # left padding really happened
+
+
+def test_label_scores_equal_a_label_by_label_reference(runtime: Runtime) -> None:
+    prompt = sample_prompts()[0]
+    labels = ["stop sign", "cat", "a red street sign", "chart"]
+    [scores] = runtime.score_labels([prompt], [labels])
+    inputs = runtime._encode([prompt])
+    tokenizer = runtime.processor.tokenizer
+    for label, score in zip(labels, scores.log_likelihoods, strict=True):
+        ids = tokenizer(label, add_special_tokens=False)["input_ids"]
+        full = torch.cat([inputs["input_ids"], torch.tensor([ids])], dim=1)
+        with torch.inference_mode():
+            logits = runtime.model(
+                input_ids=full,
+                attention_mask=torch.ones_like(full),
+                pixel_values=inputs["pixel_values"],
+                image_sizes=inputs["image_sizes"],
+            ).logits
+        logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+        start = inputs["input_ids"].shape[1] - 1
+        reference = sum(logprobs[start + k, ids[k]].item() for k in range(len(ids))) / len(ids)
+        assert score == pytest.approx(reference, abs=1e-4), label
+
+
+def test_flash_attention_on_cpu_is_a_startup_error(tiny_checkpoint: Path) -> None:
+    settings = WorkerSettings(
+        model=str(tiny_checkpoint), device="cpu", attn_implementation="flash_attention_2"
+    )
+    with pytest.raises(StartupError, match="flash_attention_2 needs a CUDA GPU"):
+        Runtime(settings)
