@@ -11,10 +11,11 @@ import os
 from pathlib import Path
 from typing import Any, Union
 
-from producer.errors import ImageTooLarge, InvalidRequest
+from producer.errors import ImageTooLarge, InvalidImage, InvalidRequest
 
 ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Any]
 
+_PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"}
 _MAGIC = (
     (b"\xff\xd8\xff", "image/jpeg"),
     (b"\x89PNG\r\n\x1a\n", "image/png"),
@@ -71,13 +72,22 @@ def to_wire(image: ImageInput, max_bytes: int) -> str:
         _check_size(len(data), max_bytes, "image")
         return data_uri(data)
     if hasattr(image, "save") and hasattr(image, "mode"):  # a PIL image
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        _check_size(buffer.tell(), max_bytes, "image")
-        return data_uri(buffer.getvalue())
+        return data_uri(_png_bytes(image, max_bytes))
     raise InvalidRequest(
         f"unsupported image type {type(image).__name__}: pass a URL, path, bytes or PIL image"
     )
+
+
+def _png_bytes(image: Any, max_bytes: int) -> bytes:
+    if image.mode not in _PNG_MODES:
+        image = image.convert("RGBA" if "A" in image.mode else "RGB")
+    buffer = io.BytesIO()
+    try:
+        image.save(buffer, format="PNG")
+    except (OSError, ValueError) as exc:
+        raise InvalidImage(f"cannot encode the PIL image (mode {image.mode}) as PNG: {exc}") from None
+    _check_size(buffer.tell(), max_bytes, "image")
+    return buffer.getvalue()
 
 
 def redact(image: str) -> str:

@@ -57,7 +57,7 @@ class WorkerSettings(QueueSettings):
         default_factory=list, description="queues to consume; default: [default_queue]"
     )
     hostname: str = Field(default="llava@%h", description="Celery node name")
-    loglevel: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    loglevel: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level")
 
     @field_validator("queues", "local_image_roots", mode="before")
     @classmethod

@@ -426,3 +426,10 @@ def test_read_relative_or_unknown_reference_is_invalid_request(reference: str, t
     with pytest.raises(InvalidRequest) as exc:
         read_image_bytes(reference, settings_for(tmp_path))
     assert_code(exc, "invalid_request")
+
+
+def test_to_wire_converts_a_cmyk_pil_image_to_png() -> None:
+    image = Image.new("CMYK", (8, 6), (0, 255, 255, 0))
+    uri = to_wire(image, max_bytes=1_000_000)
+    decoded = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert decoded.format == "PNG" and decoded.mode == "RGB" and decoded.size == (8, 6)
