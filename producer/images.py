@@ -6,10 +6,13 @@ Torch-free and Pillow-free: a PIL image is recognised by duck typing and saved a
 from __future__ import annotations
 
 import base64
+import binascii
+import hashlib
 import io
 import os
 from pathlib import Path
 from typing import Any, Union
+from urllib.parse import urlsplit, urlunsplit
 
 from producer.errors import ImageTooLarge, InvalidImage, InvalidRequest
 
@@ -90,9 +93,27 @@ def _png_bytes(image: Any, max_bytes: int) -> bytes:
     return buffer.getvalue()
 
 
+def redact_url(url: str) -> str:
+    """``url`` without credentials, query string or fragment (they may hold tokens)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+    except ValueError:
+        return "<unparsable URL>"
+    suffix = "?…" if parts.query else ""
+    shown = urlunsplit((parts.scheme, host, parts.path, "", "")) + suffix
+    return shown if len(shown) <= 200 else shown[:197] + "..."
+
+
 def redact(image: str) -> str:
-    """A short, byte-free description of a wire image, for logs and Flower."""
-    if image[:5].lower() == "data:":
-        header = image[5:].split(",", 1)[0]
-        return f"<data:{header}, {len(image)} chars>"
-    return image if len(image) <= 200 else image[:197] + "..."
+    """A short, byte-free description of a wire image for logs and Flower: kind, size, short sha256."""
+    if image[:5].lower() != "data:":
+        return redact_url(image) if "://" in image[:12] else image[:200]
+    header, _, payload = image[5:].partition(",")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        return f"<data:{header[:40]}, {len(payload)} chars, not valid base64>"
+    return f"<data:{header[:40]}, {len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()[:12]}>"

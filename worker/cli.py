@@ -44,6 +44,12 @@ def celery_argv(settings: WorkerSettings) -> list[str]:
     ]
 
 
+def _once_per_failure(record: logging.LogRecord) -> bool:
+    """worker.service logs each coded failure once (job id + code); drop Celery's second line for it."""
+    args = record.args
+    return not (isinstance(args, dict) and args.get("description") == "raised expected")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -52,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llava-worker: invalid settings: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("celery.app.trace").addFilter(_once_per_failure)
 
     from worker.app import create_app
     from worker.runtime import StartupError

@@ -12,26 +12,37 @@ import io
 import warnings
 from pathlib import Path
 
-import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from producer.errors import FetchFailed, FetchForbidden, ImageTooLarge, InvalidImage, InvalidRequest
+from producer.errors import FetchForbidden, ImageTooLarge, InvalidImage, InvalidRequest
+from worker.fetch import FetchPolicy, Resolver, fetch, system_resolver
 from worker.settings import WorkerSettings
 
-_CHUNK = 64 * 1024
+
+def load_image(reference: str, settings: WorkerSettings, resolve: Resolver = system_resolver) -> Image.Image:
+    """Fetch or decode ``reference`` and return an RGB image within every cap in ``settings``."""
+    data = read_image_bytes(reference, settings, resolve)
+    return decode_image(data, settings.max_image_pixels, settings.image_formats, settings.max_aspect_ratio)
 
 
-def load_image(reference: str, settings: WorkerSettings) -> Image.Image:
-    """Fetch or decode ``reference`` and return an RGB image within the byte and pixel caps."""
-    return decode_image(read_image_bytes(reference, settings), settings.max_image_pixels)
+def fetch_policy(settings: WorkerSettings) -> FetchPolicy:
+    return FetchPolicy.from_allow_list(
+        settings.fetch_allow,
+        max_bytes=settings.max_image_bytes,
+        timeout=settings.fetch_timeout,
+        deadline=settings.fetch_deadline,
+        max_redirects=settings.fetch_max_redirects,
+        retries=settings.fetch_retries,
+        backoff=settings.fetch_backoff,
+    )
 
 
-def read_image_bytes(reference: str, settings: WorkerSettings) -> bytes:
+def read_image_bytes(reference: str, settings: WorkerSettings, resolve: Resolver = system_resolver) -> bytes:
     head = reference[:8].lower()
     if head.startswith("data:"):
         return _decode_data_uri(reference, settings.max_image_bytes)
     if head.startswith(("http://", "https://")):
-        return _fetch(reference, settings)
+        return fetch(reference, fetch_policy(settings), resolve)
     if reference.startswith("/"):
         return _read_local(Path(reference), settings)
     raise InvalidRequest("image must be an http(s) URL, a data: URI or an absolute path")
@@ -52,27 +63,6 @@ def _decode_data_uri(uri: str, max_bytes: int) -> bytes:
     return data
 
 
-def _fetch(url: str, settings: WorkerSettings) -> bytes:
-    cap = settings.max_image_bytes
-    try:
-        with requests.get(url, stream=True, timeout=settings.fetch_timeout) as response:
-            if response.status_code >= 400:
-                transient = response.status_code >= 500 or response.status_code in (408, 429)
-                raise FetchFailed(f"fetching {url} returned HTTP {response.status_code}", retryable=transient)
-            length = response.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > cap:
-                raise ImageTooLarge(f"{url} is {length} bytes, over the {cap}-byte cap (max_image_bytes)")
-            chunks, size = [], 0
-            for chunk in response.iter_content(_CHUNK):
-                size += len(chunk)
-                if size > cap:
-                    raise ImageTooLarge(f"{url} is over the {cap}-byte cap (max_image_bytes)")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except requests.RequestException as exc:
-        raise FetchFailed(f"fetching {url} failed: {type(exc).__name__}") from None
-
-
 def _read_local(path: Path, settings: WorkerSettings) -> bytes:
     resolved = path.resolve()
     roots = [root.resolve() for root in settings.local_image_roots]
@@ -86,26 +76,46 @@ def _read_local(path: Path, settings: WorkerSettings) -> bytes:
         raise InvalidImage(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode ``data`` fully, apply EXIF orientation, composite transparency on white, return RGB."""
+def decode_image(
+    data: bytes,
+    max_pixels: int,
+    formats: list[str] | None = None,
+    max_aspect_ratio: float | None = None,
+) -> Image.Image:
+    """Decode ``data`` fully (first frame), apply EXIF orientation, composite transparency on white, RGB."""
+    if not data:
+        raise InvalidImage("the image is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if image.width * image.height > max_pixels:
-                raise ImageTooLarge(
-                    f"image is {image.width}x{image.height} pixels, over the {max_pixels}-pixel cap"
-                )
+            image = Image.open(io.BytesIO(data), formats=formats)
+            _check_geometry(image.width, image.height, max_pixels, max_aspect_ratio)
             image.load()
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise ImageTooLarge(f"image rejected as a decompression bomb: {exc}") from None
     except UnidentifiedImageError:
+        allowed = ", ".join(formats) if formats else "any Pillow format"
         raise InvalidImage(
-            f"cannot decode image ({len(data)} bytes): not a recognised image format"
+            f"cannot decode image ({len(data)} bytes): not a recognised image format ({allowed})"
         ) from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidImage(f"cannot decode image ({len(data)} bytes): {exc}") from None
     return _to_rgb(ImageOps.exif_transpose(image))
+
+
+def _check_geometry(width: int, height: int, max_pixels: int, max_aspect_ratio: float | None) -> None:
+    if width < 1 or height < 1:
+        raise InvalidImage(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"image is {width}x{height} pixels, over the {max_pixels}-pixel cap (max_image_pixels)"
+        )
+    ratio = max(width, height) / min(width, height)
+    if max_aspect_ratio is not None and ratio > max_aspect_ratio:
+        raise InvalidImage(
+            f"image is {width}x{height}: aspect ratio {ratio:.1f} is over the cap {max_aspect_ratio:g} "
+            "(max_aspect_ratio)"
+        )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -116,14 +116,35 @@ class Service:
             self._stats.jobs_failed += 1
             self._stats.last_error = {"job_id": context.job_id, **error.to_dict()}
 
-    @staticmethod
-    def _parse(task_name: str, request: Any) -> Any:
+    def _parse(self, task_name: str, request: Any) -> Any:
         if not isinstance(request, dict):
             raise InvalidRequest(f"the 'request' kwarg must be a JSON object, got {type(request).__name__}")
         try:
-            return REQUEST_MODELS[task_name].model_validate(request)
+            parsed = REQUEST_MODELS[task_name].model_validate(request)
         except ValidationError as exc:
             raise InvalidRequest(validation_message(exc)) from None
+        self._check_limits(parsed)
+        return parsed
+
+    def _check_limits(self, request: Any) -> None:
+        """This worker's limits (settings), at or below the contract's hard limits."""
+        limits = self.settings
+        for name in ("prompt", "question"):
+            text = getattr(request, name, None)
+            if text is not None and len(text) > limits.max_text_chars:
+                raise InvalidRequest(
+                    f"{name} is {len(text)} characters, over the cap of {limits.max_text_chars} "
+                    "(max_text_chars)"
+                )
+        labels = getattr(request, "labels", None) or []
+        if len(labels) > limits.max_labels:
+            raise InvalidRequest(f"{len(labels)} labels, over the cap of {limits.max_labels} (max_labels)")
+        for label in labels:
+            if len(label) > limits.max_label_chars:
+                raise InvalidRequest(
+                    f"label {label[:20]!r}… is over {limits.max_label_chars} characters (max_label_chars)"
+                )
+        self._sampling(request.generation)  # max_new_tokens against max_new_tokens_cap
 
     def _sampling(self, params: GenerationParams) -> Sampling:
         cap = self.settings.max_new_tokens_cap

@@ -41,16 +41,31 @@ class WorkerSettings(QueueSettings):
     max_new_tokens: int = Field(default=128, ge=1, description="default when a job gives none")
     max_new_tokens_cap: int = Field(default=512, ge=1, description="jobs asking for more are refused")
     seed: int = Field(default=0, description="torch seed for sampled (temperature > 0) generation")
-    # -- images
+    # -- images (see README "Security")
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="download / inline byte cap")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="decoded width x height cap")
-    fetch_timeout: float = Field(
-        default=5.0, gt=0, description="seconds to connect and between bytes of a fetch"
+    max_aspect_ratio: float = Field(default=20.0, ge=1.0, description="longer side / shorter side cap")
+    image_formats: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"],
+        description="Pillow formats accepted (GIF: first frame)",
     )
     local_image_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="directories absolute image paths may come from (none: paths refused)",
     )
+    # -- URL fetching (see README "Security")
+    fetch_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="hosts and CIDRs exempt from the private-address block list"
+    )
+    fetch_timeout: float = Field(default=5.0, gt=0, description="seconds to connect, and between bytes")
+    fetch_deadline: float = Field(default=15.0, gt=0, description="seconds for one whole download attempt")
+    fetch_max_redirects: int = Field(default=3, ge=0, le=20, description="redirect hops, each re-checked")
+    fetch_retries: int = Field(default=2, ge=0, le=10, description="retries of transient fetch failures")
+    fetch_backoff: float = Field(default=0.5, ge=0, description="first retry pause in seconds (doubles)")
+    # -- request limits (lower than or equal to the contract's hard limits)
+    max_text_chars: int = Field(default=2000, ge=1, le=2000, description="prompt / question length cap")
+    max_labels: int = Field(default=50, ge=1, le=100, description="labels per classify job")
+    max_label_chars: int = Field(default=100, ge=1, le=100, description="characters per label")
     # -- worker process
     concurrency: int = Field(default=4, ge=1, le=256, description="task threads (Celery threads pool)")
     queues: Annotated[list[str], NoDecode] = Field(
@@ -59,7 +74,7 @@ class WorkerSettings(QueueSettings):
     hostname: str = Field(default="llava@%h", description="Celery node name")
     loglevel: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level")
 
-    @field_validator("queues", "local_image_roots", mode="before")
+    @field_validator("queues", "local_image_roots", "fetch_allow", "image_formats", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
@@ -73,6 +88,11 @@ class WorkerSettings(QueueSettings):
                 f"max_new_tokens {self.max_new_tokens} is over max_new_tokens_cap {self.max_new_tokens_cap}"
             )
         return self
+
+    @field_validator("image_formats")
+    @classmethod
+    def _upper_formats(cls, value: list[str]) -> list[str]:
+        return [name.upper() for name in value]
 
     @property
     def served_model_name(self) -> str:

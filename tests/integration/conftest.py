@@ -14,6 +14,7 @@ import pytest
 
 from producer import LlavaClient
 from producer.settings import ClientSettings
+from tests.integration.image_server import ImageServer
 from worker.devstack import RedisServer, WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,3 +117,10 @@ def shared_worker(start_worker: StartWorker) -> tuple[WorkerProcess, str, str]:
 
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def image_server() -> Iterator[ImageServer]:
+    server = ImageServer().start()
+    yield server
+    server.stop()

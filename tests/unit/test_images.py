@@ -4,6 +4,7 @@ reading and decoding (``read_image_bytes``, ``decode_image``). Pure functions: n
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 from pathlib import Path
 
@@ -185,7 +186,9 @@ def test_redact_never_contains_the_base64_payload() -> None:
     text = redact(uri)
     assert body not in text
     assert body[:16] not in text
-    assert "image/png" in text and str(len(uri)) in text
+    data = base64.b64decode(body)
+    assert "image/png" in text and f"{len(data)} bytes" in text
+    assert f"sha256 {hashlib.sha256(data).hexdigest()[:12]}" in text
     assert len(text) < 80
 
 
