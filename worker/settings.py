@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
@@ -32,6 +32,18 @@ class WorkerSettings(QueueSettings):
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         default="auto", description="attention kernel passed to from_pretrained (auto: sdpa)"
+    )
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        default="none", description="bitsandbytes weight quantization (CUDA only)"
+    )
+    prompt_family: Literal["mistral", "vicuna", "chatml", "llama3"] | None = Field(
+        default=None, description="chat template used when the checkpoint ships none"
+    )
+    context_length: int | None = Field(
+        default=None, ge=256, description="prompt + generated token cap; default: the LM's max positions"
+    )
+    model_overrides: dict[str, Any] | None = Field(
+        default=None, description="LlavaNextConfig overrides for a tiny: model (random weights)"
     )
     cache_dir: Path = Field(
         default=Path.home() / ".cache" / "llava-queue",

@@ -55,7 +55,7 @@ MISTRAL = Template(
 VICUNA = Template(
     name="vicuna",
     chat_template=(
-        "{% if messages[0]['role'] != 'system' %}{{ '" + VICUNA_SYSTEM + " ' }}{% endif %}"
+        "{% if messages[0]['role'] != 'system' %}" + VICUNA_SYSTEM + " {% endif %}"
         "{% for message in messages %}"
         "{% if message['role'] == 'system' %}" + _TEXT + "{{ ' ' }}"
         "{% elif message['role'] == 'user' %}{{ 'USER: ' }}" + _IMAGES + _TEXT + "{{ ' ' }}"
@@ -72,7 +72,7 @@ CHATML = Template(
     name="chatml",
     chat_template=(
         "{% if messages[0]['role'] != 'system' %}"
-        "{{ '<|im_start|>system\n" + CHATML_SYSTEM + "<|im_end|>' }}{% endif %}"
+        "<|im_start|>system\n" + CHATML_SYSTEM + "<|im_end|>{% endif %}"
         "{% for message in messages %}"
         "{% if message['role'] in ['system', 'user', 'assistant'] %}"
         "{{ '<|im_start|>' + message['role'] + '\n' }}" + _IMAGES + _TEXT + "{{ '<|im_end|>' }}"
@@ -100,7 +100,7 @@ LLAMA3 = Template(
     chat_template=(
         "{{ bos_token }}"
         "{% if messages[0]['role'] != 'system' %}"
-        "{{ '<|start_header_id|>system<|end_header_id|>\n\n" + LLAMA3_SYSTEM + "<|eot_id|>' }}{% endif %}"
+        "<|start_header_id|>system<|end_header_id|>\n\n" + LLAMA3_SYSTEM + "<|eot_id|>{% endif %}"
         "{% for message in messages %}"
         "{% if message['role'] in ['system', 'user', 'assistant'] %}"
         + _HEADER

@@ -25,3 +25,9 @@ def test_readme_gives_the_two_commands_and_ci_runs_make_test() -> None:
 def test_every_config_is_named_in_the_readme() -> None:
     for config in (ROOT / "configs").glob("*.yaml"):
         assert config.name in README, config.name
+
+
+def test_checkpoint_table_is_computed_from_the_architectures() -> None:
+    from worker.runtime.architectures import table
+
+    assert table() in README, "regenerate it: python -m worker.runtime.architectures --table"

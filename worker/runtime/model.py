@@ -1,34 +1,25 @@
-"""The LLaVA-NeXT runtime: the only module that imports torch and transformers.
+"""The model: LLaVA-NeXT loaded once, serving batches. Knows nothing of Celery.
 
-Knows nothing of Celery. Batch-first: lists of prepared inputs in, lists of outputs of the same length out.
+Batch-first: lists of prepared inputs in, lists of outputs of the same length out (checked).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import os
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from PIL import Image
-from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
 
+from producer.errors import InvalidRequest
+from worker.runtime.loading import load_model
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-class StartupError(RuntimeError):
-    """The worker cannot serve with these settings (the message says what is missing)."""
 
 
 @dataclass(frozen=True)
@@ -65,57 +56,6 @@ class LabelScores:
     image_tokens: int
 
 
-def resolve_model_source(settings: WorkerSettings) -> str:
-    """Hub id or local dir to load; ``tiny:<template>`` is built into ``cache_dir`` on first use."""
-    if not settings.model.startswith("tiny:"):
-        return settings.model
-    from worker import tiny_model
-
-    template = settings.model.removeprefix("tiny:") or "mistral"
-    target = settings.cache_dir / f"tiny-{template}"
-    if not tiny_model.is_tiny_checkpoint(target):
-        settings.cache_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".tiny-{template}-", dir=settings.cache_dir))
-        tiny_model.build(staging, template)
-        try:
-            os.rename(staging, target)  # atomic: concurrent workers never see half a checkpoint
-        except OSError:  # another process won the race
-            shutil.rmtree(staging, ignore_errors=True)
-        log.info("built tiny %s checkpoint in %s", template, target)
-    return str(target)
-
-
-def resolve_device(settings: WorkerSettings) -> torch.device:
-    if settings.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if settings.device == "cuda" and not torch.cuda.is_available():
-        raise StartupError("device=cuda but torch sees no CUDA GPU (check drivers / CUDA_VISIBLE_DEVICES)")
-    return torch.device(settings.device)
-
-
-def resolve_dtype(settings: WorkerSettings, device: torch.device) -> torch.dtype:
-    if settings.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[settings.dtype]
-
-
-def resolve_attention(settings: WorkerSettings, device: torch.device) -> str:
-    if settings.attn_implementation == "auto":
-        return "sdpa"
-    if settings.attn_implementation == "flash_attention_2":
-        if device.type != "cuda":
-            raise StartupError(
-                "attn_implementation=flash_attention_2 needs a CUDA GPU; this worker runs on cpu"
-            )
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            raise StartupError(
-                "attn_implementation=flash_attention_2 needs the flash-attn package (pip install flash-attn)"
-            ) from None
-    return settings.attn_implementation
-
-
 class Runtime:
     """LLaVA-NeXT loaded once; ``generate`` and ``score_labels`` serve batches (one at a time)."""
 
@@ -123,20 +63,17 @@ class Runtime:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
-        self.device = resolve_device(settings)
-        self.dtype = resolve_dtype(settings, self.device)
-        self.attention = resolve_attention(settings, self.device)
-        self.source = resolve_model_source(settings)
         self._lock = threading.Lock()
         started = time.perf_counter()
-        self.processor = LlavaNextProcessor.from_pretrained(self.source)
-        self.processor.tokenizer.padding_side = "left"  # batched generation needs left padding
-        self.model = LlavaNextForConditionalGeneration.from_pretrained(
-            self.source, dtype=self.dtype, attn_implementation=self.attention
-        ).to(self.device)
-        self.model.eval()
+        self.model, self.processor, self.source = load_model(settings)
         self.load_seconds = time.perf_counter() - started
+        self.device = self.model.device
+        self.dtype = self.model.dtype
+        self.attention = str(self.model.config._attn_implementation)
         self.image_token_id = int(self.model.config.image_token_id)
+        self.context_length = settings.context_length or int(
+            self.model.config.text_config.max_position_embeddings
+        )
         # transformers 5.2x renamed ``past_key_values`` to ``cache``; accept both.
         forward_args = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward_args else "past_key_values"
@@ -152,6 +89,8 @@ class Runtime:
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "attention": self.attention,
+            "quantization": self.settings.quantization,
+            "context_length": self.context_length,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "load_seconds": round(self.load_seconds, 3),
         }
@@ -161,13 +100,20 @@ class Runtime:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return str(self.processor.apply_chat_template(messages, add_generation_prompt=True))
 
-    def _encode(self, prompts: list[Prompt]) -> Any:
+    def _encode(self, prompts: list[Prompt], reserve: int = 0) -> Any:
+        """Processor inputs for ``prompts``; refuses any prompt that leaves no room for ``reserve`` tokens."""
         inputs = self.processor(
             images=[p.image for p in prompts],
             text=[self.prompt_text(p.text) for p in prompts],
             return_tensors="pt",
             padding=True,
         )
+        longest = int(inputs["attention_mask"].sum(dim=1).max())
+        if longest + reserve > self.context_length:
+            raise InvalidRequest(
+                f"the prompt takes {longest} tokens (image included); with {reserve} new tokens that is over "
+                f"the context length of {self.context_length} (context_length)"
+            )
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return inputs.to(self.device)
 
@@ -176,7 +122,7 @@ class Runtime:
         if not prompts:
             return []
         with self._lock, torch.inference_mode():
-            inputs = self._encode(prompts)
+            inputs = self._encode(prompts, reserve=sampling.max_new_tokens)
             options: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "do_sample": False}
             if sampling.temperature > 0:
                 options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)

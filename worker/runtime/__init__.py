@@ -1,0 +1,16 @@
+"""The LLaVA-NeXT runtime: the only package that imports torch and transformers (besides worker.tiny_model,
+which builds checkpoints). Knows nothing of Celery."""
+
+from worker.runtime.loading import StartupError, load_model, resolve_model_source
+from worker.runtime.model import Generation, LabelScores, Prompt, Runtime, Sampling
+
+__all__ = [
+    "Generation",
+    "LabelScores",
+    "Prompt",
+    "Runtime",
+    "Sampling",
+    "StartupError",
+    "load_model",
+    "resolve_model_source",
+]
