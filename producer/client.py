@@ -106,17 +106,33 @@ class LlavaClient:
         self.app = app or create_celery_app(self.settings)
 
     def caption(
-        self, image: ImageInput, prompt: str | None = None, *, queue: str | None = None, **generation: Any
+        self,
+        image: ImageInput,
+        prompt: str | None = None,
+        *,
+        queue: str | None = None,
+        timeout_s: float | None = None,
+        **generation: Any,
     ) -> Job[CaptionResult]:
-        """Describe ``image`` (``prompt`` defaults to "What is shown in this image?")."""
-        fields = {"prompt": prompt, "generation": self._generation(generation)}
+        """Describe ``image`` (``prompt`` defaults to "What is shown in this image?").
+
+        ``timeout_s`` caps the job's time on the worker (``JobTimeout``); ``generation``: ``max_new_tokens``,
+        ``temperature``, ``top_p``.
+        """
+        fields = {"prompt": prompt, "timeout_s": timeout_s, "generation": self._generation(generation)}
         return self._submit(TASK_CAPTION, CaptionRequest, image, fields, queue)
 
     def vqa(
-        self, image: ImageInput, question: str, *, queue: str | None = None, **generation: Any
+        self,
+        image: ImageInput,
+        question: str,
+        *,
+        queue: str | None = None,
+        timeout_s: float | None = None,
+        **generation: Any,
     ) -> Job[VQAResult]:
         """Answer ``question`` about ``image``."""
-        fields = {"question": question, "generation": self._generation(generation)}
+        fields = {"question": question, "timeout_s": timeout_s, "generation": self._generation(generation)}
         return self._submit(TASK_VQA, VQARequest, image, fields, queue)
 
     def classify(
@@ -126,10 +142,12 @@ class LlavaClient:
         prompt: str | None = None,
         *,
         queue: str | None = None,
+        timeout_s: float | None = None,
         **generation: Any,
     ) -> Job[ClassifyResult]:
         """Pick the most likely of ``labels``; without labels, the model's free-text class as ``label``."""
-        fields = {"labels": labels, "prompt": prompt, "generation": self._generation(generation)}
+        generation_fields = self._generation(generation)
+        fields = {"labels": labels, "prompt": prompt, "timeout_s": timeout_s, "generation": generation_fields}
         return self._submit(TASK_CLASSIFY, ClassifyRequest, image, fields, queue)
 
     def job(self, job_id: str, task_name: str) -> Job[Any]:

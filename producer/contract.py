@@ -15,6 +15,7 @@ TASK_CAPTION = "llava.caption"
 TASK_VQA = "llava.vqa"
 TASK_CLASSIFY = "llava.classify"
 TASKS = (TASK_CAPTION, TASK_VQA, TASK_CLASSIFY)
+TASK_NOOP = "llava.noop"  # no request, returns {"worker": node}: the queue's own round trip
 
 DEFAULT_CAPTION_PROMPT = "What is shown in this image?"
 DEFAULT_CLASSIFY_PROMPT = "Classify the object in the image."
@@ -46,6 +47,12 @@ class GenerationParams(_Model):
 class _Request(_Model):
     image: str = Field(
         description="http(s) URL, data: URI, or an absolute path under a worker's allowed roots"
+    )
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=86400,
+        description="seconds the job may take on the worker (capped by job_timeout)",
     )
 
     @field_validator("image")
@@ -88,12 +95,15 @@ class ClassifyRequest(_Request):
 
 
 class Timings(_Model):
-    """Milliseconds spent on the worker."""
+    """Where the job's time went on the worker, in milliseconds, and the batch it ran in."""
 
-    queued_ms: float | None = Field(default=None, description="enqueue to start, if the producer stamped it")
+    queued_ms: float | None = Field(default=None, description="sent to started, if the producer stamped it")
     image_ms: float = Field(description="fetch + decode")
-    inference_ms: float = Field(description="preprocessing + model")
+    preprocess_ms: float = Field(default=0.0, description="processor: image tiles + tokens (job's thread)")
+    batch_wait_ms: float = Field(default=0.0, description="waiting for the model thread / batch to form")
+    inference_ms: float = Field(description="the model call of its batch")
     total_ms: float = Field(description="task start to result")
+    batch_size: int = Field(default=1, ge=1, description="jobs in the model call")
 
 
 class _Result(_Model):

@@ -10,7 +10,7 @@ from kombu import Queue
 
 from producer.app import create_celery_app
 from producer.client import SENT_AT_HEADER
-from producer.contract import TASKS
+from producer.contract import TASK_NOOP, TASKS
 from producer.errors import LlavaError
 from worker.service import JobContext, Service
 from worker.settings import WorkerSettings
@@ -23,7 +23,13 @@ def create_app(settings: WorkerSettings, service: Service) -> Celery:
     app.llava_service = service  # type: ignore[attr-defined]  # read by the llava_health inspect command
     for name in TASKS:
         app.task(name=name, bind=True, throws=(LlavaError,))(_task_function(name, service))
+    app.task(name=TASK_NOOP, bind=True)(_noop)
     return app
+
+
+def _noop(task: Task) -> dict[str, str]:
+    """A job that does nothing: measures the queue's own round trip (bench) and proves a worker answers."""
+    return {"worker": str(task.request.hostname)}
 
 
 def _task_function(task_name: str, service: Service) -> Any:

@@ -19,14 +19,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="hub id, local checkpoint dir, or tiny:<template>")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--queues", help="comma-separated queues to consume")
-    parser.add_argument("--concurrency", type=int, help="task threads")
+    parser.add_argument("--max-batch-size", type=int, help="jobs per model call (1: batching off)")
+    parser.add_argument("--concurrency", type=int, help="task threads (default: 2 x max batch size)")
     parser.add_argument("--hostname", help="Celery node name, e.g. gpu0@%%h")
     parser.add_argument("--loglevel", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
 
 
 def build_settings(args: argparse.Namespace) -> WorkerSettings:
-    overrides = {key: getattr(args, key) for key in ("model", "device", "queues", "concurrency", "hostname")}
+    keys = ("model", "device", "queues", "concurrency", "hostname", "max_batch_size")
+    overrides = {key: getattr(args, key) for key in keys}
     return load_settings(WorkerSettings, config_file=args.config, loglevel=args.loglevel, **overrides)
 
 
@@ -35,7 +37,7 @@ def celery_argv(settings: WorkerSettings) -> list[str]:
     return [
         "worker",
         "--pool=threads",
-        f"--concurrency={settings.concurrency}",
+        f"--concurrency={settings.threads}",
         f"--queues={','.join(settings.consumed_queues)}",
         f"--hostname={settings.hostname}",
         f"--loglevel={settings.loglevel}",
@@ -72,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llava-worker: cannot start: {exc}", file=sys.stderr)
         return 1
     app = create_app(settings, service)
-    app.worker_main(celery_argv(settings))
+    try:
+        app.worker_main(celery_argv(settings))
+    finally:
+        service.stop()
     return 0
 
 

@@ -24,14 +24,14 @@ from producer.contract import (
     TASK_CAPTION,
     TASK_CLASSIFY,
     TASK_VQA,
-    ClassifyRequest,
     GenerationParams,
     Timings,
 )
-from producer.errors import InternalError, InvalidRequest, LlavaError
-from producer.images import redact
+from producer.errors import InternalError, InvalidRequest, JobTimeout, LlavaError, ResourceExhausted
+from worker.batching import Done, DynamicBatcher
+from worker.faults import Faults
 from worker.images import load_image
-from worker.runtime import Prompt, Runtime, Sampling
+from worker.runtime import Prepared, Prompt, Runtime, Sampling
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -61,26 +61,69 @@ def softmax(values: list[float]) -> list[float]:
     return [e / total for e in exps]
 
 
+@dataclass
+class _Clock:
+    """Milliseconds per phase of one job."""
+
+    started: float = field(default_factory=time.perf_counter)
+    last: float = 0.0
+    laps: dict[str, float] = field(default_factory=dict)
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round((now - (self.last or self.started)) * 1000, 3)
+        self.last = now
+
+    def total_ms(self) -> float:
+        return round((time.perf_counter() - self.started) * 1000, 3)
+
+
+@dataclass(frozen=True, eq=False)
+class _Item:
+    """What the model thread gets for one job."""
+
+    prepared: Prepared
+    deadline: float  # time.monotonic()
+    labels: list[str] | None = None
+    marks: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class _Work:
+    """What a parsed request asks of the model: a prompt, and labels to score or sampling to generate."""
+
+    text: str
+    labels: list[str] | None
+    sampling: Sampling
+
+
 class Service:
-    """Serves caption, VQA and classify jobs with one :class:`Runtime` (loaded by :meth:`start`)."""
+    """Serves caption, VQA and classify jobs: each job's thread loads its image and runs the processor, then
+    hands the prepared prompt to the one model thread (:class:`DynamicBatcher`)."""
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.runtime: Runtime | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.faults = Faults.from_settings(settings)
         self._stats = _Stats()
-        self._handlers = {TASK_CAPTION: self._caption, TASK_VQA: self._vqa, TASK_CLASSIFY: self._classify}
 
     def start(self) -> Runtime:
-        """Load the model (once per process)."""
+        """Load the model (once per process) and start the model thread."""
         if self.runtime is None:
             self.runtime = Runtime(self.settings)
+            wait = self.settings.max_batch_wait_ms / 1000
+            self.batcher = DynamicBatcher(self._run_batch, self.settings.max_batch_size, wait).start()
         return self.runtime
+
+    def stop(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop()
 
     def run(self, task_name: str, request: Any, context: JobContext) -> dict[str, Any]:
         """Serve one job; every failure leaves as a coded :class:`LlavaError`, logged once."""
-        started = time.perf_counter()
         try:
-            result = self._handlers[task_name](self._parse(task_name, request), context, started)
+            result = self._serve(task_name, request, context)
         except LlavaError as exc:
             self._failed(exc, context, task_name)
             raise
@@ -94,21 +137,118 @@ class Service:
         return result
 
     def health(self) -> dict[str, Any]:
-        """Per-worker health: model loaded, device, loads, jobs done and failed, last error."""
-        runtime = self.runtime
+        """Per-worker health: model loaded, device, loads, jobs done and failed, last error, batching."""
+        runtime, batcher = self.runtime, self.batcher
         with self._stats.lock:
             stats = {
                 "jobs_done": self._stats.jobs_done,
                 "jobs_failed": self._stats.jobs_failed,
                 "last_error": self._stats.last_error,
             }
+        batching = {"max_batch_size": self.settings.max_batch_size}
+        if batcher is not None:
+            batching |= {"batches_run": batcher.batches_run, "jobs_batched": batcher.jobs_run}
         return {
             "model_loaded": runtime is not None,
             "loads": Runtime.loads,
             "queues": self.settings.consumed_queues,
             **(runtime.info() if runtime else {"model": self.settings.served_model_name}),
             **stats,
+            "batching": batching,
         }
+
+    def _serve(self, task_name: str, request: Any, context: JobContext) -> dict[str, Any]:
+        clock = _Clock()
+        parsed = self._parse(task_name, request)
+        timeout = min(parsed.timeout_s or self.settings.job_timeout, self.settings.job_timeout)
+        deadline = time.monotonic() + timeout
+        work = self._work(task_name, parsed)
+        runtime, batcher = self._started()
+        image = load_image(parsed.image, self.settings)
+        clock.lap("image")
+        reserve = 0 if work.labels else work.sampling.max_new_tokens
+        prepared = runtime.prepare(Prompt(image, work.text), reserve=reserve)
+        clock.lap("preprocess")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise JobTimeout(f"the job used up its {timeout:g} s deadline before reaching the model")
+        marks = self.faults.marks(" ".join([work.text, *(work.labels or [])]))
+        item = _Item(prepared, deadline, work.labels, marks)
+        key = ("score",) if work.labels else ("generate", work.sampling)
+        done = batcher.run(key, item, timeout=remaining)
+        clock.lap("model")
+        return self._result(task_name, work, done, context, clock)
+
+    def _work(self, task_name: str, request: Any) -> _Work:
+        sampling = self._sampling(request.generation)
+        if task_name == TASK_CAPTION:
+            return _Work(request.prompt or DEFAULT_CAPTION_PROMPT, None, sampling)
+        if task_name == TASK_VQA:
+            return _Work(request.question, None, sampling)
+        prompt = request.prompt or DEFAULT_CLASSIFY_PROMPT
+        if not request.labels:
+            return _Work(prompt, None, sampling)
+        return _Work(f"{prompt} Answer with one of: {', '.join(request.labels)}.", request.labels, sampling)
+
+    def _run_batch(self, key: tuple[Any, ...], items: list[_Item]) -> list[Any]:
+        """The model thread's work for one batch. Out of memory: free the cache, split the batch in halves
+        and retry each; a single job that still does not fit fails alone with ``ResourceExhausted``."""
+        runtime = self._started()[0]
+        try:
+            return self._call_model(runtime, key, items)
+        except Exception as exc:
+            if not runtime.is_out_of_memory(exc):
+                raise
+            runtime.free_memory()
+            if len(items) == 1:
+                return [ResourceExhausted(f"out of memory even alone ({type(exc).__name__})")]
+            log.warning("out of memory with a batch of %d: splitting it in halves", len(items))
+            half = len(items) // 2
+            return self._run_batch(key, items[:half]) + self._run_batch(key, items[half:])
+
+    def _call_model(self, runtime: Runtime, key: tuple[Any, ...], items: list[_Item]) -> list[Any]:
+        marks = [item.marks for item in items]
+        self.faults.before_model_call(marks)
+        if key[0] == "score":
+            return runtime.score_labels(
+                [i.prepared for i in items], [i.labels or [] for i in items], [i.deadline for i in items]
+            )
+        hook = self.faults.step_hook(marks)
+        return runtime.generate([i.prepared for i in items], key[1], [i.deadline for i in items], hook)
+
+    def _result(self, task_name: str, work: _Work, done: Done, context: JobContext, clock: _Clock) -> dict:
+        output = done.output
+        if work.labels:
+            probabilities = softmax(output.log_likelihoods)
+            best = max(range(len(probabilities)), key=probabilities.__getitem__)
+            fields = {
+                "label": work.labels[best],
+                "scores": dict(zip(work.labels, probabilities, strict=True)),
+            }
+        else:
+            fields = {"label" if task_name == TASK_CLASSIFY else "text": output.text}
+        total_ms = clock.total_ms()
+        since_sent_ms = None if context.sent_at is None else (time.time() - context.sent_at) * 1000
+        wait_ms = round(done.waited * 1000, 3)
+        timings = Timings(
+            queued_ms=None if since_sent_ms is None else round(max(0.0, since_sent_ms - total_ms), 3),
+            image_ms=clock.laps["image"],
+            preprocess_ms=clock.laps["preprocess"],
+            batch_wait_ms=wait_ms,
+            inference_ms=round(max(0.0, clock.laps["model"] - wait_ms), 3),
+            total_ms=total_ms,
+            batch_size=done.batch_size,
+        )
+        result = RESULT_MODELS[task_name](
+            model=self.settings.served_model_name,
+            worker=context.worker,
+            prompt_tokens=output.prompt_tokens,
+            image_tokens=output.image_tokens,
+            generated_tokens=getattr(output, "generated_tokens", 0),
+            timings=timings,
+            **fields,
+        )
+        return result.model_dump(mode="json")
 
     def _failed(self, error: LlavaError, context: JobContext, task_name: str) -> None:
         log.warning("job %s (%s) failed: %s", context.job_id, task_name, error)
@@ -144,7 +284,6 @@ class Service:
                 raise InvalidRequest(
                     f"label {label[:20]!r}… is over {limits.max_label_chars} characters (max_label_chars)"
                 )
-        self._sampling(request.generation)  # max_new_tokens against max_new_tokens_cap
 
     def _sampling(self, params: GenerationParams) -> Sampling:
         cap = self.settings.max_new_tokens_cap
@@ -155,78 +294,7 @@ class Service:
             )
         return Sampling(max_new_tokens=wanted, temperature=params.temperature, top_p=params.top_p)
 
-    def _runtime(self) -> Runtime:
-        if self.runtime is None:
+    def _started(self) -> tuple[Runtime, DynamicBatcher]:
+        if self.runtime is None or self.batcher is None:
             raise InternalError("the model is not loaded (Service.start() was not called)")
-        return self.runtime
-
-    def _image(self, reference: str, context: JobContext) -> tuple[Any, float]:
-        started = time.perf_counter()
-        log.debug("job %s: loading image %s", context.job_id, redact(reference))
-        image = load_image(reference, self.settings)
-        return image, _ms(started)
-
-    def _generate(self, task_name: str, request: Any, text: str, context: JobContext, started: float) -> dict:
-        sampling = self._sampling(request.generation)
-        image, image_ms = self._image(request.image, context)
-        inference_started = time.perf_counter()
-        output = self._runtime().generate([Prompt(image, text)], sampling)[0]
-        fields = {"text": output.text} if task_name != TASK_CLASSIFY else {"label": output.text}
-        return self._result(task_name, output, fields, context, started, image_ms, inference_started)
-
-    def _caption(self, request: Any, context: JobContext, started: float) -> dict:
-        return self._generate(
-            TASK_CAPTION, request, request.prompt or DEFAULT_CAPTION_PROMPT, context, started
-        )
-
-    def _vqa(self, request: Any, context: JobContext, started: float) -> dict:
-        return self._generate(TASK_VQA, request, request.question, context, started)
-
-    def _classify(self, request: ClassifyRequest, context: JobContext, started: float) -> dict:
-        prompt = request.prompt or DEFAULT_CLASSIFY_PROMPT
-        if not request.labels:
-            return self._generate(TASK_CLASSIFY, request, prompt, context, started)
-        image, image_ms = self._image(request.image, context)
-        inference_started = time.perf_counter()
-        text = f"{prompt} Answer with one of: {', '.join(request.labels)}."
-        output = self._runtime().score_labels([Prompt(image, text)], [request.labels])[0]
-        probabilities = softmax(output.log_likelihoods)
-        best = max(range(len(probabilities)), key=probabilities.__getitem__)
-        fields = {
-            "label": request.labels[best],
-            "scores": dict(zip(request.labels, probabilities, strict=True)),
-        }
-        return self._result(TASK_CLASSIFY, output, fields, context, started, image_ms, inference_started)
-
-    def _result(
-        self,
-        task_name: str,
-        output: Any,
-        fields: dict[str, Any],
-        context: JobContext,
-        started: float,
-        image_ms: float,
-        inference_started: float,
-    ) -> dict[str, Any]:
-        total_ms = _ms(started)
-        since_sent_ms = None if context.sent_at is None else (time.time() - context.sent_at) * 1000
-        timings = Timings(
-            queued_ms=None if since_sent_ms is None else round(max(0.0, since_sent_ms - total_ms), 3),
-            image_ms=image_ms,
-            inference_ms=_ms(inference_started),
-            total_ms=total_ms,
-        )
-        result = RESULT_MODELS[task_name](
-            model=self.settings.served_model_name,
-            worker=context.worker,
-            prompt_tokens=output.prompt_tokens,
-            image_tokens=output.image_tokens,
-            generated_tokens=getattr(output, "generated_tokens", 0),
-            timings=timings,
-            **fields,
-        )
-        return result.model_dump(mode="json")
-
-
-def _ms(since: float) -> float:
-    return round((time.perf_counter() - since) * 1000, 3)
+        return self.runtime, self.batcher

@@ -78,8 +78,36 @@ class WorkerSettings(QueueSettings):
     max_text_chars: int = Field(default=2000, ge=1, le=2000, description="prompt / question length cap")
     max_labels: int = Field(default=50, ge=1, le=100, description="labels per classify job")
     max_label_chars: int = Field(default=100, ge=1, le=100, description="characters per label")
-    # -- worker process
-    concurrency: int = Field(default=4, ge=1, le=256, description="task threads (Celery threads pool)")
+    # -- batching and the worker process
+    max_batch_size: int = Field(default=8, ge=1, le=256, description="jobs per model call (1: batching off)")
+    max_batch_wait_ms: float = Field(
+        default=10.0, ge=0, description="longest a partial batch waits for more compatible jobs"
+    )
+    job_timeout: float = Field(
+        default=600.0, gt=0, description="seconds a job may take on the worker before JobTimeout"
+    )
+    concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        le=512,
+        description="task threads; default 2 x max_batch_size (prepare while computing)",
+    )
+    # -- fault injection: for tests and drills only (see worker/faults.py)
+    fault_oom_above_batch: int | None = Field(
+        default=None, ge=0, description="TESTS ONLY: simulate out-of-memory for batches larger than this"
+    )
+    fault_oom_marker: str | None = Field(
+        default=None, description="TESTS ONLY: jobs with this text always OOM"
+    )
+    fault_crash_marker: str | None = Field(
+        default=None, description="TESTS ONLY: SIGKILL the worker when a job with this text runs"
+    )
+    fault_slow_marker: str | None = Field(
+        default=None, description="TESTS ONLY: jobs with this text decode slowly"
+    )
+    fault_slow_step_s: float = Field(
+        default=0.0, ge=0, description="TESTS ONLY: pause per slow decoding step"
+    )
     queues: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="queues to consume; default: [default_queue]"
     )
@@ -110,6 +138,11 @@ class WorkerSettings(QueueSettings):
     def served_model_name(self) -> str:
         """The name results report: ``model_name`` or the last part of ``model``."""
         return self.model_name or self.model.rstrip("/").rsplit("/", 1)[-1].removeprefix("tiny:")
+
+    @property
+    def threads(self) -> int:
+        """Task threads: enough to fill one batch while the previous one computes."""
+        return self.concurrency or 2 * self.max_batch_size
 
     @property
     def consumed_queues(self) -> list[str]:

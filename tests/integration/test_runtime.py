@@ -55,26 +55,50 @@ def test_prompt_goes_through_the_chat_template(runtime: Runtime) -> None:
 
 def test_image_token_count_matches_the_anyres_geometry(runtime: Runtime) -> None:
     # 640x480 on 32 px tiles with pinpoints up to 64x64: the processor's count, CLS token accounted for.
-    [output] = runtime.generate(sample_prompts()[:1], Sampling(max_new_tokens=1))
+    [output] = runtime.generate([runtime.prepare(sample_prompts()[0])], Sampling(max_new_tokens=1))
     expected = runtime.processor._get_number_of_features(480, 640, 32, 32) - 1
     assert output.image_tokens == expected
     assert output.prompt_tokens > output.image_tokens
 
 
 def test_batched_generation_equals_one_by_one(runtime: Runtime) -> None:
-    prompts = sample_prompts()
+    prepared = [runtime.prepare(prompt) for prompt in sample_prompts()]
     sampling = Sampling(max_new_tokens=12)
-    batched = runtime.generate(prompts, sampling)
-    alone = [runtime.generate([prompt], sampling)[0] for prompt in prompts]
+    batched = runtime.generate(prepared, sampling)
+    alone = [runtime.generate([item], sampling)[0] for item in prepared]
     assert batched == alone
     assert len({output.prompt_tokens for output in batched}) == 3  # left padding really happened
+
+
+def test_collate_matches_the_processors_own_batch(runtime: Runtime) -> None:
+    prompts = sample_prompts()
+    collated = runtime.collate([runtime.prepare(prompt) for prompt in prompts])
+    reference = runtime.processor(
+        images=[p.image for p in prompts],
+        text=[runtime.prompt_text(p.text) for p in prompts],
+        return_tensors="pt",
+        padding=True,
+    )
+    for name in ("input_ids", "attention_mask", "image_sizes", "pixel_values"):
+        assert torch.equal(collated[name], reference[name]), name
+
+
+def test_batched_equals_unbatched_at_the_real_anyres_geometry(tmp_path_factory) -> None:
+    path = build(tmp_path_factory.mktemp("real") / "ckpt", "mistral", geometry="real")
+    real = Runtime(WorkerSettings(model=str(path), device="cpu", dtype="float32"))
+    images = [Image.new("RGB", size, color) for size, color in [((640, 480), "red"), ((300, 900), "blue")]]
+    prepared = [real.prepare(Prompt(image, f"Question {i}?")) for i, image in enumerate(images)]
+    assert all(1176 <= item.image_tokens <= 2928 for item in prepared)
+    sampling = Sampling(max_new_tokens=6)
+    assert real.generate(prepared, sampling) == [real.generate([item], sampling)[0] for item in prepared]
 
 
 def test_label_scores_equal_a_label_by_label_reference(runtime: Runtime) -> None:
     prompt = sample_prompts()[0]
     labels = ["stop sign", "cat", "a red street sign", "chart"]
-    [scores] = runtime.score_labels([prompt], [labels])
-    inputs = runtime._encode([prompt])
+    prepared = runtime.prepare(prompt)
+    [scores] = runtime.score_labels([prepared], [labels])
+    inputs = runtime.collate([prepared])
     tokenizer = runtime.processor.tokenizer
     for label, score in zip(labels, scores.log_likelihoods, strict=True):
         ids = tokenizer(label, add_special_tokens=False)["input_ids"]

@@ -2,11 +2,12 @@
 which builds checkpoints). Knows nothing of Celery."""
 
 from worker.runtime.loading import StartupError, load_model, resolve_model_source
-from worker.runtime.model import Generation, LabelScores, Prompt, Runtime, Sampling
+from worker.runtime.model import Generation, LabelScores, Prepared, Prompt, Runtime, Sampling
 
 __all__ = [
     "Generation",
     "LabelScores",
+    "Prepared",
     "Prompt",
     "Runtime",
     "Sampling",

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
+import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from PIL import Image
+from transformers import StoppingCriteria, StoppingCriteriaList
 
-from producer.errors import InvalidRequest
+from producer.errors import InvalidRequest, JobTimeout
 from worker.runtime.loading import load_model
 from worker.settings import WorkerSettings
 
@@ -37,6 +39,21 @@ class Sampling:
     max_new_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
+    min_new_tokens: int = 0  # benchmarks force a length with it; jobs leave it at 0
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """A prompt after the processor (done in the job's own thread, off the model's path)."""
+
+    input_ids: torch.Tensor  # (tokens,)
+    pixel_values: torch.Tensor  # (tiles, 3, H, W)
+    image_size: torch.Tensor  # (2,): height, width
+    image_tokens: int
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
 
 
 @dataclass(frozen=True)
@@ -57,13 +74,13 @@ class LabelScores:
 
 
 class Runtime:
-    """LLaVA-NeXT loaded once; ``generate`` and ``score_labels`` serve batches (one at a time)."""
+    """LLaVA-NeXT loaded once. ``prepare`` is thread-safe (processor only); ``generate`` and
+    ``score_labels`` run the model and belong to one thread (the batcher's)."""
 
     loads: ClassVar[int] = 0  # how many models this process has loaded (health reports it)
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
-        self._lock = threading.Lock()
         started = time.perf_counter()
         self.model, self.processor, self.source = load_model(settings)
         self.load_seconds = time.perf_counter() - started
@@ -71,6 +88,7 @@ class Runtime:
         self.dtype = self.model.dtype
         self.attention = str(self.model.config._attn_implementation)
         self.image_token_id = int(self.model.config.image_token_id)
+        self.pad_token_id = int(self.processor.tokenizer.pad_token_id)
         self.context_length = settings.context_length or int(
             self.model.config.text_config.max_position_embeddings
         )
@@ -100,103 +118,182 @@ class Runtime:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return str(self.processor.apply_chat_template(messages, add_generation_prompt=True))
 
-    def _encode(self, prompts: list[Prompt], reserve: int = 0) -> Any:
-        """Processor inputs for ``prompts``; refuses any prompt that leaves no room for ``reserve`` tokens."""
+    def prepare(self, prompt: Prompt, reserve: int = 0) -> Prepared:
+        """Run the processor on one prompt; refuse it if ``reserve`` new tokens would not fit."""
         inputs = self.processor(
-            images=[p.image for p in prompts],
-            text=[self.prompt_text(p.text) for p in prompts],
-            return_tensors="pt",
-            padding=True,
+            images=[prompt.image], text=[self.prompt_text(prompt.text)], return_tensors="pt"
         )
-        longest = int(inputs["attention_mask"].sum(dim=1).max())
-        if longest + reserve > self.context_length:
+        prepared = Prepared(
+            input_ids=inputs["input_ids"][0],
+            pixel_values=inputs["pixel_values"][0],
+            image_size=inputs["image_sizes"][0],
+            image_tokens=int((inputs["input_ids"][0] == self.image_token_id).sum()),
+        )
+        if prepared.prompt_tokens + reserve > self.context_length:
             raise InvalidRequest(
-                f"the prompt takes {longest} tokens (image included); with {reserve} new tokens that is over "
-                f"the context length of {self.context_length} (context_length)"
+                f"the prompt takes {prepared.prompt_tokens} tokens (image included); with {reserve} new "
+                f"tokens that is over the context length of {self.context_length} (context_length)"
             )
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return inputs.to(self.device)
+        return prepared
 
-    def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[Generation]:
-        """Generate one answer per prompt (greedy when ``temperature == 0``)."""
-        if not prompts:
+    def collate(self, batch: Sequence[Prepared]) -> dict[str, torch.Tensor]:
+        """One batch: input ids left-padded, pixel tiles zero-padded (as the processor pads a batch)."""
+        width = max(p.prompt_tokens for p in batch)
+        tiles = max(p.pixel_values.shape[0] for p in batch)
+        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        pixel_values = torch.zeros((len(batch), tiles, *batch[0].pixel_values.shape[1:]))
+        for row, item in enumerate(batch):
+            input_ids[row, width - item.prompt_tokens :] = item.input_ids
+            attention_mask[row, width - item.prompt_tokens :] = 1
+            pixel_values[row, : item.pixel_values.shape[0]] = item.pixel_values
+        return {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention_mask.to(self.device),
+            "pixel_values": pixel_values.to(self.device, self.dtype),
+            "image_sizes": torch.stack([p.image_size for p in batch]).to(self.device),
+        }
+
+    def generate(
+        self,
+        batch: Sequence[Prepared],
+        sampling: Sampling,
+        deadlines: Sequence[float] | None = None,
+        step_hook: Callable[[], None] | None = None,
+    ) -> list[Generation | JobTimeout]:
+        """One batched ``generate`` (greedy when ``temperature == 0``); one answer per prepared prompt.
+
+        ``deadlines`` (``time.monotonic()`` values, one per prompt) stop each row at its own deadline: that
+        row's answer is a :class:`JobTimeout` and the rest of the batch goes on. ``step_hook`` runs once per
+        decoding step (fault injection for tests).
+        """
+        if not batch:
             return []
-        with self._lock, torch.inference_mode():
-            inputs = self._encode(prompts, reserve=sampling.max_new_tokens)
-            options: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "do_sample": False}
-            if sampling.temperature > 0:
-                options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+        inputs = self.collate(batch)
+        options: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "do_sample": False}
+        if sampling.min_new_tokens:
+            options["min_new_tokens"] = sampling.min_new_tokens
+        if sampling.temperature > 0:
+            options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+        stop = _StopAtDeadlines(deadlines or [math.inf] * len(batch), step_hook)
+        with torch.inference_mode():
             output = self.model.generate(
-                **inputs, **options, pad_token_id=self.processor.tokenizer.pad_token_id
+                **inputs,
+                **options,
+                pad_token_id=self.pad_token_id,
+                stopping_criteria=StoppingCriteriaList([stop]),
             )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        results = [
-            Generation(
-                text=self.processor.decode(
-                    row[: self._generated_length(row)], skip_special_tokens=True
-                ).strip(),
-                prompt_tokens=int(inputs["attention_mask"][i].sum()),
-                image_tokens=int((inputs["input_ids"][i] == self.image_token_id).sum()),
-                generated_tokens=self._generated_length(row),
-            )
-            for i, row in enumerate(new_tokens)
-        ]
-        return _checked(results, prompts)
+        results: list[Generation | JobTimeout] = []
+        for row, (item, tensor) in enumerate(zip(batch, new_tokens, strict=True)):
+            tokens = tensor.tolist()
+            if stop.cut_short(row, tokens, self._eos_ids(), sampling.max_new_tokens):
+                results.append(
+                    JobTimeout("the job's generation ran past its deadline (job_timeout / timeout_s)")
+                )
+                continue
+            length = self._generated_length(tokens)
+            text = self.processor.decode(tokens[:length], skip_special_tokens=True).strip()
+            results.append(Generation(text, item.prompt_tokens, item.image_tokens, length))
+        return _checked(results, batch)
 
-    def _generated_length(self, row: torch.Tensor) -> int:
-        """Tokens generated up to and including the first end-of-sequence token."""
+    def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
-        eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
-        for index, token in enumerate(row.tolist()):
-            if token in eos_ids:
-                return index + 1
-        return len(row)
+        return {eos} if isinstance(eos, int) else set(eos or [])
 
-    def score_labels(self, prompts: list[Prompt], labels: list[list[str]]) -> list[LabelScores]:
-        """Mean token log-likelihood of each label after its prompt: one prefill per image, then all
-        labels scored in one forward pass that reuses the prefill's KV cache."""
-        if len(prompts) != len(labels):
-            raise ValueError(f"{len(prompts)} prompts but {len(labels)} label lists")
-        with self._lock, torch.inference_mode():
-            pairs = zip(prompts, labels, strict=True)
-            results = [self._score_one(prompt, options) for prompt, options in pairs]
-        return _checked(results, prompts)
+    def _generated_length(self, row: list[int]) -> int:
+        """Tokens generated up to and including the first end-of-sequence token."""
+        eos_ids = self._eos_ids()
+        return next((index + 1 for index, token in enumerate(row) if token in eos_ids), len(row))
 
-    def _score_one(self, prompt: Prompt, labels: list[str]) -> LabelScores:
-        inputs = self._encode([prompt])
-        prefill = self.model(**inputs, use_cache=True)
-        prompt_length = inputs["input_ids"].shape[1]
+    def score_labels(
+        self, batch: Sequence[Prepared], labels: Sequence[list[str]], deadlines: Sequence[float] | None = None
+    ) -> list[LabelScores | JobTimeout]:
+        """Mean token log-likelihood of each label after its prompt: per image, one prefill, then all its
+        labels in one forward pass that reuses the prefill's KV cache. A prompt whose deadline has passed
+        when its turn comes gets a :class:`JobTimeout` instead."""
+        if len(batch) != len(labels):
+            raise ValueError(f"{len(batch)} prompts but {len(labels)} label lists")
+        deadlines = deadlines or [math.inf] * len(batch)
+        results: list[LabelScores | JobTimeout] = []
+        with torch.inference_mode():
+            for item, options, deadline in zip(batch, labels, deadlines, strict=True):
+                if time.monotonic() >= deadline:
+                    results.append(JobTimeout("the job ran past its deadline waiting to be scored"))
+                else:
+                    results.append(self._score_one(item, options))
+        return _checked(results, batch)
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        """Whether ``error`` means the device ran out of memory."""
+        return isinstance(error, (torch.OutOfMemoryError, MemoryError))
+
+    def free_memory(self) -> None:
+        """Give cached device memory back after an out-of-memory error."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _label_batch(self, labels: list[str]) -> tuple[list[list[int]], torch.Tensor]:
         tokenizer = self.processor.tokenizer
         label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
         width = max(len(ids) for ids in label_ids)
-        batch = torch.full((len(labels), width), tokenizer.pad_token_id, dtype=torch.long)
+        batch = torch.full((len(labels), width), self.pad_token_id, dtype=torch.long)
         for row, ids in enumerate(label_ids):
             batch[row, : len(ids)] = torch.tensor(ids)
-        batch = batch.to(self.device)
+        return label_ids, batch.to(self.device)
+
+    def _score_one(self, item: Prepared, labels: list[str]) -> LabelScores:
+        prefill = self.model(**self.collate([item]), use_cache=True)
+        label_ids, batch = self._label_batch(labels)
+        count, width = batch.shape
         first = torch.log_softmax(prefill.logits[0, -1].float(), dim=-1)  # scores each label's first token
         cache = getattr(prefill, self._cache_kwarg)
-        cache.batch_repeat_interleave(len(labels))
-        mask = torch.ones((len(labels), prompt_length + width), dtype=torch.long, device=self.device)
-        positions = torch.arange(prompt_length, prompt_length + width, device=self.device).expand(
-            len(labels), -1
-        )
+        cache.batch_repeat_interleave(count)
+        start = item.prompt_tokens
+        mask = torch.ones((count, start + width), dtype=torch.long, device=self.device)
+        positions = torch.arange(start, start + width, device=self.device).expand(count, -1)
         rest = self.model(
             input_ids=batch, attention_mask=mask, position_ids=positions, **{self._cache_kwarg: cache}
         )
         logprobs = torch.log_softmax(rest.logits.float(), dim=-1)
         scores = []
         for row, ids in enumerate(label_ids):
-            total = first[ids[0]].item()
-            total += sum(logprobs[row, k - 1, ids[k]].item() for k in range(1, len(ids)))
+            total = first[ids[0]].item() + sum(
+                logprobs[row, k - 1, ids[k]].item() for k in range(1, len(ids))
+            )
             scores.append(total / len(ids))
-        return LabelScores(
-            log_likelihoods=scores,
-            prompt_tokens=int(inputs["attention_mask"][0].sum()),
-            image_tokens=int((inputs["input_ids"][0] == self.image_token_id).sum()),
-        )
+        return LabelScores(scores, item.prompt_tokens, item.image_tokens)
 
 
-def _checked(results: list[Any], prompts: list[Prompt]) -> list[Any]:
-    if len(results) != len(prompts):
-        raise RuntimeError(f"runtime returned {len(results)} outputs for {len(prompts)} inputs")
+class _StopAtDeadlines(StoppingCriteria):
+    """Stops each row of a batch at its own deadline (per-row booleans, as transformers allows) and
+    remembers after how many new tokens each row's deadline struck."""
+
+    def __init__(self, deadlines: Sequence[float], step_hook: Callable[[], None] | None) -> None:
+        self.deadlines = torch.tensor(list(deadlines), dtype=torch.float64)
+        self.struck_at: list[int | None] = [None] * len(deadlines)
+        self.steps = 0
+        self.step_hook = step_hook
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        self.steps += 1
+        if self.step_hook is not None:
+            self.step_hook()
+        done = self.deadlines <= time.monotonic()
+        for row, expired in enumerate(done.tolist()):
+            if expired and self.struck_at[row] is None:
+                self.struck_at[row] = self.steps
+        return done.to(input_ids.device)
+
+    def cut_short(self, row: int, tokens: list[int], eos_ids: set[int], limit: int) -> bool:
+        """Whether the deadline, not the row's end of sequence or its token limit, ended this row."""
+        struck = self.struck_at[row]
+        if struck is None or struck >= limit:
+            return False
+        return not any(token in eos_ids for token in tokens[:struck])
+
+
+def _checked(results: list[Any], batch: Sequence[Any]) -> list[Any]:
+    if len(results) != len(batch):
+        raise RuntimeError(f"runtime returned {len(results)} outputs for {len(batch)} inputs")
     return results

@@ -1,0 +1,171 @@
+"""Dynamic batching: task threads hand prepared jobs to one model thread, which runs them in batches.
+
+The rules are one pure function, :func:`plan`: jobs past their deadline leave first (``JobTimeout``); the
+oldest job picks the batch (every waiting job with the same compatibility key, in arrival order, up to
+``max_batch_size``); a full batch runs at once, a partial one once its oldest job has waited ``max_wait``.
+:class:`DynamicBatcher` applies the plan on a thread; it knows nothing of models or Celery.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+from producer.errors import InternalError, JobTimeout, LlavaError
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[[Hashable, list[Any]], Sequence[Any]]
+
+
+@dataclass(eq=False)
+class Pending:
+    """A job waiting for the model: its compatibility key, what to run, when it came, when it must end."""
+
+    key: Hashable
+    payload: Any
+    enqueued: float
+    deadline: float
+    future: Future = field(default_factory=Future)
+
+
+@dataclass(frozen=True)
+class Done:
+    """A job's output and how it ran: the size of its batch and how long it waited for the model."""
+
+    output: Any
+    batch_size: int
+    waited: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    expired: list[Pending]
+    batch: list[Pending]
+    wait: float | None  # seconds until the plan may change (None: nothing waiting)
+
+
+def plan(pending: Sequence[Pending], now: float, max_batch_size: int, max_wait: float) -> Plan:
+    """What to do now with ``pending`` (in arrival order). Pure: no clocks, no locks."""
+    expired = [job for job in pending if job.deadline <= now]
+    live = [job for job in pending if job.deadline > now]
+    if not live:
+        return Plan(expired, [], None)
+    head = live[0]
+    compatible = [job for job in live if job.key == head.key][:max_batch_size]
+    if len(compatible) >= max_batch_size or now - head.enqueued >= max_wait:
+        return Plan(expired, compatible, None)
+    next_change = min(head.enqueued + max_wait, min(job.deadline for job in live))
+    return Plan(expired, [], max(0.0, next_change - now))
+
+
+class DynamicBatcher:
+    """Runs ``runner(key, payloads)`` on one thread, in batches planned by :func:`plan`.
+
+    ``runner`` returns one output per payload (checked), where an exception instance fails just that job,
+    or raises, which fails the whole batch (the runner splits or retries first if it can).
+    """
+
+    def __init__(self, runner: Runner, max_batch_size: int, max_wait: float, clock=time.monotonic) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self._runner = runner
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait
+        self._clock = clock
+        self._pending: list[Pending] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="llava-model", daemon=True)
+        self.batches_run = 0
+        self.jobs_run = 0
+
+    def start(self) -> DynamicBatcher:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the running batch; jobs still waiting fail with ``InternalError``."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def submit(self, key: Hashable, payload: Any, timeout: float) -> Future:
+        """Queue ``payload`` for the model; the future holds its output or its error."""
+        now = self._clock()
+        job = Pending(key, payload, enqueued=now, deadline=now + timeout)
+        with self._cond:
+            if self._stopping:
+                raise InternalError("the worker is shutting down")
+            self._pending.append(job)
+            self._cond.notify_all()
+        return job.future
+
+    def run(self, key: Hashable, payload: Any, timeout: float) -> Done:
+        """Submit and wait: the output, the batch's error, or ``JobTimeout`` once ``timeout`` has passed."""
+        future = self.submit(key, payload, timeout)
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            raise JobTimeout(
+                f"the job did not finish within its {timeout:g} s deadline (job_timeout)"
+            ) from None
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    self._fail_waiting(InternalError("the worker is shutting down"))
+                    return
+                step = plan(self._pending, self._clock(), self.max_batch_size, self.max_wait)
+                taken = {id(job) for job in step.expired + step.batch}
+                self._pending = [job for job in self._pending if id(job) not in taken]
+                if not step.batch and not step.expired:
+                    self._cond.wait(step.wait)
+                    continue
+            for job in step.expired:
+                job.future.set_exception(
+                    JobTimeout("the job waited past its deadline for the model (job_timeout)")
+                )
+            if step.batch:
+                self._run_batch(step.batch)
+
+    def _run_batch(self, batch: list[Pending]) -> None:
+        started = self._clock()
+        try:
+            outputs = self._runner(batch[0].key, [job.payload for job in batch])
+            if len(outputs) != len(batch):
+                raise InternalError(f"the runner returned {len(outputs)} outputs for {len(batch)} jobs")
+        except LlavaError as exc:
+            for job in batch:
+                job.future.set_exception(exc)
+            return
+        except Exception as exc:  # the model failed unexpectedly: every job of the batch learns why
+            log.exception("batch of %d failed", len(batch))
+            for job in batch:
+                job.future.set_exception(InternalError(f"{type(exc).__name__}: {exc}"))
+            return
+        self.batches_run += 1
+        self.jobs_run += len(batch)
+        for job, output in zip(batch, outputs, strict=True):
+            if isinstance(output, BaseException):  # one job of the batch failed on its own
+                job.future.set_exception(output)
+            else:
+                job.future.set_result(Done(output, len(batch), started - job.enqueued))
+
+    def _fail_waiting(self, error: LlavaError) -> None:
+        for job in self._pending:
+            job.future.set_exception(error)
+        self._pending.clear()
