@@ -8,7 +8,7 @@ export LLAVA_BROKER_URL ?= redis://localhost:6379/0
 export LLAVA_RESULT_BACKEND ?= redis://localhost:6379/1
 DEVSTACK := $(BIN)/python -m worker.devstack --
 
-.PHONY: demo test lint unit integration images install clean
+.PHONY: demo test lint unit integration images install clean bench
 
 install: $(VENV)/.installed
 
@@ -41,3 +41,6 @@ images: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+
+bench: install
+	$(BIN)/python bench/throughput.py

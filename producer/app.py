@@ -27,8 +27,9 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
         "result_expires": settings.result_expires,
         "result_extended": True,
         "broker_connection_retry_on_startup": True,
-        # Events so Flower sees every state.
-        "task_track_started": True,
+        # Events so Flower sees every state (STARTED included). The result backend is not told of STARTED
+        # (task_track_started): one Redis write less per job, 347 -> ~420 no-op jobs/s per worker (bench/).
+        "task_track_started": False,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "task_default_queue": settings.default_queue,

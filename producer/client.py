@@ -63,7 +63,8 @@ class Job(Generic[R]):
 
     @property
     def state(self) -> str:
-        """Celery state: PENDING (queued or unknown), STARTED, SUCCESS, FAILURE, RETRY."""
+        """Celery state: PENDING (queued, running, or an unknown id), SUCCESS or FAILURE. (The worker does not
+        store STARTED in the result backend; Flower shows it from task events.)"""
         return str(self._async.state)
 
     def ready(self) -> bool:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from producer.errors import InvalidRequest, JobTimeout
 from worker.runtime.loading import load_model
@@ -177,8 +177,11 @@ class Runtime:
             options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
         stop = _StopAtDeadlines(deadlines or [math.inf] * len(batch), step_hook)
         with torch.inference_mode():
+            cache = self._prefill(batch)
             output = self.model.generate(
-                **inputs,
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                **{self._cache_kwarg: cache},
                 **options,
                 pad_token_id=self.pad_token_id,
                 stopping_criteria=StoppingCriteriaList([stop]),
@@ -196,6 +199,36 @@ class Runtime:
             text = self.processor.decode(tokens[:length], skip_special_tokens=True).strip()
             results.append(Generation(text, item.prompt_tokens, item.image_tokens, length))
         return _checked(results, batch)
+
+    def _prefill(self, batch: Sequence[Prepared]) -> DynamicCache:
+        """Each prompt but its last token, prefilled alone (no padding), merged into one left-padded cache.
+
+        A padded batch prefill pushes attention off its fast causal path (3x slower on CPU for mixed image
+        sizes, measured in bench/); prefilling apart and decoding together gives the same tokens (tested)
+        and keeps decoding, where batching pays, batched. ``generate`` then runs only the last prompt token.
+        """
+        width = max(item.prompt_tokens for item in batch) - 1
+        caches = []
+        for item in batch:
+            single = self.collate([item])
+            output = self.model(
+                input_ids=single["input_ids"][:, :-1],
+                attention_mask=single["attention_mask"][:, :-1],
+                pixel_values=single["pixel_values"],
+                image_sizes=single["image_sizes"],
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            caches.append(getattr(output, self._cache_kwarg))
+        merged = DynamicCache()
+        for layer in range(len(caches[0].layers)):
+            keys, values = [], []
+            for cache in caches:
+                pad = width - cache.layers[layer].keys.shape[2]
+                keys.append(torch.nn.functional.pad(cache.layers[layer].keys, (0, 0, pad, 0)))
+                values.append(torch.nn.functional.pad(cache.layers[layer].values, (0, 0, pad, 0)))
+            merged.update(torch.cat(keys), torch.cat(values), layer)
+        return merged
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
