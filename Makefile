@@ -8,7 +8,7 @@ export LLAVA_BROKER_URL ?= redis://localhost:6379/0
 export LLAVA_RESULT_BACKEND ?= redis://localhost:6379/1
 DEVSTACK := $(BIN)/python -m worker.devstack --
 
-.PHONY: demo test lint unit integration images install clean bench
+.PHONY: demo test lint unit integration images install clean bench soak
 
 install: $(VENV)/.installed
 
@@ -44,3 +44,9 @@ clean:
 
 bench: install
 	$(BIN)/python bench/throughput.py
+
+# Repeat the fault tests (worker killed, poison job, SIGTERM mid-batch, Redis restarted); SOAK_ROUNDS=5.
+SOAK_ROUNDS ?= 5
+soak: install
+	for round in $$(seq $(SOAK_ROUNDS)); do echo "soak round $$round"; \
+	  $(DEVSTACK) $(BIN)/python -m pytest -q tests/integration/test_faults.py tests/integration/test_batching_worker.py || exit 1; done

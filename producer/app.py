@@ -11,7 +11,12 @@ from producer.settings import QueueSettings
 
 def celery_config(settings: QueueSettings) -> dict[str, Any]:
     """Celery settings for llava-queue (see DESIGN.md, "Decisions already taken")."""
-    transport_options = {"visibility_timeout": settings.visibility_timeout}
+    transport_options = {
+        "visibility_timeout": settings.visibility_timeout,
+        # Look for jobs of dead workers every few seconds (kombu's default scans every ~100 s).
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 2)),
+        "unacked_restore_throttle": 1,
+    }
     return {
         # JSON only: pickle from the broker would be remote code execution.
         "task_serializer": "json",
@@ -23,10 +28,14 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "broker_transport_options": transport_options,
-        "result_backend_transport_options": transport_options,
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
         "result_expires": settings.result_expires,
         "result_extended": True,
         "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,  # a Redis restart is waited out, never fatal
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,  # their results are kept: see app.py
         # Events so Flower sees every state (STARTED included). The result backend is not told of STARTED
         # (task_track_started): one Redis write less per job, 347 -> ~420 no-op jobs/s per worker (bench/).
         "task_track_started": False,

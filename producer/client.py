@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any, Generic, TypeVar
 
-from celery import Celery
+from celery import Celery, states
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.exceptions import WorkerLostError
 from celery.result import AsyncResult
@@ -113,15 +113,16 @@ class LlavaClient:
         *,
         queue: str | None = None,
         timeout_s: float | None = None,
+        job_id: str | None = None,
         **generation: Any,
     ) -> Job[CaptionResult]:
         """Describe ``image`` (``prompt`` defaults to "What is shown in this image?").
 
-        ``timeout_s`` caps the job's time on the worker (``JobTimeout``); ``generation``: ``max_new_tokens``,
-        ``temperature``, ``top_p``.
+        ``timeout_s`` caps the job's time on the worker (``JobTimeout``); ``job_id`` makes the call idempotent
+        (see :meth:`_submit`); ``generation``: ``max_new_tokens``, ``temperature``, ``top_p``.
         """
         fields = {"prompt": prompt, "timeout_s": timeout_s, "generation": self._generation(generation)}
-        return self._submit(TASK_CAPTION, CaptionRequest, image, fields, queue)
+        return self._submit(TASK_CAPTION, CaptionRequest, image, fields, queue, job_id)
 
     def vqa(
         self,
@@ -130,11 +131,12 @@ class LlavaClient:
         *,
         queue: str | None = None,
         timeout_s: float | None = None,
+        job_id: str | None = None,
         **generation: Any,
     ) -> Job[VQAResult]:
         """Answer ``question`` about ``image``."""
         fields = {"question": question, "timeout_s": timeout_s, "generation": self._generation(generation)}
-        return self._submit(TASK_VQA, VQARequest, image, fields, queue)
+        return self._submit(TASK_VQA, VQARequest, image, fields, queue, job_id)
 
     def classify(
         self,
@@ -144,12 +146,13 @@ class LlavaClient:
         *,
         queue: str | None = None,
         timeout_s: float | None = None,
+        job_id: str | None = None,
         **generation: Any,
     ) -> Job[ClassifyResult]:
         """Pick the most likely of ``labels``; without labels, the model's free-text class as ``label``."""
         generation_fields = self._generation(generation)
         fields = {"labels": labels, "prompt": prompt, "timeout_s": timeout_s, "generation": generation_fields}
-        return self._submit(TASK_CLASSIFY, ClassifyRequest, image, fields, queue)
+        return self._submit(TASK_CLASSIFY, ClassifyRequest, image, fields, queue, job_id)
 
     def job(self, job_id: str, task_name: str) -> Job[Any]:
         """Rebuild a handle from a job id (e.g. in a later web request) and its task name."""
@@ -172,22 +175,32 @@ class LlavaClient:
         image: ImageInput,
         fields: dict[str, Any],
         queue: str | None,
+        job_id: str | None = None,
     ) -> Job[Any]:
+        """Validate and send. With ``job_id``: if a job with that id already succeeded (and its result has
+        not expired), its handle is returned and nothing is sent; otherwise the job is sent under that id,
+        and a worker that finds a stored success for it returns that instead of running it again."""
         wire_image = to_wire(image, self.settings.max_image_bytes)
         try:
             request = model(image=wire_image, **{k: v for k, v in fields.items() if v is not None})
         except ValidationError as exc:
             raise InvalidRequest(validation_message(exc)) from None
+        result_model = RESULT_MODELS[task_name]
+        if job_id is not None:
+            existing = self.app.AsyncResult(job_id)
+            if existing.state == states.SUCCESS:
+                return Job(existing, result_model, self.settings.result_timeout)
         payload = request.model_dump(mode="json", exclude_defaults=True)
         shown = {**payload, "image": redact(wire_image)}
         async_result = self.app.send_task(
             task_name,
+            task_id=job_id,
             kwargs={"request": payload},
             queue=queue or self.settings.default_queue,
             kwargsrepr=repr({"request": shown}),
             headers={SENT_AT_HEADER: time.time()},
         )
-        return Job(async_result, RESULT_MODELS[task_name], self.settings.result_timeout)
+        return Job(async_result, result_model, self.settings.result_timeout)
 
     def close(self) -> None:
         """Release broker and backend connections."""

@@ -36,7 +36,7 @@ class QueueSettings(BaseSettings):
     result_backend: str = Field(default="redis://localhost:6379/1", description="Celery result backend URL")
     default_queue: str = Field(default="llava", min_length=1, description="queue jobs go to unless routed")
     visibility_timeout: int = Field(
-        default=3600, ge=10, description="seconds before an unacknowledged job is redelivered (Redis)"
+        default=3600, ge=1, description="seconds before an unacknowledged job is redelivered (Redis)"
     )
     result_expires: int = Field(default=86400, ge=60, description="seconds results are kept")
 

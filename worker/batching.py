@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +80,7 @@ class DynamicBatcher:
         self.max_wait = max_wait
         self._clock = clock
         self._pending: list[Pending] = []
+        self._running: list[Pending] = []
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="llava-model", daemon=True)
@@ -118,10 +119,24 @@ class DynamicBatcher:
                 f"the job did not finish within its {timeout:g} s deadline (job_timeout)"
             ) from None
 
-    @property
-    def waiting(self) -> int:
+    def abandon(self, error: BaseException) -> int:
+        """Fail every waiting and running job with ``error`` now (a running batch's outputs are dropped).
+        Used when a warm shutdown's grace period ends: their tasks requeue them. Returns how many."""
         with self._cond:
-            return len(self._pending)
+            jobs = self._pending + self._running
+            self._pending = []
+        abandoned = 0
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(error)
+                abandoned += 1
+        return abandoned
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs waiting for the model or in its running batch."""
+        with self._cond:
+            return len(self._pending) + len(self._running)
 
     def _loop(self) -> None:
         while True:
@@ -135,12 +150,13 @@ class DynamicBatcher:
                 if not step.batch and not step.expired:
                     self._cond.wait(step.wait)
                     continue
+                self._running = step.batch
             for job in step.expired:
-                job.future.set_exception(
-                    JobTimeout("the job waited past its deadline for the model (job_timeout)")
-                )
+                _settle(job, error=JobTimeout("the job waited past its deadline for the model (job_timeout)"))
             if step.batch:
                 self._run_batch(step.batch)
+            with self._cond:
+                self._running = []
 
     def _run_batch(self, batch: list[Pending]) -> None:
         started = self._clock()
@@ -150,22 +166,33 @@ class DynamicBatcher:
                 raise InternalError(f"the runner returned {len(outputs)} outputs for {len(batch)} jobs")
         except LlavaError as exc:
             for job in batch:
-                job.future.set_exception(exc)
+                _settle(job, error=exc)
             return
         except Exception as exc:  # the model failed unexpectedly: every job of the batch learns why
             log.exception("batch of %d failed", len(batch))
             for job in batch:
-                job.future.set_exception(InternalError(f"{type(exc).__name__}: {exc}"))
+                _settle(job, error=InternalError(f"{type(exc).__name__}: {exc}"))
             return
         self.batches_run += 1
         self.jobs_run += len(batch)
         for job, output in zip(batch, outputs, strict=True):
             if isinstance(output, BaseException):  # one job of the batch failed on its own
-                job.future.set_exception(output)
+                _settle(job, error=output)
             else:
-                job.future.set_result(Done(output, len(batch), started - job.enqueued))
+                _settle(job, result=Done(output, len(batch), started - job.enqueued))
 
     def _fail_waiting(self, error: LlavaError) -> None:
         for job in self._pending:
-            job.future.set_exception(error)
+            _settle(job, error=error)
         self._pending.clear()
+
+
+def _settle(job: Pending, result: Any = None, error: BaseException | None = None) -> None:
+    """Complete a job's future unless it was already (e.g. abandoned at shutdown)."""
+    try:
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+    except InvalidStateError:
+        pass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -97,6 +98,10 @@ class _Work:
     sampling: Sampling
 
 
+class Requeue(Exception):
+    """The worker is shutting down and its grace period is over: give the job back to the queue."""
+
+
 class Service:
     """Serves caption, VQA and classify jobs: each job's thread loads its image and runs the processor, then
     hands the prepared prompt to the one model thread (:class:`DynamicBatcher`)."""
@@ -120,17 +125,32 @@ class Service:
         if self.batcher is not None:
             self.batcher.stop()
 
+    def begin_shutdown(self, grace: float) -> None:
+        """Warm shutdown: running jobs get ``grace`` seconds to finish; then the rest are requeued."""
+        log.warning("warm shutdown: running jobs have %g s to finish, then they go back to the queue", grace)
+
+        def requeue_rest() -> None:
+            if self.batcher is not None:
+                count = self.batcher.abandon(Requeue("the worker shut down before the job finished"))
+                log.warning("grace period over: %d job(s) go back to the queue", count)
+
+        timer = threading.Timer(grace, requeue_rest)
+        timer.daemon = True
+        timer.start()
+
     def run(self, task_name: str, request: Any, context: JobContext) -> dict[str, Any]:
         """Serve one job; every failure leaves as a coded :class:`LlavaError`, logged once."""
         try:
             result = self._serve(task_name, request, context)
         except LlavaError as exc:
-            self._failed(exc, context, task_name)
+            self.record_failure(exc, context, task_name)
+            raise
+        except Requeue:
             raise
         except Exception as exc:
             log.exception("job %s (%s) failed unexpectedly", context.job_id, task_name)
             error = InternalError(f"{type(exc).__name__}: {exc}")
-            self._failed(error, context, task_name)
+            self.record_failure(error, context, task_name)
             raise error from None
         with self._stats.lock:
             self._stats.jobs_done += 1
@@ -147,10 +167,15 @@ class Service:
             }
         batching = {"max_batch_size": self.settings.max_batch_size}
         if batcher is not None:
-            batching |= {"batches_run": batcher.batches_run, "jobs_batched": batcher.jobs_run}
+            batching |= {
+                "batches_run": batcher.batches_run,
+                "jobs_batched": batcher.jobs_run,
+                "in_flight": batcher.in_flight,
+            }
         return {
             "model_loaded": runtime is not None,
             "loads": Runtime.loads,
+            "memory": {"rss_mb": _rss_mb(), **(runtime.memory() if runtime else {})},
             "queues": self.settings.consumed_queues,
             **(runtime.info() if runtime else {"model": self.settings.served_model_name}),
             **stats,
@@ -250,7 +275,8 @@ class Service:
         )
         return result.model_dump(mode="json")
 
-    def _failed(self, error: LlavaError, context: JobContext, task_name: str) -> None:
+    def record_failure(self, error: LlavaError, context: JobContext, task_name: str) -> None:
+        """Log a failed job once (job id + code) and count it."""
         log.warning("job %s (%s) failed: %s", context.job_id, task_name, error)
         with self._stats.lock:
             self._stats.jobs_failed += 1
@@ -298,3 +324,13 @@ class Service:
         if self.runtime is None or self.batcher is None:
             raise InternalError("the model is not loaded (Service.start() was not called)")
         return self.runtime, self.batcher
+
+
+def _rss_mb() -> float | None:
+    """This process's resident memory in MB (Linux), or None."""
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 1e6, 1)

@@ -93,6 +93,15 @@ class WorkerSettings(QueueSettings):
         description="task threads; default 2 x max_batch_size (prepare while computing)",
     )
     # -- fault injection: for tests and drills only (see worker/faults.py)
+    # -- losing nothing
+    max_deliveries: int = Field(
+        default=3, ge=1, le=100, description="deliveries of a job (worker died each time) before WorkerLost"
+    )
+    shutdown_grace: float = Field(
+        default=60.0,
+        ge=0,
+        description="seconds a warm shutdown (SIGTERM) lets running jobs finish before requeueing",
+    )
     fault_oom_above_batch: int | None = Field(
         default=None, ge=0, description="TESTS ONLY: simulate out-of-memory for batches larger than this"
     )
@@ -127,7 +136,20 @@ class WorkerSettings(QueueSettings):
             raise ValueError(
                 f"max_new_tokens {self.max_new_tokens} is over max_new_tokens_cap {self.max_new_tokens_cap}"
             )
+        if self.visibility_timeout <= self.longest_job_seconds:
+            raise ValueError(
+                f"visibility_timeout ({self.visibility_timeout} s) must exceed the longest job "
+                f"({self.longest_job_seconds:g} s: job_timeout + a fetch's retries and deadlines), or Redis "
+                "would hand running jobs to a second worker"
+            )
         return self
+
+    @property
+    def longest_job_seconds(self) -> float:
+        """The most a job can take: its fetch (every attempt, timeouts and backoff) plus job_timeout."""
+        attempts = self.fetch_retries + 1
+        backoff = sum(self.fetch_backoff * 2**i for i in range(self.fetch_retries))
+        return self.job_timeout + attempts * (self.fetch_deadline + self.fetch_timeout) + backoff
 
     @field_validator("image_formats")
     @classmethod

@@ -72,8 +72,8 @@ def worker_env(client_settings: ClientSettings, cache_dir: Path, **extra: str) -
         LLAVA_RESULT_BACKEND=client_settings.result_backend,
         LLAVA_CACHE_DIR=str(cache_dir),
         PYTHONPATH=str(ROOT),
-        **extra,
     )
+    env.update(extra)
     return env
 
 

@@ -261,6 +261,16 @@ class Runtime:
         """Whether ``error`` means the device ran out of memory."""
         return isinstance(error, (torch.OutOfMemoryError, MemoryError))
 
+    def memory(self) -> dict[str, float]:
+        """Device memory in MB (CUDA only)."""
+        if self.device.type != "cuda":
+            return {}
+        return {
+            "cuda_allocated_mb": round(torch.cuda.memory_allocated(self.device) / 1e6, 1),
+            "cuda_reserved_mb": round(torch.cuda.memory_reserved(self.device) / 1e6, 1),
+            "cuda_total_mb": round(torch.cuda.get_device_properties(self.device).total_memory / 1e6, 1),
+        }
+
     def free_memory(self) -> None:
         """Give cached device memory back after an out-of-memory error."""
         if self.device.type == "cuda":

@@ -1,0 +1,151 @@
+"""Nothing lost: real worker processes killed, poisoned, stopped mid-batch, and Redis restarted under them.
+
+Tests use a visibility timeout of seconds (production: an hour; see README "Losing nothing")."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from producer import ClientSettings, LlavaClient, WorkerLost
+from producer.status import worker_health
+from tests.integration.conftest import IMAGES
+from worker.devstack import RedisServer
+
+FAST_FETCH = {"LLAVA_FETCH_RETRIES": "0", "LLAVA_FETCH_DEADLINE": "1", "LLAVA_FETCH_TIMEOUT": "1"}
+SLOW = {"LLAVA_FAULT_SLOW_MARKER": "[slow]", "LLAVA_FAULT_SLOW_STEP_S": "0.2"}
+
+
+def queue_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def in_flight(client: LlavaClient, hostname: str) -> int:
+    return int(worker_health(client.app, timeout=2).get(hostname, {}).get("batching", {}).get("in_flight", 0))
+
+
+def test_sigkill_mid_jobs_then_another_worker_finishes_all(client: LlavaClient, start_worker) -> None:
+    queue = queue_name("kill")
+    env = {**FAST_FETCH, "LLAVA_VISIBILITY_TIMEOUT": "12", "LLAVA_JOB_TIMEOUT": "9"}
+    first, hostname = start_worker(queue, **env, **SLOW)
+    jobs = [
+        client.caption(IMAGES / "stop_sign.jpg", f"[slow] job {i}", queue=queue, max_new_tokens=30)
+        for i in range(4)
+    ]
+    wait_for(lambda: in_flight(client, hostname) == 4, 30, "the jobs to reach the model")
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(10)
+    assert [job.state for job in jobs] == ["PENDING"] * 4
+    start_worker(queue, **env)  # without the slow fault
+    results = [job.get(timeout=60) for job in jobs]
+    assert all(result.text is not None for result in results)
+
+
+def test_poison_job_fails_with_worker_lost_after_the_cap(client: LlavaClient, start_worker) -> None:
+    queue = queue_name("poison")
+    env = {
+        **FAST_FETCH,
+        "LLAVA_VISIBILITY_TIMEOUT": "4",
+        "LLAVA_JOB_TIMEOUT": "1",
+        "LLAVA_MAX_DELIVERIES": "2",
+        "LLAVA_CONCURRENCY": "1",
+        "LLAVA_MAX_BATCH_SIZE": "1",
+        "LLAVA_FAULT_CRASH_MARKER": "[crash]",
+    }
+    poison = client.caption(IMAGES / "stop_sign.jpg", "[crash] me", queue=queue, max_new_tokens=4)
+    others = [client.caption(IMAGES / "radar_chart.png", queue=queue, max_new_tokens=4) for _ in range(2)]
+    crashes = 0
+    while not poison.ready():
+        worker, _ = start_worker(queue, wait=False, **env)
+        process = worker.process
+        wait_for(lambda p=process: poison.ready() or p.poll() is not None, 60, "a crash or the verdict")
+        if process.poll() is not None:
+            assert process.returncode == -signal.SIGKILL
+            crashes += 1
+        assert crashes <= 2, "the redelivery cap did not stop the loop"
+    with pytest.raises(WorkerLost) as error:
+        poison.get()
+    assert error.value.code == "worker_lost" and "max_deliveries 2" in error.value.message
+    assert crashes == 2
+    assert all(job.get(timeout=60).text is not None for job in others)
+
+
+def test_sigterm_mid_batch_requeues_and_exits_zero(client: LlavaClient, start_worker) -> None:
+    queue = queue_name("term")
+    env = {
+        **FAST_FETCH,
+        "LLAVA_VISIBILITY_TIMEOUT": "60",
+        "LLAVA_JOB_TIMEOUT": "30",
+        "LLAVA_SHUTDOWN_GRACE": "0.5",
+    }
+    first, hostname = start_worker(queue, **env, **SLOW)
+    jobs = [
+        client.caption(IMAGES / "stop_sign.jpg", f"[slow] job {i}", queue=queue, max_new_tokens=40)
+        for i in range(4)
+    ]
+    wait_for(lambda: in_flight(client, hostname) == 4, 30, "the batch to be decoding")  # 40 steps x 0.2 s
+    started = time.monotonic()
+    assert first.stop(signal.SIGTERM, timeout=30) == 0
+    assert time.monotonic() - started < 15
+    assert "go back to the queue" in first.log_path.read_text()
+    start_worker(queue, **env)
+    assert all(job.get(timeout=60).generated_tokens >= 1 for job in jobs)
+
+
+def test_redis_restart_loses_nothing(tmp_path: Path, start_worker, cache_dir) -> None:
+    redis = RedisServer(data_dir=tmp_path / "redis").start()
+    settings = ClientSettings(broker_url=redis.url(0), result_backend=redis.url(1), result_timeout=90)
+    own = LlavaClient(settings)
+    try:
+        queue = queue_name("restart")
+        env = {
+            **FAST_FETCH,
+            "LLAVA_BROKER_URL": settings.broker_url,
+            "LLAVA_RESULT_BACKEND": settings.result_backend,
+        }
+        worker, hostname = start_worker(queue, wait=False, **env, **SLOW)
+        worker.wait_ready(own.app, hostname)
+        jobs = [
+            own.caption(IMAGES / "radar_chart.png", f"[slow] {i}", queue=queue, max_new_tokens=8)
+            for i in range(6)
+        ]
+        blocked: dict[str, object] = {}
+        waiter = threading.Thread(target=lambda: blocked.update(result=jobs[-1].get(timeout=90)))
+        waiter.start()
+        time.sleep(1.0)
+        redis.stop()  # SIGTERM: Redis writes its AOF and exits
+        time.sleep(2.0)
+        redis.start()  # same port, same data dir
+        results = [job.get(timeout=90) for job in jobs]
+        waiter.join(90)
+        assert all(r.worker == hostname for r in results)
+        assert blocked["result"] == results[-1]
+    finally:
+        own.close()
+        redis.stop()
+
+
+def test_resending_a_succeeded_job_id_returns_the_stored_result(client: LlavaClient, shared_worker) -> None:
+    _, hostname, queue = shared_worker
+    job_id = f"order-{uuid.uuid4().hex}"
+    first = client.caption(IMAGES / "stop_sign.jpg", queue=queue, job_id=job_id).get()
+    done_before = worker_health(client.app)[hostname]["jobs_done"]
+    again = client.caption(IMAGES / "stop_sign.jpg", queue=queue, job_id=job_id)
+    assert again.id == job_id and again.get() == first  # same timings: it did not run again
+    client.app.send_task("llava.caption", task_id=job_id, kwargs={"request": {"image": "/nope"}}, queue=queue)
+    time.sleep(1.0)  # a worker that receives a succeeded id returns the stored result, not an error
+    assert client.job(job_id, "llava.caption").get() == first
+    assert worker_health(client.app)[hostname]["jobs_done"] == done_before
