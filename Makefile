@@ -8,7 +8,7 @@ export LLAVA_BROKER_URL ?= redis://localhost:6379/0
 export LLAVA_RESULT_BACKEND ?= redis://localhost:6379/1
 DEVSTACK := $(BIN)/python -m worker.devstack --
 
-.PHONY: demo test lint unit integration images install clean bench soak
+.PHONY: demo test lint unit integration images install clean bench soak flower
 
 install: $(VENV)/.installed
 
@@ -50,3 +50,7 @@ SOAK_ROUNDS ?= 5
 soak: install
 	for round in $$(seq $(SOAK_ROUNDS)); do echo "soak round $$round"; \
 	  $(DEVSTACK) $(BIN)/python -m pytest -q tests/integration/test_faults.py tests/integration/test_batching_worker.py || exit 1; done
+
+# Flower on the configured broker (LLAVA_BROKER_URL; auth: LLAVA_FLOWER_BASIC_AUTH=user:password).
+flower: install
+	$(BIN)/llava-queue flower

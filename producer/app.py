@@ -6,13 +6,19 @@ from typing import Any
 
 from celery import Celery
 
+from producer.contract import DEFAULT_PRIORITY
 from producer.settings import QueueSettings
 
 
 def celery_config(settings: QueueSettings) -> dict[str, Any]:
     """Celery settings for llava-queue (see DESIGN.md, "Decisions already taken")."""
+    redis = settings.broker_url.split("://", 1)[0] in ("redis", "rediss", "sentinel")
     transport_options = {
         "visibility_timeout": settings.visibility_timeout,
+        # Ten priority levels, one Redis list each (queue, queue:1 ... queue:9); Redis serves 0 first.
+        "priority_steps": list(range(10)),
+        "sep": ":",
+        "queue_order_strategy": "priority",
         # Look for jobs of dead workers every few seconds (kombu's default scans every ~100 s).
         "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 2)),
         "unacked_restore_throttle": 1,
@@ -42,6 +48,9 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "task_default_queue": settings.default_queue,
+        # LlavaClient priorities are 0..9 with 9 most urgent; Redis serves its 0 first (see SendOptions).
+        "task_default_priority": 9 - DEFAULT_PRIORITY if redis else DEFAULT_PRIORITY,
+        "task_queue_max_priority": 9,
         "worker_hijack_root_logger": False,
     }
 

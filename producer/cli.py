@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, TextIO
 
@@ -39,17 +40,33 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--question", required=name == "vqa", help="the question (vqa)")
         sub.add_argument("--labels", help="comma-separated labels (classify)")
         sub.add_argument("--max-new-tokens", type=int)
+        sub.add_argument("--model", help="send to the workers serving this model (queue llava.<model>)")
         sub.add_argument("--queue", help="queue to send to (default: settings.default_queue)")
+        sub.add_argument("--priority", type=int, help="0 (lowest) to 9 (most urgent); default 4")
         sub.add_argument("--timeout", type=float, help="seconds to wait for each result")
         sub.add_argument("--json", action="store_true", help="print one JSON object per line")
         sub.add_argument("--out", help="append one JSON line per image to this file")
     status = commands.add_parser("status", help="workers online, what each serves, queue depths")
     status.add_argument("--json", action="store_true")
+    commands.add_parser("flower", help="run Flower on the broker (needs the monitor extra; imports no torch)")
     return parser
 
 
+def flower_argv(settings: ClientSettings) -> list[str]:
+    """``celery --broker=... flower`` with the port and basic auth from settings."""
+    argv = ["celery", f"--broker={settings.broker_url}", "flower", f"--port={settings.flower_port}"]
+    if settings.flower_basic_auth:
+        argv.append(f"--basic-auth={settings.flower_basic_auth}")
+    return argv
+
+
 def _submit(client: LlavaClient, args: argparse.Namespace, image: str) -> Job[Any]:
-    options = {"queue": args.queue, "max_new_tokens": args.max_new_tokens}
+    options = {
+        "queue": args.queue,
+        "model": args.model,
+        "priority": args.priority,
+        "max_new_tokens": args.max_new_tokens,
+    }
     if args.command == "caption":
         return client.caption(image, args.prompt, **options)
     if args.command == "vqa":
@@ -130,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, FileNotFoundError) as exc:
         print(f"llava-queue: invalid settings: {exc}", file=sys.stderr)
         return 2
+    if args.command == "flower":
+        os.execvp(sys.executable, [sys.executable, "-m", "celery", *flower_argv(settings)[1:]])
     client = LlavaClient(settings)
     try:
         if args.command == "status":

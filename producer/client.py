@@ -6,6 +6,7 @@ Torch-free: imports Celery, pydantic and the contract only; tasks are sent by na
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, fields
 from typing import Any, Generic, TypeVar
 
 from celery import Celery, states
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from producer.app import create_celery_app
 from producer.contract import (
+    DEFAULT_PRIORITY,
     RESULT_MODELS,
     TASK_CAPTION,
     TASK_CLASSIFY,
@@ -27,6 +29,7 @@ from producer.contract import (
     GenerationParams,
     VQARequest,
     VQAResult,
+    model_queue,
 )
 from producer.errors import InternalError, InvalidRequest, LlavaError, ResultTimeout, WorkerLost
 from producer.images import ImageInput, redact, to_wire
@@ -44,6 +47,50 @@ def validation_message(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in error["loc"]) or "request"
         parts.append(f"{where}: {error['msg']}")
     return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class SendOptions:
+    """Where and how a job is sent.
+
+    - ``model``: the short name of the checkpoint to run it (its queue is ``llava.<model>``, see
+      :func:`~producer.contract.model_queue`); ``queue`` names a queue directly; neither: the default queue.
+    - ``priority``: 0 (lowest) to 9 (most urgent), default 4. On Redis, where Celery serves 0 first, it is
+      sent as ``9 - priority``.
+    - ``job_id``: your own id, making the send idempotent (see :meth:`LlavaClient._submit`).
+    - ``timeout_s``: the job's time on the worker, capped by its ``job_timeout``.
+    """
+
+    model: str | None = None
+    queue: str | None = None
+    priority: int = DEFAULT_PRIORITY
+    job_id: str | None = None
+    timeout_s: float | None = None
+
+    @classmethod
+    def split(cls, options: dict[str, Any]) -> tuple[SendOptions, dict[str, Any]]:
+        """``options`` -> (send options, generation parameters); unknown names are an ``InvalidRequest``."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(options) - names - set(GenerationParams.model_fields)
+        if unknown:
+            allowed = ", ".join([*names, *GenerationParams.model_fields])
+            raise InvalidRequest(f"unknown argument(s) {sorted(unknown)}; options are {allowed}")
+        send = cls(**{k: v for k, v in options.items() if k in names and v is not None})
+        if not isinstance(send.priority, int) or not 0 <= send.priority <= 9:
+            raise InvalidRequest(f"priority must be an integer from 0 to 9, not {send.priority!r}")
+        generation = {
+            k: v for k, v in options.items() if k in GenerationParams.model_fields and v is not None
+        }
+        return send, generation
+
+    def queue_name(self, default: str) -> str:
+        if self.queue:
+            return self.queue
+        return model_queue(self.model) if self.model else default
+
+    def wire_priority(self, app: Celery) -> int:
+        redis = app.conf.broker_url.split("://", 1)[0] in ("redis", "rediss", "sentinel")
+        return 9 - self.priority if redis else self.priority
 
 
 class Job(Generic[R]):
@@ -106,53 +153,26 @@ class LlavaClient:
         self.settings = settings or load_settings(ClientSettings)
         self.app = app or create_celery_app(self.settings)
 
-    def caption(
-        self,
-        image: ImageInput,
-        prompt: str | None = None,
-        *,
-        queue: str | None = None,
-        timeout_s: float | None = None,
-        job_id: str | None = None,
-        **generation: Any,
-    ) -> Job[CaptionResult]:
+    def caption(self, image: ImageInput, prompt: str | None = None, **options: Any) -> Job[CaptionResult]:
         """Describe ``image`` (``prompt`` defaults to "What is shown in this image?").
 
-        ``timeout_s`` caps the job's time on the worker (``JobTimeout``); ``job_id`` makes the call idempotent
-        (see :meth:`_submit`); ``generation``: ``max_new_tokens``, ``temperature``, ``top_p``.
+        ``options``: where and how to send it (:class:`SendOptions`: ``model``, ``queue``, ``priority``,
+        ``job_id``, ``timeout_s``) and decoding (``max_new_tokens``, ``temperature``, ``top_p``).
         """
-        fields = {"prompt": prompt, "timeout_s": timeout_s, "generation": self._generation(generation)}
-        return self._submit(TASK_CAPTION, CaptionRequest, image, fields, queue, job_id)
+        return self._submit(TASK_CAPTION, CaptionRequest, image, {"prompt": prompt}, options)
 
-    def vqa(
-        self,
-        image: ImageInput,
-        question: str,
-        *,
-        queue: str | None = None,
-        timeout_s: float | None = None,
-        job_id: str | None = None,
-        **generation: Any,
-    ) -> Job[VQAResult]:
-        """Answer ``question`` about ``image``."""
-        fields = {"question": question, "timeout_s": timeout_s, "generation": self._generation(generation)}
-        return self._submit(TASK_VQA, VQARequest, image, fields, queue, job_id)
+    def vqa(self, image: ImageInput, question: str, **options: Any) -> Job[VQAResult]:
+        """Answer ``question`` about ``image``. ``options`` as for :meth:`caption`."""
+        return self._submit(TASK_VQA, VQARequest, image, {"question": question}, options)
 
     def classify(
-        self,
-        image: ImageInput,
-        labels: list[str] | None = None,
-        prompt: str | None = None,
-        *,
-        queue: str | None = None,
-        timeout_s: float | None = None,
-        job_id: str | None = None,
-        **generation: Any,
+        self, image: ImageInput, labels: list[str] | None = None, prompt: str | None = None, **options: Any
     ) -> Job[ClassifyResult]:
-        """Pick the most likely of ``labels``; without labels, the model's free-text class as ``label``."""
-        generation_fields = self._generation(generation)
-        fields = {"labels": labels, "prompt": prompt, "timeout_s": timeout_s, "generation": generation_fields}
-        return self._submit(TASK_CLASSIFY, ClassifyRequest, image, fields, queue, job_id)
+        """Pick the most likely of ``labels``; without labels, the model's free-text class as ``label``.
+        ``options`` as for :meth:`caption`."""
+        return self._submit(
+            TASK_CLASSIFY, ClassifyRequest, image, {"labels": labels, "prompt": prompt}, options
+        )
 
     def job(self, job_id: str, task_name: str) -> Job[Any]:
         """Rebuild a handle from a job id (e.g. in a later web request) and its task name."""
@@ -160,43 +180,32 @@ class LlavaClient:
             raise InvalidRequest(f"unknown task {task_name!r}; expected one of {sorted(RESULT_MODELS)}")
         return Job(self.app.AsyncResult(job_id), RESULT_MODELS[task_name], self.settings.result_timeout)
 
-    @staticmethod
-    def _generation(params: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(params) - set(GenerationParams.model_fields)
-        if unknown:
-            allowed = ", ".join(GenerationParams.model_fields)
-            raise InvalidRequest(f"unknown argument(s) {sorted(unknown)}; generation options are {allowed}")
-        return {key: value for key, value in params.items() if value is not None}
-
     def _submit(
-        self,
-        task_name: str,
-        model: type[BaseModel],
-        image: ImageInput,
-        fields: dict[str, Any],
-        queue: str | None,
-        job_id: str | None = None,
+        self, task_name: str, model: type[BaseModel], image: ImageInput, fields: dict[str, Any], options: dict
     ) -> Job[Any]:
         """Validate and send. With ``job_id``: if a job with that id already succeeded (and its result has
         not expired), its handle is returned and nothing is sent; otherwise the job is sent under that id,
         and a worker that finds a stored success for it returns that instead of running it again."""
+        send, generation = SendOptions.split(options)
         wire_image = to_wire(image, self.settings.max_image_bytes)
         try:
-            request = model(image=wire_image, **{k: v for k, v in fields.items() if v is not None})
+            params = {**fields, "timeout_s": send.timeout_s, "generation": generation}
+            request = model(image=wire_image, **{k: v for k, v in params.items() if v is not None})
         except ValidationError as exc:
             raise InvalidRequest(validation_message(exc)) from None
         result_model = RESULT_MODELS[task_name]
-        if job_id is not None:
-            existing = self.app.AsyncResult(job_id)
+        if send.job_id is not None:
+            existing = self.app.AsyncResult(send.job_id)
             if existing.state == states.SUCCESS:
                 return Job(existing, result_model, self.settings.result_timeout)
         payload = request.model_dump(mode="json", exclude_defaults=True)
         shown = {**payload, "image": redact(wire_image)}
         async_result = self.app.send_task(
             task_name,
-            task_id=job_id,
+            task_id=send.job_id,
             kwargs={"request": payload},
-            queue=queue or self.settings.default_queue,
+            queue=send.queue_name(self.settings.default_queue),
+            priority=send.wire_priority(self.app),
             kwargsrepr=repr({"request": shown}),
             headers={SENT_AT_HEADER: time.time()},
         )

@@ -15,7 +15,17 @@ TASK_CAPTION = "llava.caption"
 TASK_VQA = "llava.vqa"
 TASK_CLASSIFY = "llava.classify"
 TASKS = (TASK_CAPTION, TASK_VQA, TASK_CLASSIFY)
-TASK_NOOP = "llava.noop"  # no request, returns {"worker": node}: the queue's own round trip
+TASK_NOOP = "llava.noop"
+QUEUE_PREFIX = "llava."
+DEFAULT_PRIORITY = 4  # 0..9, 9 most urgent (LlavaClient); on Redis sent as 9 - priority (0 is served first)
+
+
+def model_queue(model: str) -> str:
+    """The queue of the workers serving ``model`` (a config's ``model_name``), e.g. ``llava.mistral-7b``."""
+    return f"{QUEUE_PREFIX}{model}"
+
+
+# no request, returns {"worker": node}: the queue's own round trip
 
 DEFAULT_CAPTION_PROMPT = "What is shown in this image?"
 DEFAULT_CLASSIFY_PROMPT = "Classify the object in the image."

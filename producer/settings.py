@@ -65,6 +65,10 @@ class ClientSettings(QueueSettings):
         description="inline images above this size are refused before sending",
     )
     result_timeout: float = Field(default=300.0, gt=0, description="default seconds Job.get() waits")
+    flower_port: int = Field(default=5555, ge=1, le=65535, description="port of `llava-queue flower`")
+    flower_basic_auth: str | None = Field(
+        default=None, pattern=r"^[^:]+:.+$", description="user:password Flower asks for (unset: no auth)"
+    )
 
 
 def load_settings(cls: type[S], config_file: str | Path | None = None, **overrides: Any) -> S:

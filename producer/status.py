@@ -6,6 +6,8 @@ from typing import Any
 
 from celery import Celery
 
+from producer.contract import QUEUE_PREFIX
+
 HEALTH_COMMAND = "llava_health"  # inspect command registered by the worker (worker/app.py)
 
 
@@ -32,12 +34,24 @@ def queue_depths(app: Celery, queues: list[str]) -> dict[str, int]:
     return depths
 
 
+def known_queues(app: Celery) -> set[str]:
+    """Queues holding llava jobs, found on a Redis broker (each queue and priority level is a Redis list)."""
+    if app.conf.broker_url.split("://", 1)[0] not in ("redis", "rediss", "sentinel"):
+        return set()
+    found = set()
+    with app.connection_for_write() as connection:
+        client = connection.default_channel.client
+        for key in client.scan_iter(match=f"{QUEUE_PREFIX}*", count=500):
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            base, _, level = name.rpartition(":")
+            found.add(base if level.isdigit() else name)
+    return found
+
+
 def cluster_status(app: Celery, queues: list[str], timeout: float = 2.0) -> dict[str, Any]:
-    """Workers, what each serves, and the depth of ``queues`` plus every queue a worker consumes."""
+    """Workers, what each serves, and the depth of ``queues``, of every queue a worker consumes and of every
+    ``llava.*`` queue holding jobs (so a queue for a model nobody serves shows up)."""
     workers = worker_health(app, timeout)
     served = sorted({q for info in workers.values() for q in info.get("queues", [])})
-    return {
-        "workers": workers,
-        "served_queues": served,
-        "queues": queue_depths(app, sorted(set(queues) | set(served))),
-    }
+    names = sorted(set(queues) | set(served) | known_queues(app))
+    return {"workers": workers, "served_queues": served, "queues": queue_depths(app, names)}

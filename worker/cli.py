@@ -18,6 +18,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML settings file (default: $LLAVA_CONFIG)")
     parser.add_argument("--model", help="hub id, local checkpoint dir, or tiny:<template>")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--gpus", help="none (one process, default), all, or indices like 0,2: one worker per GPU"
+    )
     parser.add_argument("--queues", help="comma-separated queues to consume")
     parser.add_argument("--max-batch-size", type=int, help="jobs per model call (1: batching off)")
     parser.add_argument("--concurrency", type=int, help="task threads (default: 2 x max batch size)")
@@ -27,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_settings(args: argparse.Namespace) -> WorkerSettings:
-    keys = ("model", "device", "queues", "concurrency", "hostname", "max_batch_size")
+    keys = ("model", "device", "queues", "concurrency", "hostname", "max_batch_size", "gpus")
     overrides = {key: getattr(args, key) for key in keys}
     return load_settings(WorkerSettings, config_file=args.config, loglevel=args.loglevel, **overrides)
 
@@ -52,6 +55,31 @@ def _once_per_failure(record: logging.LogRecord) -> bool:
     return not (isinstance(args, dict) and args.get("description") == "raised expected")
 
 
+def _launch_per_gpu(settings: WorkerSettings, argv: list[str]) -> int:
+    """The parent of one worker per GPU: it never imports torch (see worker.launcher)."""
+    from worker.launcher import LaunchError, launch, select_gpus
+
+    try:
+        gpus = select_gpus(settings.gpus)
+    except LaunchError as exc:
+        print(f"llava-worker: {exc}", file=sys.stderr)
+        return 1
+    return launch(gpus, _without(argv, "--gpus", "--hostname"))
+
+
+def _without(argv: list[str], *options: str) -> list[str]:
+    """``argv`` minus ``--option value`` / ``--option=value`` pairs for ``options``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        elif not arg.startswith(tuple(f"{option}=" for option in options)):
+            kept.append(arg)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -59,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, FileNotFoundError) as exc:
         print(f"llava-worker: invalid settings: {exc}", file=sys.stderr)
         return 2
+    if settings.gpus != "none":
+        return _launch_per_gpu(settings, argv if argv is not None else sys.argv[1:])
     logging.basicConfig(level=settings.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("celery.app.trace").addFilter(_once_per_failure)
 

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from producer.contract import model_queue
 from producer.settings import QueueSettings, load_settings
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
@@ -92,7 +93,6 @@ class WorkerSettings(QueueSettings):
         le=512,
         description="task threads; default 2 x max_batch_size (prepare while computing)",
     )
-    # -- fault injection: for tests and drills only (see worker/faults.py)
     # -- losing nothing
     max_deliveries: int = Field(
         default=3, ge=1, le=100, description="deliveries of a job (worker died each time) before WorkerLost"
@@ -102,6 +102,7 @@ class WorkerSettings(QueueSettings):
         ge=0,
         description="seconds a warm shutdown (SIGTERM) lets running jobs finish before requeueing",
     )
+    # -- fault injection: for tests and drills only (see worker/faults.py)
     fault_oom_above_batch: int | None = Field(
         default=None, ge=0, description="TESTS ONLY: simulate out-of-memory for batches larger than this"
     )
@@ -118,7 +119,15 @@ class WorkerSettings(QueueSettings):
         default=0.0, ge=0, description="TESTS ONLY: pause per slow decoding step"
     )
     queues: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="queues to consume; default: [default_queue]"
+        default_factory=list, description="queues to consume; default: llava.<model_name> and default_queue"
+    )
+    consume_default_queue: bool = Field(
+        default=True, description="with no explicit queues, also take jobs from default_queue (any model)"
+    )
+    gpus: str = Field(
+        default="none",
+        pattern=r"^(all|none|\d+(,\d+)*)$",
+        description="none: one process; all or 0,2: one per GPU",
     )
     hostname: str = Field(default="llava@%h", description="Celery node name")
     loglevel: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level")
@@ -168,7 +177,11 @@ class WorkerSettings(QueueSettings):
 
     @property
     def consumed_queues(self) -> list[str]:
-        return self.queues or [self.default_queue]
+        """Explicit ``queues``, else this model's queue (and the shared default queue)."""
+        if self.queues:
+            return self.queues
+        own = [model_queue(self.served_model_name)]
+        return [*own, self.default_queue] if self.consume_default_queue else own
 
 
 @lru_cache(maxsize=1)

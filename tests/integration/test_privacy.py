@@ -18,7 +18,8 @@ def test_sent_message_repr_holds_no_image_bytes(client: LlavaClient, client_sett
     data = (IMAGES / "stop_sign.jpg").read_bytes()
     job = client.caption(data, "What is this?", queue=queue)
     client.caption(f"https://user:secret@example.com/cat.png?token=abc{uuid.uuid4().hex}", queue=queue)
-    raw = redis.Redis.from_url(client_settings.broker_url).lrange(queue, 0, -1)
+    broker = redis.Redis.from_url(client_settings.broker_url)
+    raw = [item for key in broker.scan_iter(match=f"{queue}*") for item in broker.lrange(key, 0, -1)]
     messages = [json.loads(item) for item in raw]
     assert len(messages) == 2
     payload = base64.b64encode(data).decode()
