@@ -31,7 +31,10 @@ def test_defaults() -> None:
     assert settings.broker_url == "redis://localhost:6379/0"
     assert settings.result_backend == "redis://localhost:6379/1"
     assert settings.model == DEFAULT_MODEL
-    assert settings.consumed_queues == ["llava"]
+    assert settings.consumed_queues == ["llava.llava-v1.6-mistral-7b-hf", "llava"]
+    assert load_settings(WorkerSettings, model_name="m7", consume_default_queue=False).consumed_queues == [
+        "llava.m7"
+    ]
 
 
 def test_yaml_over_defaults_env_over_yaml_overrides_over_env(tmp_path: Path, monkeypatch) -> None:
