@@ -178,6 +178,7 @@ class Service:
             "memory": {"rss_mb": _rss_mb(), **(runtime.memory() if runtime else {})},
             "queues": self.settings.consumed_queues,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "pid": os.getpid(),
             **(runtime.info() if runtime else {"model": self.settings.served_model_name}),
             **stats,
             "batching": batching,

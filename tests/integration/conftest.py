@@ -92,9 +92,13 @@ def start_worker(
     started: list[WorkerProcess] = []
     logs = tmp_path_factory.mktemp("worker-logs")
 
-    def start(queue: str, *extra_args: str, wait: bool = True, **env: str) -> tuple[WorkerProcess, str]:
+    def start(
+        queue: str | None, *extra_args: str, wait: bool = True, **env: str
+    ) -> tuple[WorkerProcess, str]:
+        """``queue=None``: the worker picks its queues from its settings (routing by model)."""
         hostname = f"t{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
-        args = ["--config", str(TINY_CONFIG), "--queues", queue, "--hostname", hostname, *extra_args]
+        queues = ["--queues", queue] if queue else []
+        args = ["--config", str(TINY_CONFIG), *queues, "--hostname", hostname, *extra_args]
         environment = worker_env(client_settings, cache_dir, **env)
         worker = WorkerProcess(args, environment, logs / f"{hostname}.log")
         started.append(worker.start())
