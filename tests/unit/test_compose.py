@@ -72,6 +72,16 @@ def test_every_worker_command_parses_with_llava_worker(compose: dict, monkeypatc
         assert "/data/huggingface" in " ".join(service["volumes"]) and env["HF_HOME"] == "/data/huggingface"
 
 
+def test_warm_shutdown_grace_fits_inside_dockers(compose: dict) -> None:
+    for service in worker_services(compose).values():
+        grace = float(service["environment"]["LLAVA_SHUTDOWN_GRACE"])
+        docker = service["stop_grace_period"]
+        seconds = float(docker[:-1]) * (60 if docker.endswith("m") else 1)
+        assert grace < seconds
+    hostnames = [parse_args(s["command"][1:]).hostname for s in worker_services(compose).values()]
+    assert len(hostnames) == len(set(hostnames)) >= 2
+
+
 def test_each_worker_reserves_its_own_gpu(compose: dict) -> None:
     seen: list[str] = []
     for service in worker_services(compose).values():
