@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -119,8 +119,13 @@ def shared_worker(start_worker: StartWorker) -> tuple[WorkerProcess, str, str]:
     return worker, hostname, queue
 
 
-def python() -> str:
-    return sys.executable
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")

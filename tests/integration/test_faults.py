@@ -14,7 +14,7 @@ import pytest
 
 from producer import ClientSettings, LlavaClient, WorkerLost
 from producer.status import worker_health
-from tests.integration.conftest import IMAGES
+from tests.integration.conftest import IMAGES, wait_for
 from worker.devstack import RedisServer
 
 FAST_FETCH = {"LLAVA_FETCH_RETRIES": "0", "LLAVA_FETCH_DEADLINE": "1", "LLAVA_FETCH_TIMEOUT": "1"}
@@ -23,14 +23,6 @@ SLOW = {"LLAVA_FAULT_SLOW_MARKER": "[slow]", "LLAVA_FAULT_SLOW_STEP_S": "0.2"}
 
 def queue_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def in_flight(client: LlavaClient, hostname: str) -> int:

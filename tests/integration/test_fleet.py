@@ -11,16 +11,9 @@ import uuid
 
 from producer import LlavaClient
 from producer.status import cluster_status, worker_health
-from tests.integration.conftest import IMAGES, ROOT, TINY_CONFIG, worker_env
+from tests.integration.conftest import IMAGES, ROOT, TINY_CONFIG, wait_for, worker_env
 
 HOST = socket.gethostname()
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_launcher_runs_one_supervised_worker_per_gpu(
