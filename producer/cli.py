@@ -1,28 +1,48 @@
 """``llava-queue``: submit jobs from the command line and see the cluster's status.
 
-    llava-queue caption IMAGE... [--prompt P]
-    llava-queue vqa IMAGE... --question Q
-    llava-queue classify IMAGE... [--labels a,b,c] [--prompt P]
+    llava-queue caption [IMAGE|DIR]... [--from-file F] [--prompt P]
+    llava-queue vqa [IMAGE|DIR]... [--from-file F] --question Q
+    llava-queue classify [IMAGE|DIR]... [--from-file F] [--labels a,b,c] [--prompt P]
     llava-queue status
 
-Common options: --config FILE, --json, --out F.jsonl, --timeout S, --queue Q. Exit status: 0 when every
-job succeeded, 1 when any failed, 2 on bad usage.
+Common options: --config FILE, --json, --out F.jsonl, --timeout S, --queue Q, --in-flight N, --no-progress.
+A directory is walked for image files; ``--out`` resumes (see :mod:`producer.bulk`). Exit status: 0 when
+every image has a result, 1 when any failed, 2 on bad usage.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
+from kombu.exceptions import OperationalError
 from pydantic import ValidationError
+from rich.console import Console
 
-from producer.client import Job, LlavaClient
-from producer.errors import LlavaError
+from producer.bulk import (
+    BulkRun,
+    Record,
+    RecordSink,
+    discover,
+    is_settled,
+    jsonl_writer,
+    load_outcomes,
+    open_output,
+    read_image_list,
+    record_for,
+)
+from producer.client import KINDS, Job, LlavaClient, check_params
+from producer.errors import InvalidRequest
+from producer.report import Summary, make_progress, summary_table
 from producer.settings import ClientSettings, load_settings
 from producer.status import cluster_status
+
+DEFAULT_IN_FLIGHT = 32
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,22 +54,33 @@ def _parser() -> argparse.ArgumentParser:
         ("vqa", "ask a question"),
         ("classify", "classify"),
     ):
-        sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("images", nargs="+", metavar="IMAGE", help="URL, data: URI or local file")
-        sub.add_argument("--prompt", help="instruction (caption, classify)")
-        sub.add_argument("--question", required=name == "vqa", help="the question (vqa)")
-        sub.add_argument("--labels", help="comma-separated labels (classify)")
-        sub.add_argument("--max-new-tokens", type=int)
-        sub.add_argument("--model", help="send to the workers serving this model (queue llava.<model>)")
-        sub.add_argument("--queue", help="queue to send to (default: settings.default_queue)")
-        sub.add_argument("--priority", type=int, help="0 (lowest) to 9 (most urgent); default 4")
-        sub.add_argument("--timeout", type=float, help="seconds to wait for each result")
-        sub.add_argument("--json", action="store_true", help="print one JSON object per line")
-        sub.add_argument("--out", help="append one JSON line per image to this file")
+        _job_arguments(commands.add_parser(name, help=help_text), name)
     status = commands.add_parser("status", help="workers online, what each serves, queue depths")
     status.add_argument("--json", action="store_true")
     commands.add_parser("flower", help="run Flower on the broker (needs the monitor extra; imports no torch)")
     return parser
+
+
+def _job_arguments(sub: argparse.ArgumentParser, name: str) -> None:
+    sub.add_argument(
+        "images", nargs="*", metavar="IMAGE", help="URL, data: URI, local file, or a directory (walked)"
+    )
+    sub.add_argument("--from-file", metavar="F", help="read URLs/paths from F, one per line (# comments)")
+    sub.add_argument("--prompt", help="instruction (caption, classify)")
+    sub.add_argument("--question", required=name == "vqa", help="the question (vqa)")
+    sub.add_argument("--labels", help="comma-separated labels (classify)")
+    sub.add_argument("--max-new-tokens", type=int)
+    sub.add_argument("--model", help="send to the workers serving this model (queue llava.<model>)")
+    sub.add_argument("--queue", help="queue to send to (default: settings.default_queue)")
+    sub.add_argument("--priority", type=int, help="0 (lowest) to 9 (most urgent); default 4")
+    sub.add_argument("--timeout", type=float, help="seconds to wait for each result, from its sending")
+    in_flight = f"jobs queued or running at once (default {DEFAULT_IN_FLIGHT})"
+    sub.add_argument("--in-flight", type=int, default=DEFAULT_IN_FLIGHT, help=in_flight)
+    sub.add_argument("--json", action="store_true", help="print one JSON object per line")
+    sub.add_argument(
+        "--out", help="append one JSON line per image to this file instead of printing; resumes from it"
+    )
+    sub.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal)")
 
 
 def flower_argv(settings: ClientSettings) -> list[str]:
@@ -60,23 +91,23 @@ def flower_argv(settings: ClientSettings) -> list[str]:
     return argv
 
 
-def _submit(client: LlavaClient, args: argparse.Namespace, image: str) -> Job[Any]:
+def _submitter(client: LlavaClient, args: argparse.Namespace) -> Callable[[str], Job[Any]]:
+    """``image -> Job`` with the command's fields and options; options the kind does not take are refused."""
+    labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
+    given = {"prompt": args.prompt, "question": args.question, "labels": labels}
+    takes = KINDS[args.command][2]
+    wrong = sorted(f"--{key}" for key, value in given.items() if value is not None and key not in takes)
+    if wrong:
+        raise InvalidRequest(f"{args.command} does not take {', '.join(wrong)}")
+    params = {key: given[key] for key in takes}
     options = {
         "queue": args.queue,
         "model": args.model,
         "priority": args.priority,
         "max_new_tokens": args.max_new_tokens,
     }
-    if args.command == "caption":
-        return client.caption(image, args.prompt, **options)
-    if args.command == "vqa":
-        return client.vqa(image, args.question, **options)
-    labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
-    return client.classify(image, labels, args.prompt, **options)
-
-
-def _line(image: str, outcome: dict[str, Any]) -> dict[str, Any]:
-    return {"image": image, **outcome}
+    check_params(args.command, **params, **options)  # bad options are a usage error, not one per image
+    return lambda image: client.submit(args.command, image, **params, **options)
 
 
 def _print_human(record: dict[str, Any], stream: TextIO) -> None:
@@ -92,37 +123,57 @@ def _print_human(record: dict[str, Any], stream: TextIO) -> None:
         print(f"{record['image']}: {answer!r}", file=stream)
 
 
-def run_jobs(client: LlavaClient, args: argparse.Namespace) -> int:
-    """Submit every image, then collect in order; returns the number of failed jobs."""
-    submitted: list[tuple[str, Job[Any] | LlavaError]] = []
-    for image in args.images:
-        try:
-            submitted.append((image, _submit(client, args, image)))
-        except LlavaError as exc:
-            submitted.append((image, exc))
-    failures = 0
-    out = open(args.out, "a", encoding="utf-8") if args.out else None  # noqa: SIM115
-    try:
-        for image, job in submitted:
-            try:
-                if isinstance(job, LlavaError):
-                    raise job
-                record = _line(
-                    image, {"job_id": job.id, "result": job.get(args.timeout).model_dump(mode="json")}
-                )
-            except LlavaError as exc:
-                failures += 1
-                record = _line(image, {"error": exc.to_dict()})
-            if out is not None:
-                out.write(json.dumps(record) + "\n")
-            if args.json:
-                print(json.dumps(record))
-            else:
-                _print_human(record, sys.stdout)
-    finally:
-        if out is not None:
-            out.close()
-    return failures
+@contextlib.contextmanager
+def _emitter(args: argparse.Namespace) -> Iterator[Callable[[Record], None]]:
+    """Where records go: the ``--out`` file (JSON lines, flushed), else stdout (JSON or human lines)."""
+    if args.out:
+        with open_output(args.out) as output:
+            yield jsonl_writer(output)
+    elif args.json:
+        yield jsonl_writer(sys.stdout)
+    else:
+        yield lambda record: _print_human(record, sys.stdout)
+
+
+def _images(args: argparse.Namespace) -> tuple[list[str], bool]:
+    """The images to tag, and whether they come in input order (explicit IMAGE arguments only)."""
+    if args.in_flight < 1:
+        raise InvalidRequest(f"--in-flight must be at least 1, not {args.in_flight}")
+    if args.timeout is not None and not args.timeout > 0:
+        raise InvalidRequest(f"--timeout must be above 0 seconds, not {args.timeout}")
+    if not args.images and not args.from_file:
+        raise InvalidRequest("give IMAGE arguments, a directory, or --from-file F")
+    listed = read_image_list(args.from_file) if args.from_file else []
+    images, walked = discover([*args.images, *listed])
+    return images, not (walked or args.from_file)
+
+
+def run_jobs(client: LlavaClient, args: argparse.Namespace, console: Console) -> int:
+    """Tag every image (skipping those settled in ``--out``); returns the exit status (0 or 1)."""
+    submit = _submitter(client, args)
+    images, ordered = _images(args)
+    previous = load_outcomes(args.out) if args.out else {}
+    summary = Summary()
+    todo = []
+    for image in images:
+        if image in previous and is_settled(previous[image]):
+            summary.skip(previous[image])
+        else:
+            todo.append(image)
+    timeout = client.settings.result_timeout if args.timeout is None else args.timeout
+    with _emitter(args) as emit, make_progress(console, not args.no_progress) as progress:
+        bar = progress.add_task(args.command, total=len(todo))
+        sink = RecordSink(emit, ordered)
+
+        def done(index: int, image: str, job: Job[Any] | None, outcome: Any) -> None:
+            record = record_for(image, job, outcome)
+            summary.count(record)
+            sink.put(index, record)
+            progress.advance(bar)
+
+        BulkRun(submit, done, args.in_flight, timeout).run(todo)
+    console.print(summary_table(summary, f"llava-queue {args.command}: {len(images)} image(s)"))
+    return summary.exit_code()
 
 
 def _print_status(status: dict[str, Any]) -> None:
@@ -155,7 +206,16 @@ def main(argv: list[str] | None = None) -> int:
             status = cluster_status(client.app, [settings.default_queue])
             print(json.dumps(status, indent=2)) if args.json else _print_status(status)
             return 0
-        return 1 if run_jobs(client, args) else 0
+        return run_jobs(client, args, Console(stderr=True))
+    except InvalidRequest as exc:
+        print(f"llava-queue: {exc.message}", file=sys.stderr)
+        return 2
+    except OperationalError as exc:
+        print(f"llava-queue: the broker did not answer: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("llava-queue: interrupted; rerun with the same --out to resume", file=sys.stderr)
+        return 130
     finally:
         client.close()
 

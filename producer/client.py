@@ -5,17 +5,21 @@ Torch-free: imports Celery, pydantic and the contract only; tasks are sent by na
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any, Generic, TypeVar
 
 from celery import Celery, states
+from celery.canvas import Signature
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.exceptions import WorkerLostError
 from celery.result import AsyncResult
 from pydantic import BaseModel, ValidationError
 
 from producer.app import create_celery_app
+from producer.collector import aiter_completed, iter_completed
 from producer.contract import (
     DEFAULT_PRIORITY,
     RESULT_MODELS,
@@ -38,6 +42,16 @@ from producer.settings import ClientSettings, load_settings
 R = TypeVar("R", CaptionResult, VQAResult, ClassifyResult)
 
 SENT_AT_HEADER = "llava_sent_at"
+CALLBACK_QUEUE = "celery"  # where a callback given by name goes: the queue a plain Celery worker consumes
+
+# kind -> (task name, request model, the request fields passed by name)
+KINDS: dict[str, tuple[str, type[BaseModel], tuple[str, ...]]] = {
+    "caption": (TASK_CAPTION, CaptionRequest, ("prompt",)),
+    "vqa": (TASK_VQA, VQARequest, ("question",)),
+    "classify": (TASK_CLASSIFY, ClassifyRequest, ("labels", "prompt")),
+}
+_MODEL_BY_KIND = {kind: RESULT_MODELS[task] for kind, (task, _, _) in KINDS.items()}
+_ASYNC_SLICE = 1.0  # Job.wait() holds an executor thread at most this long at a time
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -59,6 +73,11 @@ class SendOptions:
       sent as ``9 - priority``.
     - ``job_id``: your own id, making the send idempotent (see :meth:`LlavaClient._submit`).
     - ``timeout_s``: the job's time on the worker, capped by its ``job_timeout``.
+    - ``on_success``: a Celery task (its name, or a :class:`~celery.canvas.Signature`) the worker sends
+      when the job succeeds, with the result (a JSON object) as its one positional argument (a Celery
+      ``link``). ``on_error``: one sent with the failed job's id when it fails (``link_error``; read the
+      error with ``client.job(job_id).get()``). Tasks given by name go to ``callback_queue`` (default
+      ``celery``, the queue a plain Celery worker consumes); a Signature keeps its own routing.
     """
 
     model: str | None = None
@@ -66,6 +85,9 @@ class SendOptions:
     priority: int = DEFAULT_PRIORITY
     job_id: str | None = None
     timeout_s: float | None = None
+    on_success: str | Signature | None = None
+    on_error: str | Signature | None = None
+    callback_queue: str = CALLBACK_QUEUE
 
     @classmethod
     def split(cls, options: dict[str, Any]) -> tuple[SendOptions, dict[str, Any]]:
@@ -92,21 +114,46 @@ class SendOptions:
         redis = app.conf.broker_url.split("://", 1)[0] in ("redis", "rediss", "sentinel")
         return 9 - self.priority if redis else self.priority
 
+    def callback(self, app: Celery, task: str | Signature | None) -> Signature | None:
+        """``on_success``/``on_error`` as a Celery signature (by name: routed to ``callback_queue``)."""
+        if task is None or isinstance(task, Signature):
+            return task
+        if isinstance(task, str) and task.strip():
+            return app.signature(task.strip(), queue=self.callback_queue)
+        raise InvalidRequest(f"a callback must be a task name or a Celery signature, not {task!r}")
+
 
 class Job(Generic[R]):
-    """A submitted job. ``id`` is the Celery task id; :meth:`get` returns the typed result or raises."""
+    """A submitted job. ``id`` is the Celery task id; :meth:`get` (or ``await`` :meth:`wait`) returns the
+    typed result or raises the job's :class:`~producer.errors.LlavaError`.
 
-    def __init__(self, async_result: AsyncResult, result_model: type[R], default_timeout: float) -> None:
+    ``task_name`` is known for a job this process sent or rebuilt with a name; a handle rebuilt from the id
+    alone (``client.job(job_id)``) picks its result model from the result's ``kind``.
+    """
+
+    def __init__(
+        self,
+        async_result: AsyncResult,
+        result_model: type[R] | None,
+        default_timeout: float,
+        task_name: str | None = None,
+    ) -> None:
         self._async = async_result
-        self._result_model: type[R] = result_model
+        self._result_model: type[R] | None = result_model
         self._default_timeout = default_timeout
+        self.task_name = task_name
 
     def __repr__(self) -> str:
-        return f"<Job {self._result_model.__name__} {self.id} {self.state}>"
+        return f"<Job {self.task_name or 'llava.?'} {self.id} {self.state}>"
 
     @property
     def id(self) -> str:
         return str(self._async.id)
+
+    @property
+    def async_result(self) -> AsyncResult:
+        """The underlying Celery :class:`~celery.result.AsyncResult`."""
+        return self._async
 
     @property
     def state(self) -> str:
@@ -115,29 +162,75 @@ class Job(Generic[R]):
         return str(self._async.state)
 
     def ready(self) -> bool:
+        """Whether the job finished (succeeded or failed). One read of the result backend until it has."""
         return bool(self._async.ready())
 
     def get(self, timeout: float | None = None) -> R:
         """Wait for the result (``timeout`` seconds, default from settings).
 
         Raises the job's :class:`~producer.errors.LlavaError` if it failed, or
-        :class:`~producer.errors.ResultTimeout` if nothing arrived in time (the job may still finish).
+        :class:`~producer.errors.ResultTimeout` if nothing arrived in time (the job may still finish; its
+        result subscription is released, and a later ``get`` subscribes again).
         """
         wait = self._default_timeout if timeout is None else timeout
         try:
-            payload = self._async.get(timeout=wait, propagate=True)
+            payload = self._payload(wait)
         except CeleryTimeoutError:
-            raise ResultTimeout(
-                f"job {self.id} gave no result within {wait:g} s (state {self.state})"
-            ) from None
-        except LlavaError:
+            self.release()
+            raise self._timed_out(wait) from None
+        return self._parse(payload)
+
+    async def wait(self, timeout: float | None = None) -> R:
+        """:meth:`get` for asyncio: waits in the loop's default executor, never blocking the event loop.
+
+        The wait runs in slices of at most a second, so a cancelled ``wait`` gives its thread back within a
+        second and many concurrent waits take turns on the executor's threads. To await many jobs, prefer
+        :meth:`LlavaClient.as_completed_async` (one thread for all of them).
+        """
+        loop = asyncio.get_running_loop()
+        wait = self._default_timeout if timeout is None else timeout
+        deadline = loop.time() + wait
+        try:
+            while True:
+                step = max(0.0, min(_ASYNC_SLICE, deadline - loop.time()))
+                try:
+                    payload = await loop.run_in_executor(None, self._payload, step)
+                except CeleryTimeoutError:
+                    if loop.time() >= deadline:
+                        raise self._timed_out(wait) from None
+                else:
+                    return self._parse(payload)
+        except (ResultTimeout, asyncio.CancelledError):
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Stop waiting for this job's result message (the job keeps running and the handle keeps working).
+        :meth:`get` and the collectors do this themselves."""
+        self._async.backend.remove_pending_result(self._async)
+
+    def _timed_out(self, wait: float) -> ResultTimeout:
+        return ResultTimeout(f"job {self.id} gave no result within {wait:g} s (state {self.state})")
+
+    def _payload(self, wait: float) -> Any:
+        """The raw result, waiting up to ``wait`` s; a failure raises its LlavaError (CeleryTimeoutError
+        when nothing arrived)."""
+        try:
+            return self._async.get(timeout=wait, propagate=True)
+        except (CeleryTimeoutError, LlavaError):
             raise
         except WorkerLostError as exc:
             raise WorkerLost(f"job {self.id}: {exc}") from exc
         except Exception as exc:  # an error type this process cannot rebuild
             raise InternalError(f"job {self.id} failed: {type(exc).__name__}: {exc}") from exc
+
+    def _parse(self, payload: Any) -> R:
+        kind = payload.get("kind") if isinstance(payload, dict) else None
+        model = self._result_model or _MODEL_BY_KIND.get(str(kind))
+        if model is None:
+            raise InternalError(f"job {self.id}: result of unknown kind {kind!r}")
         try:
-            return self._result_model.model_validate(payload)
+            return model.model_validate(payload)  # type: ignore[return-value]
         except ValidationError as exc:
             raise InternalError(f"job {self.id}: malformed result: {validation_message(exc)}") from exc
 
@@ -157,7 +250,8 @@ class LlavaClient:
         """Describe ``image`` (``prompt`` defaults to "What is shown in this image?").
 
         ``options``: where and how to send it (:class:`SendOptions`: ``model``, ``queue``, ``priority``,
-        ``job_id``, ``timeout_s``) and decoding (``max_new_tokens``, ``temperature``, ``top_p``).
+        ``job_id``, ``timeout_s``, ``on_success``, ``on_error``, ``callback_queue``) and decoding
+        (``max_new_tokens``, ``temperature``, ``top_p``).
         """
         return self._submit(TASK_CAPTION, CaptionRequest, image, {"prompt": prompt}, options)
 
@@ -174,11 +268,55 @@ class LlavaClient:
             TASK_CLASSIFY, ClassifyRequest, image, {"labels": labels, "prompt": prompt}, options
         )
 
-    def job(self, job_id: str, task_name: str) -> Job[Any]:
-        """Rebuild a handle from a job id (e.g. in a later web request) and its task name."""
-        if task_name not in RESULT_MODELS:
+    def submit(self, kind: str, image: ImageInput, **params: Any) -> Job[Any]:
+        """One job of ``kind`` (``caption``, ``vqa``, ``classify`` or its task name ``llava.<kind>``);
+        ``params``: ``prompt``, ``question``, ``labels`` as the kind takes them, and the options of
+        :meth:`caption`."""
+        task_name, model, names = _kind(kind)
+        fields = {name: params.pop(name, None) for name in names}
+        return self._submit(task_name, model, image, fields, params)
+
+    def map(self, kind: str, images: Iterable[ImageInput], **params: Any) -> list[Job[Any]]:
+        """:meth:`submit` one job per image with the same ``params``; the jobs in input order.
+
+        ``job_id`` is refused (ids must differ). An image that cannot be sent (unreadable file, too large)
+        raises its error; the jobs sent before it still run.
+        """
+        if params.get("job_id") is not None:
+            raise InvalidRequest("map() sends many jobs: job_id cannot be shared; use submit() per image")
+        _kind(kind)
+        return [self.submit(kind, image, **params) for image in images]
+
+    def job(self, job_id: str, task_name: str | None = None) -> Job[Any]:
+        """Rebuild a handle from a job id (e.g. in a later web request). Without ``task_name`` the result
+        model is chosen by the result's ``kind``."""
+        if task_name is not None and task_name not in RESULT_MODELS:
             raise InvalidRequest(f"unknown task {task_name!r}; expected one of {sorted(RESULT_MODELS)}")
-        return Job(self.app.AsyncResult(job_id), RESULT_MODELS[task_name], self.settings.result_timeout)
+        if not isinstance(job_id, str) or not job_id.strip():
+            raise InvalidRequest(f"a job id must be a non-empty string, not {job_id!r}")
+        model = RESULT_MODELS[task_name] if task_name else None
+        return Job(self.app.AsyncResult(job_id), model, self.settings.result_timeout, task_name)
+
+    def as_completed(self, jobs: Iterable[Job[Any]], timeout: float | None = None) -> Iterator[Job[Any]]:
+        """Yield each job as soon as it finished, succeeded or failed (``job.get()`` then returns or raises
+        at once), like :func:`concurrent.futures.as_completed`.
+
+        Waits on the result backend's pub/sub channel (no polling on Redis). Raises
+        :class:`~producer.errors.ResultTimeout` if jobs are left after ``timeout`` seconds in all (default:
+        the ``result_timeout`` setting). Jobs not yet finished when the iteration stops (timeout, ``break``)
+        are released: no subscription outlives it.
+        """
+        yield from iter_completed(jobs, self._wait(timeout))
+
+    def as_completed_async(
+        self, jobs: Iterable[Job[Any]], timeout: float | None = None
+    ) -> AsyncIterator[Job[Any]]:
+        """:meth:`as_completed` for asyncio (``async for job in ...``): one executor thread waits for all
+        the jobs, the event loop runs on."""
+        return aiter_completed(jobs, self._wait(timeout))
+
+    def _wait(self, timeout: float | None) -> float:
+        return self.settings.result_timeout if timeout is None else timeout
 
     def _submit(
         self, task_name: str, model: type[BaseModel], image: ImageInput, fields: dict[str, Any], options: dict
@@ -188,16 +326,13 @@ class LlavaClient:
         and a worker that finds a stored success for it returns that instead of running it again."""
         send, generation = SendOptions.split(options)
         wire_image = to_wire(image, self.settings.max_image_bytes)
-        try:
-            params = {**fields, "timeout_s": send.timeout_s, "generation": generation}
-            request = model(image=wire_image, **{k: v for k, v in params.items() if v is not None})
-        except ValidationError as exc:
-            raise InvalidRequest(validation_message(exc)) from None
+        request = _request(model, wire_image, fields, send, generation)
         result_model = RESULT_MODELS[task_name]
+        timeout = self.settings.result_timeout
         if send.job_id is not None:
             existing = self.app.AsyncResult(send.job_id)
             if existing.state == states.SUCCESS:
-                return Job(existing, result_model, self.settings.result_timeout)
+                return Job(existing, result_model, timeout, task_name)
         payload = request.model_dump(mode="json", exclude_defaults=True)
         shown = {**payload, "image": redact(wire_image)}
         async_result = self.app.send_task(
@@ -208,9 +343,42 @@ class LlavaClient:
             priority=send.wire_priority(self.app),
             kwargsrepr=repr({"request": shown}),
             headers={SENT_AT_HEADER: time.time()},
+            link=send.callback(self.app, send.on_success),
+            link_error=send.callback(self.app, send.on_error),
         )
-        return Job(async_result, result_model, self.settings.result_timeout)
+        job: Job[Any] = Job(async_result, result_model, timeout, task_name)
+        # Celery subscribes to every sent job's result channel; a web request that answers 202 never waits,
+        # so subscribe only while something waits (get/wait/as_completed subscribe, then read the result).
+        job.release()
+        return job
 
     def close(self) -> None:
         """Release broker and backend connections."""
         self.app.close()
+
+
+def check_params(kind: str, **params: Any) -> None:
+    """Raise :class:`InvalidRequest` if ``params`` (fields and options, as for :meth:`LlavaClient.submit`)
+    are not valid for ``kind``, before any image is read or sent."""
+    _, model, names = _kind(kind)
+    fields = {name: params.pop(name, None) for name in names}
+    send, generation = SendOptions.split(params)
+    _request(model, "data:,", fields, send, generation)
+
+
+def _request(
+    model: type[BaseModel], image: str, fields: dict[str, Any], send: SendOptions, generation: dict[str, Any]
+) -> BaseModel:
+    """The request model, or an :class:`InvalidRequest` naming every problem."""
+    values = {**fields, "timeout_s": send.timeout_s, "generation": generation}
+    try:
+        return model(image=image, **{k: v for k, v in values.items() if v is not None})
+    except ValidationError as exc:
+        raise InvalidRequest(validation_message(exc)) from None
+
+
+def _kind(kind: str) -> tuple[str, type[BaseModel], tuple[str, ...]]:
+    name = kind.removeprefix("llava.") if isinstance(kind, str) else ""
+    if name not in KINDS:
+        raise InvalidRequest(f"unknown job kind {kind!r}; expected one of {sorted(KINDS)}")
+    return KINDS[name]

@@ -1,0 +1,1 @@
+"""Enqueue LLaVA-NeXT jobs and report on them (no models, no database)."""

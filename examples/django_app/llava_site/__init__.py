@@ -1,0 +1,1 @@
+"""A minimal Django site that enqueues LLaVA-NeXT jobs through the torch-free ``producer`` package."""

@@ -1,0 +1,150 @@
+"""Bulk tagging with ``llava-queue``: folders and URL lists, a bounded window, JSON lines, resume after a
+crash, the summary, and the exit codes (0 all tagged, 1 any failed, 2 bad usage)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from producer.cli import main
+from producer.status import HEALTH_COMMAND
+from tests.integration.conftest import IMAGES, worker_env
+
+
+@pytest.fixture(scope="module")
+def fetching_worker(start_worker) -> tuple[str, str]:
+    """(node, queue) of a worker that may fetch from the loopback image server."""
+    queue = f"bulk-{uuid.uuid4().hex[:8]}"
+    _, node = start_worker(queue, LLAVA_FETCH_ALLOW="127.0.0.1/32")
+    return node, queue
+
+
+@pytest.fixture
+def env(client_settings, cache_dir) -> dict[str, str]:
+    return worker_env(client_settings, cache_dir)
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """A folder tree: three images (one with an upper-case extension), a broken one, and a text file."""
+    root = tmp_path / "photos"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    shutil.copy(IMAGES / "stop_sign.jpg", root / "a.jpg")
+    shutil.copy(IMAGES / "radar_chart.png", root / "sub" / "b.PNG")
+    shutil.copy(IMAGES / "transparent_logo.png", root / "sub" / "deeper" / "c.png")
+    (root / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n but nothing after")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def records(path: Path) -> dict[str, dict[str, Any]]:
+    """The last record per image (lines that are not JSON are skipped, as a resume does)."""
+    last: dict[str, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        last[record["image"]] = record
+    return last
+
+
+def jobs_done(client, node: str) -> int:
+    replies = client.app.control.broadcast(HEALTH_COMMAND, reply=True, timeout=5, destination=[node], limit=1)
+    return int(replies[0][node]["jobs_done"]) + int(replies[0][node]["jobs_failed"])
+
+
+def test_folder_tagging_resumes_without_redoing_images(
+    client, env, fetching_worker, photos, tmp_path
+) -> None:
+    node, queue = fetching_worker
+    out = tmp_path / "tags.jsonl"
+    args = ["classify", "--labels", "safe,nsfw,violence", str(photos), "--out", str(out), "--queue", queue]
+    before = jobs_done(client, node)
+    first = run_cli([*args, "--in-flight", "2"], env)
+    assert first.returncode == 1, first.stderr  # bad.png failed permanently
+    tagged = records(out)
+    assert set(tagged) == {str(photos / p) for p in ("a.jpg", "sub/b.PNG", "sub/deeper/c.png", "bad.png")}
+    assert tagged[str(photos / "bad.png")]["error"]["code"] == "invalid_image"
+    good = [r for image, r in tagged.items() if not image.endswith("bad.png")]
+    assert all(set(r["result"]["scores"]) == {"safe", "nsfw", "violence"} and r["job_id"] for r in good)
+    assert "succeeded" in first.stderr and "invalid_image" in first.stderr
+    assert first.stdout == ""  # records went to --out
+    assert jobs_done(client, node) - before == 4
+
+    # A crash: b.PNG never written, c.png failed with a transient error, the last line cut in half.
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    kept = [r for r in lines if r["image"].endswith(("a.jpg", "bad.png"))]
+    retry = {"image": str(photos / "sub/deeper/c.png"), "error": {"code": "fetch_failed", "message": "503"}}
+    out.write_text("".join(json.dumps(r) + "\n" for r in [*kept, retry]) + '{"image": "/x", "resu')
+    before = jobs_done(client, node)
+    second = run_cli(args, env)
+    assert jobs_done(client, node) - before == 2  # only b.PNG and c.png were sent again
+    assert second.returncode == 1  # bad.png is still failed (from the earlier run)
+    assert "skipped: done earlier" in second.stderr and "failed earlier (invalid_image)" in second.stderr
+    final = records(out)
+    assert all("result" in final[str(photos / p)] for p in ("a.jpg", "sub/b.PNG", "sub/deeper/c.png"))
+    assert '{"image": "/x", "resu\n' in out.read_text()  # the cut line stays a line of its own
+
+    before = jobs_done(client, node)
+    assert run_cli(args, env).returncode == 1
+    assert jobs_done(client, node) == before  # nothing left to do
+
+
+def test_url_list_with_vqa_and_transient_failures(env, fetching_worker, image_server, tmp_path) -> None:
+    _, queue = fetching_worker
+    good, broken = image_server.url("/good.png"), image_server.url("/status-500")
+    listing = tmp_path / "urls.txt"
+    listing.write_text(f"# images to check\n\n{good}\n  {IMAGES / 'stop_sign.jpg'}  \n{broken}\n{good}\n")
+    out = tmp_path / "answers.jsonl"
+    args = ["vqa", "--question", "What is it?", "--from-file", str(listing), "--out", str(out)]
+    run = run_cli([*args, "--queue", queue, "--max-new-tokens", "2"], env)
+    assert run.returncode == 1
+    answers = records(out)
+    assert set(answers) == {good, str(IMAGES / "stop_sign.jpg"), broken}  # the repeated URL ran once
+    assert answers[good]["result"]["kind"] == "vqa"
+    assert answers[broken]["error"]["code"] == "fetch_failed"
+    assert "retried next run" in run.stderr
+
+
+def test_all_succeeded_exits_zero_and_prints_to_stdout(env, fetching_worker, photos) -> None:
+    _, queue = fetching_worker
+    (photos / "bad.png").unlink()
+    run = run_cli(["caption", str(photos), "--queue", queue, "--json", "--max-new-tokens", "1"], env)
+    assert run.returncode == 0, run.stderr
+    printed = [json.loads(line) for line in run.stdout.splitlines()]
+    assert len(printed) == 3 and all(r["result"]["kind"] == "caption" for r in printed)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["caption"], "give IMAGE arguments"),
+        (["caption", "x.png", "--in-flight", "0"], "--in-flight"),
+        (["caption", "--from-file", "/nonexistent/list.txt"], "cannot read the image list"),
+        (["caption", "x.png", "--labels", "a,b"], "caption does not take --labels"),
+        (["classify", "x.png", "--labels", "a,a"], "distinct"),
+        (["caption", "x.png", "--priority", "12"], "priority"),
+        (["caption", "x.png", "--max-new-tokens", "0"], "max_new_tokens"),
+        (["caption", "x.png", "--timeout", "0"], "--timeout"),
+        (["caption", "x.png", "--out", "/nonexistent/dir/tags.jsonl"], "cannot write the output file"),
+    ],
+)
+def test_bad_usage_exits_two(argv, says, client_settings, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("LLAVA_BROKER_URL", client_settings.broker_url)
+    monkeypatch.setenv("LLAVA_RESULT_BACKEND", client_settings.result_backend)
+    assert main(argv) == 2
+    assert says in capsys.readouterr().err

@@ -1,0 +1,128 @@
+"""BulkRun's window and deadlines, and the run's summary and progress bar, without services: the jobs are
+stand-ins for Celery results whose "worker" finishes the oldest waiting job each time the collector waits."""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+from rich.console import Console
+from vine import promise
+
+from producer.bulk import BulkRun, record_for
+from producer.client import Job
+from producer.contract import CaptionResult
+from producer.errors import InvalidRequest, ResultTimeout
+from producer.report import Summary, make_progress, summary_table
+
+PAYLOAD = {
+    "kind": "caption",
+    "text": "a sign",
+    "model": "m",
+    "worker": "w",
+    "prompt_tokens": 5,
+    "image_tokens": 4,
+    "generated_tokens": 2,
+    "timings": {"image_ms": 1, "inference_ms": 2, "total_ms": 3},
+}
+
+
+class Consumer:
+    """Finishes the oldest registered job that is not stuck, once per wait."""
+
+    def __init__(self) -> None:
+        self.waiting: list[StandIn] = []
+
+    def drain_events(self, timeout: float) -> None:
+        runnable = [result for result in self.waiting if not result.stuck]
+        if not runnable:
+            time.sleep(timeout)
+            return
+        self.waiting.remove(runnable[0])
+        runnable[0].on_ready(runnable[0])
+
+
+class Backend:
+    def __init__(self) -> None:
+        self.result_consumer = Consumer()
+
+    def remove_pending_result(self, result: StandIn) -> None:
+        if result in self.result_consumer.waiting:
+            self.result_consumer.waiting.remove(result)
+
+
+class StandIn:
+    """The part of Celery's AsyncResult that the collector and Job use."""
+
+    def __init__(self, backend: Backend, job_id: str, stuck: bool) -> None:
+        self.backend, self.id, self.stuck = backend, job_id, stuck
+        self.on_ready = promise()
+
+    def then(self, callback: Any) -> None:
+        self.backend.result_consumer.waiting.append(self)
+        self.on_ready.then(callback)
+
+    def ready(self) -> bool:
+        return bool(self.on_ready.ready)
+
+    def get(self, timeout: float, propagate: bool) -> dict[str, Any]:
+        return PAYLOAD
+
+
+def test_the_window_stays_bounded_refills_and_expires_late_jobs() -> None:
+    backend = Backend()
+    sent: list[str] = []
+    outcomes: dict[str, Any] = {}
+    most_out = 0
+
+    def submit(image: str) -> Job[Any]:
+        nonlocal most_out
+        if image == "unreadable":
+            raise InvalidRequest("cannot read image file unreadable")
+        sent.append(image)
+        most_out = max(most_out, len(sent) - sum(1 for k in outcomes if k != "unreadable"))
+        return Job(StandIn(backend, f"id-{image}", stuck=image == "stuck"), CaptionResult, 1.0)
+
+    def done(index: int, image: str, job: Job[Any] | None, outcome: Any) -> None:
+        assert image not in outcomes
+        outcomes[image] = outcome
+
+    images = ["a", "stuck", "unreadable", "b", "c", "d", "e"]
+    BulkRun(submit, done, in_flight=2, timeout=0.2).run(images)
+    assert set(outcomes) == set(images)
+    assert most_out <= 2
+    assert isinstance(outcomes["stuck"], ResultTimeout)
+    assert isinstance(outcomes["unreadable"], InvalidRequest)
+    assert all(isinstance(outcomes[i], CaptionResult) for i in "abcde")
+    assert backend.result_consumer.waiting == []  # nothing left registered
+
+
+def test_summary_counts_outcomes_skips_and_exit_code() -> None:
+    summary = Summary()
+    assert summary.exit_code() == 0
+    summary.skip(None)
+    summary.count(record_for("a", None, ResultTimeout("late")))
+    summary.count({"image": "b", "result": {}})
+    assert summary.exit_code() == 1
+    rows = dict(summary.rows())
+    assert rows["succeeded"] == "1" and rows["failed: result_timeout (retried next run)"] == "1"
+    assert rows["skipped: done earlier"] == "1" and rows["images this run"] == "2"
+    earlier = Summary()
+    earlier.skip("invalid_image")  # a permanent failure from an earlier run keeps the exit status at 1
+    assert earlier.exit_code() == 1 and dict(earlier.rows())["skipped: failed earlier (invalid_image)"] == "1"
+    console = Console(file=io.StringIO(), width=100)
+    console.print(summary_table(summary, "llava-queue caption"))
+    assert "result_timeout" in console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_progress_bar_shows_rate_and_eta_on_a_terminal_only() -> None:
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=140)
+    with make_progress(terminal, enabled=True) as progress:
+        bar = progress.add_task("classify", total=10)
+        for _ in range(4):
+            progress.advance(bar)
+    shown = terminal.file.getvalue()  # type: ignore[attr-defined]
+    assert "4/10" in shown and "images/s" in shown and "ETA" in shown
+    for console, enabled in ((Console(file=io.StringIO()), True), (terminal, False)):
+        assert make_progress(console, enabled).disable
