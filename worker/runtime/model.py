@@ -136,20 +136,24 @@ class Runtime:
             )
         return prepared
 
-    def collate(self, batch: Sequence[Prepared]) -> dict[str, torch.Tensor]:
-        """One batch: input ids left-padded, pixel tiles zero-padded (as the processor pads a batch)."""
+    def collate(self, batch: Sequence[Prepared], pixels: bool = True) -> dict[str, torch.Tensor]:
+        """One batch: input ids left-padded, pixel tiles zero-padded (as the processor pads a batch).
+        ``pixels=False``: ids and mask only (decoding after :meth:`_prefill` needs no pixels)."""
         width = max(p.prompt_tokens for p in batch)
-        tiles = max(p.pixel_values.shape[0] for p in batch)
         input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        pixel_values = torch.zeros((len(batch), tiles, *batch[0].pixel_values.shape[1:]))
         for row, item in enumerate(batch):
             input_ids[row, width - item.prompt_tokens :] = item.input_ids
             attention_mask[row, width - item.prompt_tokens :] = 1
+        inputs = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
+        if not pixels:
+            return inputs
+        tiles = max(p.pixel_values.shape[0] for p in batch)
+        pixel_values = torch.zeros((len(batch), tiles, *batch[0].pixel_values.shape[1:]))
+        for row, item in enumerate(batch):
             pixel_values[row, : item.pixel_values.shape[0]] = item.pixel_values
         return {
-            "input_ids": input_ids.to(self.device),
-            "attention_mask": attention_mask.to(self.device),
+            **inputs,
             "pixel_values": pixel_values.to(self.device, self.dtype),
             "image_sizes": torch.stack([p.image_size for p in batch]).to(self.device),
         }
@@ -169,7 +173,7 @@ class Runtime:
         """
         if not batch:
             return []
-        inputs = self.collate(batch)
+        inputs = self.collate(batch, pixels=False)
         options: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "do_sample": False}
         if sampling.min_new_tokens:
             options["min_new_tokens"] = sampling.min_new_tokens
