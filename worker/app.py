@@ -69,9 +69,11 @@ class DeliveryLedger:
         """Count one more delivery of ``job_id``; returns the count (0 when counting is off)."""
         if self.client is None:
             return 0
-        count = int(self.client.incr(self._key(job_id)))
-        self.client.expire(self._key(job_id), self.expires)
-        return count
+        pipe = self.client.pipeline()
+        pipe.incr(self._key(job_id))
+        pipe.expire(self._key(job_id), self.expires)
+        count, _ = pipe.execute()
+        return int(count)
 
     def undeliver(self, job_id: str) -> None:
         """A requeue at shutdown is not the job's fault: take its delivery back."""
