@@ -15,10 +15,9 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
     redis = settings.broker_url.split("://", 1)[0] in ("redis", "rediss", "sentinel")
     transport_options = {
         "visibility_timeout": settings.visibility_timeout,
-        # Ten priority levels, one Redis list each (queue, queue:1 ... queue:9); Redis serves 0 first.
-        "priority_steps": list(range(10)),
-        "sep": ":",
-        "queue_order_strategy": "priority",
+        # Priorities: kombu's default Redis steps (0, 3, 6, 9; one list each, 0 served first) and separator,
+        # kept so that any Celery client, Flower included, talks to the same keys (custom ones broke
+        # Flower's inspect replies).
         # Look for jobs of dead workers every few seconds (kombu's default scans every ~100 s).
         "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 2)),
         "unacked_restore_throttle": 1,

@@ -9,6 +9,7 @@ from celery import Celery
 from producer.contract import QUEUE_PREFIX
 
 HEALTH_COMMAND = "llava_health"  # inspect command registered by the worker (worker/app.py)
+PRIORITY_SEP = "\x06\x16"  # kombu's Redis separator between a queue's name and its priority level
 
 
 def worker_health(app: Celery, timeout: float = 2.0) -> dict[str, dict[str, Any]]:
@@ -43,7 +44,7 @@ def known_queues(app: Celery) -> set[str]:
         client = connection.default_channel.client
         for key in client.scan_iter(match=f"{QUEUE_PREFIX}*", count=500):
             name = key.decode() if isinstance(key, bytes) else str(key)
-            base, _, level = name.rpartition(":")
+            base, _, level = name.rpartition(PRIORITY_SEP)  # queue<sep>3: one of its priority lists
             found.add(base if level.isdigit() else name)
     return found
 

@@ -80,3 +80,6 @@ def test_flower_sees_workers_and_task_states_without_image_bytes(
     assert payload[:24] not in shown and "sha256" in shown
     alive = requests.get(f"{flower}/api/workers", params={"status": 1}, auth=AUTH, timeout=15).json()
     assert alive.get(hostname) is True  # from the worker's heartbeat events, as the Workers page shows
+    workers = requests.get(f"{flower}/api/workers", params={"refresh": 1}, auth=AUTH, timeout=30).json()
+    queues = {q["name"] for q in workers[hostname]["active_queues"]}  # Flower's own inspect of the worker
+    assert queue in queues and "llava.caption" in workers[hostname]["registered"]
