@@ -35,7 +35,9 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
         "broker_transport_options": transport_options,
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
         "result_expires": settings.result_expires,
-        "result_extended": True,
+        # Results and coded errors only: an extended result would copy the request (image bytes, URL
+        # credentials) into the result backend for result_expires seconds.
+        "result_extended": False,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # a Redis restart is waited out, never fatal
         "result_backend_always_retry": True,

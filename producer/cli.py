@@ -183,8 +183,11 @@ def _print_status(status: dict[str, Any]) -> None:
         queues = ",".join(info.get("queues", []))
         print(
             f"  {name}: model={info.get('model')} device={info.get('device')} queues={queues} "
-            f"done={info.get('jobs_done')} failed={info.get('jobs_failed')}"
+            f"done={info.get('jobs_done')} failed={info.get('jobs_failed')} "
+            f"visibility_timeout={info.get('visibility_timeout')}"
         )
+    for warning in status.get("warnings", []):
+        print(f"WARNING: {warning}")
     print("queues:")
     for queue, depth in sorted(status["queues"].items()):
         served = "" if queue in status["served_queues"] else "  (no worker consumes this queue)"

@@ -7,9 +7,18 @@ result model as a JSON object. Failures are stored as coded errors (see :mod:`pr
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 TASK_CAPTION = "llava.caption"
 TASK_VQA = "llava.vqa"
@@ -36,15 +45,55 @@ MAX_LABELS = 100
 MAX_LABEL_CHARS = 100
 MAX_NEW_TOKENS_LIMIT = 4096
 
-Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT_CHARS)]
-Label = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_LABEL_CHARS)]
+# An image stored in the blob store (see producer.blobs): "blob:sha256:" + 64 lowercase hex digits.
+BLOB_PREFIX = "blob:sha256:"
+_BLOB_REFERENCE = re.compile(r"blob:sha256:[0-9a-f]{64}")
+
+
+def is_blob_reference(image: str) -> bool:
+    return _BLOB_REFERENCE.fullmatch(image) is not None
+
+
+def blob_digest(reference: str) -> str:
+    """The sha256 hex digest a blob reference names (``ValueError`` if it is not one)."""
+    if not is_blob_reference(reference):
+        raise ValueError(f"not a blob reference (want {BLOB_PREFIX}<64 hex digits>): {reference[:80]!r}")
+    return reference.removeprefix(BLOB_PREFIX)
+
+
+# The processor expands this placeholder into the image's tokens; in user text it would break the prompt.
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def _no_image_placeholder(value: str) -> str:
+    if IMAGE_PLACEHOLDER in value:
+        raise ValueError(f"text must not contain the image placeholder {IMAGE_PLACEHOLDER!r}")
+    return value
+
+
+Text = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT_CHARS),
+    AfterValidator(_no_image_placeholder),
+]
+Label = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_LABEL_CHARS),
+    AfterValidator(_no_image_placeholder),
+]
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class GenerationParams(_Model):
+class _WireModel(_Model):
+    """A request part: strict types on the wire (``"12"`` or ``true`` is not a token count)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class GenerationParams(_WireModel):
     """Decoding parameters. Greedy (``temperature=0``) unless asked otherwise."""
 
     max_new_tokens: int | None = Field(
@@ -54,9 +103,10 @@ class GenerationParams(_Model):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
 
 
-class _Request(_Model):
+class _Request(_WireModel):
     image: str = Field(
-        description="http(s) URL, data: URI, or an absolute path under a worker's allowed roots"
+        description="http(s) URL, data: URI, blob:sha256:<hex> (see producer.blobs), or an absolute path "
+        "under a worker's allowed roots"
     )
     timeout_s: float | None = Field(
         default=None,
@@ -71,9 +121,14 @@ class _Request(_Model):
         head = value[:16].lower()
         if head.startswith(("http://", "https://", "data:")) or value.startswith("/"):
             return value
+        if value.startswith(BLOB_PREFIX):
+            blob_digest(value)  # a malformed reference is refused here, not at the store
+            return value
         scheme = value.split(":", 1)[0] if ":" in value[:16] else ""
         hint = f"scheme {scheme!r} is not supported" if scheme else "not a URL, data: URI or absolute path"
-        raise ValueError(f"image must be an http(s) URL, a data: URI or an absolute path ({hint})")
+        raise ValueError(
+            f"image must be an http(s) URL, a data: URI, a blob reference or an absolute path ({hint})"
+        )
 
 
 class CaptionRequest(_Request):

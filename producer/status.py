@@ -55,4 +55,19 @@ def cluster_status(app: Celery, queues: list[str], timeout: float = 2.0) -> dict
     workers = worker_health(app, timeout)
     served = sorted({q for info in workers.values() for q in info.get("queues", [])})
     names = sorted(set(queues) | set(served) | known_queues(app))
-    return {"workers": workers, "served_queues": served, "queues": queue_depths(app, names)}
+    return {
+        "workers": workers,
+        "served_queues": served,
+        "queues": queue_depths(app, names),
+        "warnings": fleet_warnings(workers),
+    }
+
+
+def fleet_warnings(workers: dict[str, dict[str, Any]]) -> list[str]:
+    """What is wrong across workers: today, visibility timeouts that differ on one broker (Redis would hand
+    one worker's running jobs to another)."""
+    timeouts = {info.get("visibility_timeout") for info in workers.values()} - {None}
+    if len(timeouts) <= 1:
+        return []
+    shown = ", ".join(f"{node}={info.get('visibility_timeout')}" for node, info in sorted(workers.items()))
+    return [f"workers disagree on the visibility timeout ({shown}): give them all the same one"]

@@ -2,7 +2,8 @@
 
 The rules are one pure function, :func:`plan`: jobs past their deadline leave first (``JobTimeout``); the
 oldest job picks the batch (every waiting job with the same compatibility key, in arrival order, up to
-``max_batch_size``); a full batch runs at once, a partial one once its oldest job has waited ``max_wait``.
+``max_batch_size``); a full batch runs at once, a partial one once its oldest job has waited ``max_wait``; a
+job keyed :class:`Alone` is a full batch by itself.
 :class:`DynamicBatcher` applies the plan on a thread; it knows nothing of models or Celery.
 """
 
@@ -45,6 +46,14 @@ class Done:
 
 
 @dataclass(frozen=True)
+class Alone:
+    """The key of a job that must run with no batch-mates (a suspect redelivery): a full batch by itself."""
+
+    job_id: str
+    key: Hashable
+
+
+@dataclass(frozen=True)
 class Plan:
     expired: list[Pending]
     batch: list[Pending]
@@ -59,7 +68,8 @@ def plan(pending: Sequence[Pending], now: float, max_batch_size: int, max_wait: 
         return Plan(expired, [], None)
     head = live[0]
     compatible = [job for job in live if job.key == head.key][:max_batch_size]
-    if len(compatible) >= max_batch_size or now - head.enqueued >= max_wait:
+    full = isinstance(head.key, Alone) or len(compatible) >= max_batch_size
+    if full or now - head.enqueued >= max_wait:
         return Plan(expired, compatible, None)
     next_change = min(head.enqueued + max_wait, min(job.deadline for job in live))
     return Plan(expired, [], max(0.0, next_change - now))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -80,6 +81,20 @@ def _without(argv: list[str], *options: str) -> list[str]:
     return kept
 
 
+def _refuse_conflicting_peers(app: Any, settings: WorkerSettings) -> None:
+    from worker.delivery import conflicting_peers
+    from worker.runtime import StartupError
+
+    peers = conflicting_peers(app, settings)
+    if peers:
+        shown = ", ".join(f"{node}: {value}" for node, value in sorted(peers.items()))
+        raise StartupError(
+            f"live workers on this broker use another visibility timeout ({shown}; this worker: "
+            f"{settings.visibility_timeout}): Redis would hand their running jobs to this worker or ours to "
+            "them; give every worker of a broker the same LLAVA_VISIBILITY_TIMEOUT"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -97,13 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     from worker.service import Service
 
     service = Service(settings)
+    app = create_app(settings, service)
     try:
+        _refuse_conflicting_peers(app, settings)
         service.start()
     except (StartupError, OSError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         print(f"llava-worker: cannot start: {exc}", file=sys.stderr)
         return 1
-    app = create_app(settings, service)
     try:
         app.worker_main(celery_argv(settings))
     finally:

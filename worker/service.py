@@ -11,7 +11,8 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -29,7 +30,7 @@ from producer.contract import (
     Timings,
 )
 from producer.errors import InternalError, InvalidRequest, JobTimeout, LlavaError, ResourceExhausted
-from worker.batching import Done, DynamicBatcher
+from worker.batching import Alone, Done, DynamicBatcher
 from worker.faults import Faults
 from worker.images import load_image
 from worker.runtime import Prepared, Prompt, Runtime, Sampling
@@ -45,6 +46,10 @@ class JobContext:
     job_id: str
     worker: str
     sent_at: float | None = None
+    isolated: bool = False  # redelivered after its worker died on the model: no batch-mates
+
+    def isolated_if(self, suspect: bool) -> JobContext:
+        return replace(self, isolated=True) if suspect else self
 
 
 @dataclass
@@ -87,6 +92,8 @@ class _Item:
     deadline: float  # time.monotonic()
     labels: list[str] | None = None
     marks: frozenset[str] = frozenset()
+    job_id: str = ""
+    isolated: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,13 +119,17 @@ class Service:
         self.batcher: DynamicBatcher | None = None
         self.faults = Faults.from_settings(settings)
         self._stats = _Stats()
+        # Told the job ids of each batch as the model starts and ends it (the delivery ledger counts the
+        # deaths of workers mid-call: see worker.delivery).
+        self.on_model_start: Callable[[list[str]], None] = lambda job_ids: None
+        self.on_model_end: Callable[[list[str]], None] = lambda job_ids: None
 
     def start(self) -> Runtime:
         """Load the model (once per process) and start the model thread."""
         if self.runtime is None:
             self.runtime = Runtime(self.settings)
             wait = self.settings.max_batch_wait_ms / 1000
-            self.batcher = DynamicBatcher(self._run_batch, self.settings.max_batch_size, wait).start()
+            self.batcher = DynamicBatcher(self._start_batch, self.settings.max_batch_size, wait).start()
         return self.runtime
 
     def stop(self) -> None:
@@ -143,8 +154,9 @@ class Service:
         try:
             result = self._serve(task_name, request, context)
         except LlavaError as exc:
-            self.record_failure(exc, context, task_name)
-            raise
+            error = _bounded(exc)
+            self.record_failure(error, context, task_name)
+            raise error from None
         except Requeue:
             raise
         except Exception as exc:
@@ -177,6 +189,7 @@ class Service:
             "loads": Runtime.loads,
             "memory": {"rss_mb": _rss_mb(), **(runtime.memory() if runtime else {})},
             "queues": self.settings.consumed_queues,
+            "visibility_timeout": self.settings.visibility_timeout,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "pid": os.getpid(),
             **(runtime.info() if runtime else {"model": self.settings.served_model_name}),
@@ -200,8 +213,10 @@ class Service:
         if remaining <= 0:
             raise JobTimeout(f"the job used up its {timeout:g} s deadline before reaching the model")
         marks = self.faults.marks(" ".join([work.text, *(work.labels or [])]))
-        item = _Item(prepared, deadline, work.labels, marks)
-        key = ("score",) if work.labels else ("generate", work.sampling)
+        item = _Item(prepared, deadline, work.labels, marks, context.job_id, context.isolated)
+        key: Any = ("score",) if work.labels else ("generate", work.sampling)
+        if context.isolated:
+            key = Alone(context.job_id, key)  # a batch of its own
         done = batcher.run(key, item, timeout=remaining)
         clock.lap("model")
         return self._result(task_name, work, done, context, clock)
@@ -217,7 +232,15 @@ class Service:
             return _Work(prompt, None, sampling)
         return _Work(f"{prompt} Answer with one of: {', '.join(request.labels)}.", request.labels, sampling)
 
-    def _run_batch(self, key: tuple[Any, ...], items: list[_Item]) -> list[Any]:
+    def _start_batch(self, key: Any, items: list[_Item]) -> list[Any]:
+        job_ids = [item.job_id for item in items]
+        self.on_model_start(job_ids)
+        try:
+            return self._run_batch(key, items)
+        finally:
+            self.on_model_end(job_ids)
+
+    def _run_batch(self, key: Any, items: list[_Item]) -> list[Any]:
         """The model thread's work for one batch. Out of memory: free the cache, split the batch in halves
         and retry each; a single job that still does not fit fails alone with ``ResourceExhausted``."""
         runtime = self._started()[0]
@@ -233,9 +256,11 @@ class Service:
             half = len(items) // 2
             return self._run_batch(key, items[:half]) + self._run_batch(key, items[half:])
 
-    def _call_model(self, runtime: Runtime, key: tuple[Any, ...], items: list[_Item]) -> list[Any]:
+    def _call_model(self, runtime: Runtime, key: Any, items: list[_Item]) -> list[Any]:
         marks = [item.marks for item in items]
         self.faults.before_model_call(marks)
+        if isinstance(key, Alone):
+            key = key.key
         if key[0] == "score":
             return runtime.score_labels(
                 [i.prepared for i in items], [i.labels or [] for i in items], [i.deadline for i in items]
@@ -326,6 +351,16 @@ class Service:
         if self.runtime is None or self.batcher is None:
             raise InternalError("the model is not loaded (Service.start() was not called)")
         return self.runtime, self.batcher
+
+
+MAX_ERROR_CHARS = 2000  # an error message is stored in the result backend: never a copy of the input
+
+
+def _bounded(error: LlavaError) -> LlavaError:
+    """``error``, its message cut to :data:`MAX_ERROR_CHARS`."""
+    if len(error.message) <= MAX_ERROR_CHARS:
+        return error
+    return type(error)(error.message[: MAX_ERROR_CHARS - 1] + "…", retryable=error.retryable)
 
 
 def _rss_mb() -> float | None:

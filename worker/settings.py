@@ -97,6 +97,12 @@ class WorkerSettings(QueueSettings):
     max_deliveries: int = Field(
         default=3, ge=1, le=100, description="deliveries of a job (worker died each time) before WorkerLost"
     )
+    peer_check_timeout: float = Field(
+        default=1.0,
+        gt=0,
+        le=30,
+        description="seconds a starting worker waits for live workers' replies (visibility timeout check)",
+    )
     shutdown_grace: float = Field(
         default=60.0,
         ge=0,

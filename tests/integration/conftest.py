@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,7 @@ def worker_env(client_settings: ClientSettings, cache_dir: Path, **extra: str) -
         LLAVA_BROKER_URL=client_settings.broker_url,
         LLAVA_RESULT_BACKEND=client_settings.result_backend,
         LLAVA_CACHE_DIR=str(cache_dir),
+        LLAVA_PEER_CHECK_TIMEOUT="0.3",  # local replies come in milliseconds
         PYTHONPATH=str(ROOT),
     )
     env.update(extra)
@@ -133,3 +136,36 @@ def image_server() -> Iterator[ImageServer]:
     server = ImageServer().start()
     yield server
     server.stop()
+
+
+@dataclass
+class Stack:
+    """A Redis of the test's own, a client on it, and the workers started on it (stopped with the test)."""
+
+    redis: RedisServer
+    client: LlavaClient
+    start_worker: StartWorker
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    def start(self, queue: str, wait: bool = True, **env: str) -> tuple[WorkerProcess, str]:
+        urls = {"LLAVA_BROKER_URL": self.client.settings.broker_url}
+        urls["LLAVA_RESULT_BACKEND"] = self.client.settings.result_backend
+        worker, hostname = self.start_worker(queue, wait=False, **env, **urls)
+        self.workers.append(worker)
+        if wait:
+            worker.wait_ready(self.client.app, hostname)
+        return worker, hostname
+
+
+@pytest.fixture
+def stack(tmp_path: Path, start_worker) -> Iterator[Stack]:
+    server = RedisServer(data_dir=tmp_path / "redis").start()
+    settings = ClientSettings(broker_url=server.url(0), result_backend=server.url(1), result_timeout=90)
+    own = Stack(server, LlavaClient(settings), start_worker)
+    try:
+        yield own
+    finally:
+        for worker in own.workers:
+            worker.stop(signal.SIGKILL)
+        own.client.close()
+        server.stop()

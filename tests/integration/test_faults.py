@@ -1,6 +1,8 @@
 """Nothing lost: real worker processes killed, poisoned, stopped mid-batch, and Redis restarted under them.
 
-Tests use a visibility timeout of seconds (production: an hour; see README "Losing nothing")."""
+Tests use a visibility timeout of seconds (production: an hour; see README "Losing nothing"). Each test runs
+on a Redis of its own: workers on one broker must share one visibility timeout (a worker refuses to start
+otherwise), and the other test modules' workers use the default."""
 
 from __future__ import annotations
 
@@ -11,10 +13,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+import redis
 
 from producer import ClientSettings, LlavaClient, WorkerLost
 from producer.status import worker_health
-from tests.integration.conftest import IMAGES, wait_for
+from tests.integration.conftest import IMAGES, Stack, wait_for
+from worker.delivery import DeliveryLedger
 from worker.devstack import RedisServer
 
 FAST_FETCH = {"LLAVA_FETCH_RETRIES": "0", "LLAVA_FETCH_DEADLINE": "1", "LLAVA_FETCH_TIMEOUT": "1"}
@@ -29,10 +33,10 @@ def in_flight(client: LlavaClient, hostname: str) -> int:
     return int(worker_health(client.app, timeout=2).get(hostname, {}).get("batching", {}).get("in_flight", 0))
 
 
-def test_sigkill_mid_jobs_then_another_worker_finishes_all(client: LlavaClient, start_worker) -> None:
-    queue = queue_name("kill")
+def test_sigkill_mid_jobs_then_another_worker_finishes_all(stack: Stack) -> None:
+    client, queue = stack.client, queue_name("kill")
     env = {**FAST_FETCH, "LLAVA_VISIBILITY_TIMEOUT": "12", "LLAVA_JOB_TIMEOUT": "9"}
-    first, hostname = start_worker(queue, **env, **SLOW)
+    first, hostname = stack.start(queue, **env, **SLOW)
     jobs = [
         client.caption(IMAGES / "stop_sign.jpg", f"[slow] job {i}", queue=queue, max_new_tokens=30)
         for i in range(4)
@@ -41,17 +45,17 @@ def test_sigkill_mid_jobs_then_another_worker_finishes_all(client: LlavaClient, 
     first.process.send_signal(signal.SIGKILL)
     first.process.wait(10)
     assert [job.state for job in jobs] == ["PENDING"] * 4
-    start_worker(queue, **env)  # without the slow fault
+    stack.start(queue, **env)  # without the slow fault
     results = [job.get(timeout=60) for job in jobs]
     assert all(result.text is not None for result in results)
 
 
-def test_poison_job_fails_with_worker_lost_after_the_cap(client: LlavaClient, start_worker) -> None:
-    queue = queue_name("poison")
+def test_poison_job_fails_with_worker_lost_after_the_cap(stack: Stack) -> None:
+    client, queue = stack.client, queue_name("poison")
     env = {
         **FAST_FETCH,
-        "LLAVA_VISIBILITY_TIMEOUT": "4",
-        "LLAVA_JOB_TIMEOUT": "1",
+        "LLAVA_VISIBILITY_TIMEOUT": "6",
+        "LLAVA_JOB_TIMEOUT": "3",  # a loaded CI machine needs more than a second for the good jobs
         "LLAVA_MAX_DELIVERIES": "2",
         "LLAVA_CONCURRENCY": "1",
         "LLAVA_MAX_BATCH_SIZE": "1",
@@ -61,7 +65,7 @@ def test_poison_job_fails_with_worker_lost_after_the_cap(client: LlavaClient, st
     others = [client.caption(IMAGES / "radar_chart.png", queue=queue, max_new_tokens=4) for _ in range(2)]
     crashes = 0
     while not poison.ready():
-        worker, _ = start_worker(queue, wait=False, **env)
+        worker, _ = stack.start(queue, wait=False, **env)
         process = worker.process
         wait_for(lambda p=process: poison.ready() or p.poll() is not None, 60, "a crash or the verdict")
         if process.poll() is not None:
@@ -75,15 +79,55 @@ def test_poison_job_fails_with_worker_lost_after_the_cap(client: LlavaClient, st
     assert all(job.get(timeout=60).text is not None for job in others)
 
 
-def test_sigterm_mid_batch_requeues_and_exits_zero(client: LlavaClient, start_worker) -> None:
-    queue = queue_name("term")
+def test_poison_job_fails_alone_and_its_batch_mates_succeed(stack: Stack) -> None:
+    client, queue = stack.client, queue_name("mates")
+    env = {
+        **FAST_FETCH,
+        "LLAVA_VISIBILITY_TIMEOUT": "8",
+        "LLAVA_JOB_TIMEOUT": "5",
+        "LLAVA_MAX_DELIVERIES": "2",
+        "LLAVA_CONCURRENCY": "4",
+        "LLAVA_MAX_BATCH_SIZE": "4",
+        "LLAVA_MAX_BATCH_WAIT_MS": "1500",  # the four queued jobs form one batch
+        "LLAVA_FAULT_CRASH_MARKER": "[crash]",
+    }
+    poison = client.caption(IMAGES / "stop_sign.jpg", "[crash] me", queue=queue, max_new_tokens=4)
+    mates = [client.caption(IMAGES / "radar_chart.png", queue=queue, max_new_tokens=4) for _ in range(3)]
+    ledger = redis.Redis.from_url(client.settings.result_backend)
+    crashes = 0
+    while not poison.ready():
+        worker, _ = stack.start(queue, wait=False, **env)
+        process = worker.process
+        wait_for(lambda p=process: poison.ready() or p.poll() is not None, 60, "a crash or the verdict")
+        if process.poll() is not None:
+            crashes += 1
+            if crashes == 1:  # the first crash took the whole batch: all four were on the model
+                attempts = [ledger.hget(DeliveryLedger.key(job.id), "attempts") for job in [poison, *mates]]
+                assert attempts == [b"1"] * 4
+        assert crashes <= 2, "the redelivery cap did not stop the loop"
+    with pytest.raises(WorkerLost, match="max_deliveries 2"):
+        poison.get()
+    assert crashes == 2
+    assert all(job.get(timeout=60).generated_tokens >= 1 for job in mates)
+
+
+def test_a_worker_with_another_visibility_timeout_refuses_to_start(stack: Stack) -> None:
+    queue = queue_name("vt")
+    stack.start(queue, LLAVA_VISIBILITY_TIMEOUT="3600")
+    other, _ = stack.start(queue, wait=False, LLAVA_VISIBILITY_TIMEOUT="7200")
+    assert other.process is not None and other.process.wait(60) == 1
+    assert "another visibility timeout" in other.log_tail() and "3600" in other.log_tail()
+
+
+def test_sigterm_mid_batch_requeues_and_exits_zero(stack: Stack) -> None:
+    client, queue = stack.client, queue_name("term")
     env = {
         **FAST_FETCH,
         "LLAVA_VISIBILITY_TIMEOUT": "60",
         "LLAVA_JOB_TIMEOUT": "30",
         "LLAVA_SHUTDOWN_GRACE": "0.5",
     }
-    first, hostname = start_worker(queue, **env, **SLOW)
+    first, hostname = stack.start(queue, **env, **SLOW)
     jobs = [
         client.caption(IMAGES / "stop_sign.jpg", f"[slow] job {i}", queue=queue, max_new_tokens=40)
         for i in range(4)
@@ -93,13 +137,13 @@ def test_sigterm_mid_batch_requeues_and_exits_zero(client: LlavaClient, start_wo
     assert first.stop(signal.SIGTERM, timeout=30) == 0
     assert time.monotonic() - started < 15
     assert "go back to the queue" in first.log_path.read_text()
-    start_worker(queue, **env)
+    stack.start(queue, **env)
     assert all(job.get(timeout=60).generated_tokens >= 1 for job in jobs)
 
 
 def test_redis_restart_loses_nothing(tmp_path: Path, start_worker, cache_dir) -> None:
-    redis = RedisServer(data_dir=tmp_path / "redis").start()
-    settings = ClientSettings(broker_url=redis.url(0), result_backend=redis.url(1), result_timeout=90)
+    server = RedisServer(data_dir=tmp_path / "redis").start()
+    settings = ClientSettings(broker_url=server.url(0), result_backend=server.url(1), result_timeout=90)
     own = LlavaClient(settings)
     try:
         queue = queue_name("restart")
@@ -118,16 +162,16 @@ def test_redis_restart_loses_nothing(tmp_path: Path, start_worker, cache_dir) ->
         waiter = threading.Thread(target=lambda: blocked.update(result=jobs[-1].get(timeout=90)))
         waiter.start()
         time.sleep(1.0)
-        redis.stop()  # SIGTERM: Redis writes its AOF and exits
+        server.stop()  # SIGTERM: Redis writes its AOF and exits
         time.sleep(2.0)
-        redis.start()  # same port, same data dir
+        server.start()  # same port, same data dir
         results = [job.get(timeout=90) for job in jobs]
         waiter.join(90)
         assert all(r.worker == hostname for r in results)
         assert blocked["result"] == results[-1]
     finally:
         own.close()
-        redis.stop()
+        server.stop()
 
 
 def test_resending_a_succeeded_job_id_returns_the_stored_result(client: LlavaClient, shared_worker) -> None:

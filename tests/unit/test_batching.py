@@ -8,7 +8,7 @@ import time
 import pytest
 
 from producer.errors import InternalError, JobTimeout, ResourceExhausted
-from worker.batching import DynamicBatcher, Pending, plan
+from worker.batching import Alone, DynamicBatcher, Pending, plan
 
 
 def job(key: str, enqueued: float, deadline: float = 100.0, name: str = "") -> Pending:
@@ -113,3 +113,12 @@ def test_runner_errors_reach_every_job_of_the_batch_or_just_one() -> None:
     batcher.stop()
     with pytest.raises(InternalError, match="shutting down"):
         batcher.submit("ok", "late", timeout=5)
+
+
+def test_a_job_keyed_alone_runs_at_once_by_itself() -> None:
+    alone = Pending(Alone("j1", ("generate",)), "x", enqueued=0.0, deadline=10.0)
+    mate = Pending(("generate",), "y", enqueued=0.0, deadline=10.0)
+    step = plan([alone, mate], now=0.0, max_batch_size=8, max_wait=5.0)
+    assert step.batch == [alone]
+    step = plan([mate, alone], now=0.0, max_batch_size=8, max_wait=5.0)
+    assert step.batch == [] and step.wait == 5.0

@@ -1,0 +1,169 @@
+"""Delivery concerns of the worker, apart from the tasks: the redelivery ledger, messages that cannot be
+decoded, and the one-visibility-timeout-per-broker rule.
+
+With ``acks_late``, a job whose worker dies is delivered again; one that kills every worker would loop
+forever, and, batched with others, would take its batch-mates down with it each time. The ledger counts, per
+job, how often its worker died while it was on the model (``attempts``: the model thread adds one when the
+job's batch starts and takes it back when the batch returns, so only a death mid-call leaves it counted). A
+job delivered again after such a death is *suspect*: it runs isolated (no batch-mates). A job whose worker
+died on the model ``max_deliveries`` times ends ``WorkerLost`` without running again. Jobs that were only
+waiting in a dying worker, or done with the model, are not counted against, so innocent jobs never reach the
+cap; a backstop on plain deliveries still ends a job that kills workers before the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery, states
+from celery.worker.consumer import Consumer
+
+from producer.contract import TASKS
+from producer.errors import InvalidRequest, WorkerLost
+from producer.status import worker_health
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+BACKSTOP_FACTOR = 3  # deliveries allowed per counted model attempt before a job is given up regardless
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What the ledger knows when a job arrives: this delivery's number and earlier model attempts."""
+
+    deliveries: int
+    attempts: int
+
+    @property
+    def suspect(self) -> bool:
+        """It was on the model when a worker died: run it alone."""
+        return self.attempts > 0
+
+
+class DeliveryLedger:
+    """Per-job counters in the result backend's Redis (one small hash per job, expiring with results), and
+    the stored result of a job that already succeeded (a redelivered success is returned, not re-run)."""
+
+    def __init__(self, app: Celery, settings: WorkerSettings) -> None:
+        self.backend = app.backend
+        self.max_deliveries = settings.max_deliveries
+        self.expires = settings.result_expires
+        self.client = getattr(self.backend, "client", None)  # redis.Redis for the Redis backend
+        if self.client is None:
+            log.warning(
+                "result backend %s has no Redis client: the redelivery cap is off", type(self.backend)
+            )
+
+    @staticmethod
+    def key(job_id: str) -> str:
+        return f"llava-ledger-{job_id}"
+
+    def delivered(self, job_id: str) -> Delivery:
+        """Count one more delivery of ``job_id`` (zeros when counting is off)."""
+        if self.client is None:
+            return Delivery(0, 0)
+        pipe = self.client.pipeline()
+        pipe.hincrby(self.key(job_id), "deliveries", 1)
+        pipe.hget(self.key(job_id), "attempts")
+        pipe.expire(self.key(job_id), self.expires)
+        deliveries, attempts, _ = pipe.execute()
+        return Delivery(int(deliveries), int(attempts or 0))
+
+    def verdict(self, delivery: Delivery) -> WorkerLost | None:
+        """The error ending a job that killed its workers too often, or None to run it."""
+        if delivery.attempts >= self.max_deliveries:
+            return WorkerLost(
+                f"the job's worker died {delivery.attempts} times while it was on the model "
+                f"(max_deliveries {self.max_deliveries}); it is not retried again"
+            )
+        if delivery.deliveries > BACKSTOP_FACTOR * self.max_deliveries:
+            return WorkerLost(
+                f"the job was delivered {delivery.deliveries} times and its worker died each time "
+                f"(max_deliveries {self.max_deliveries} x {BACKSTOP_FACTOR}); it is not retried again"
+            )
+        return None
+
+    def model_started(self, job_ids: list[str]) -> None:
+        """The model thread is about to run these jobs: one attempt each until :meth:`model_finished`."""
+        self._count_attempts(job_ids, 1)
+
+    def model_finished(self, job_ids: list[str]) -> None:
+        """The model call returned (outputs or errors): the attempt did not kill the worker."""
+        self._count_attempts(job_ids, -1)
+
+    def _count_attempts(self, job_ids: list[str], step: int) -> None:
+        if self.client is None or not job_ids:
+            return
+        try:
+            pipe = self.client.pipeline()
+            for job_id in job_ids:
+                pipe.hincrby(self.key(job_id), "attempts", step)
+                pipe.expire(self.key(job_id), self.expires)
+            pipe.execute()
+        except Exception as exc:  # Redis blinked: the batch runs; only the crash count is off
+            log.warning("could not record model attempts of %d job(s): %s", len(job_ids), exc)
+
+    def undeliver(self, job_id: str) -> None:
+        """A requeue at shutdown is not the job's fault: take its delivery back."""
+        if self.client is not None:
+            self.client.hincrby(self.key(job_id), "deliveries", -1)
+
+    def stored_result(self, job_id: str) -> Any | None:
+        meta = self.backend.get_task_meta(job_id)
+        return meta.get("result") if meta.get("status") == states.SUCCESS else None
+
+
+class LlavaConsumer(Consumer):
+    """Celery's consumer, except that a llava job whose message cannot be decoded (pickle, bad JSON, a
+    malformed envelope) ends ``invalid_request`` in the result backend instead of vanishing, and that the
+    message body (it may hold image bytes) is never logged."""
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        self._refuse(message, exc)
+        message.ack()
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        self._refuse(message, exc)
+        message.reject_log_error(log, self.connection_errors)
+
+    def _refuse(self, message: Any, exc: Exception) -> None:
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        job_id, task = headers.get("id"), headers.get("task")
+        log.error(
+            "refused a message that cannot be decoded (task %r, id %r, content type %r): %s",
+            task, job_id, message.content_type, type(exc).__name__,
+        )  # fmt: skip
+        if not isinstance(job_id, str) or task not in TASKS:
+            return
+        error = InvalidRequest(
+            f"the message could not be decoded ({type(exc).__name__}; content type "
+            f"{message.content_type!r}): send JSON (see the wire contract)"
+        )
+        try:
+            self.app.backend.mark_as_failure(job_id, error)
+        except Exception as store_error:
+            log.warning("could not store the refusal of job %s: %s", job_id, store_error)
+
+
+def conflicting_peers(app: Celery, settings: WorkerSettings) -> dict[str, Any]:
+    """Live workers on this broker whose visibility timeout differs from ours: ``{node: their value}``.
+
+    kombu's Redis transport restores any unacknowledged job older than the *restoring* worker's visibility
+    timeout, running jobs of other workers included: workers on one broker must agree on it.
+    """
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=settings.peer_check_timeout)
+            peers = worker_health(app, timeout=settings.peer_check_timeout)
+    except Exception as exc:
+        log.warning("could not ask the broker for live workers (%s): visibility timeouts not checked", exc)
+        return {}
+    own = settings.visibility_timeout
+    return {
+        node: info.get("visibility_timeout")
+        for node, info in peers.items()
+        if info.get("visibility_timeout") not in (None, own)
+    }
