@@ -30,6 +30,7 @@ def create_app(settings: WorkerSettings, service: Service) -> Celery:
     app.llava_service = service  # type: ignore[attr-defined]  # read by the llava_health inspect command
     ledger = DeliveryLedger(app, settings)
     service.on_model_start, service.on_model_end = ledger.model_started, ledger.model_finished
+    service.blobs = ledger.blobs
     for name in TASKS:
         app.task(name=name, bind=True, throws=(LlavaError,))(_task_function(name, service, ledger))
 
@@ -53,27 +54,43 @@ def _task_function(task_name: str, service: Service, ledger: DeliveryLedger) -> 
             worker=str(task.request.hostname),
             sent_at=_float_or_none(getattr(task.request, SENT_AT_HEADER, None)),
         )
-        stored = ledger.stored_result(context.job_id)
-        if stored is not None:
-            log.info("job %s already succeeded: returning its stored result", context.job_id)
-            return stored
-        if args or set(kwargs) != {"request"}:
-            error = InvalidRequest(_envelope_problem(args, kwargs))
-            service.record_failure(error, context, task_name)
-            raise error
-        delivery = ledger.delivered(context.job_id)
-        verdict = ledger.verdict(delivery)
-        if verdict is not None:
-            service.record_failure(verdict, context, task_name)
-            raise verdict
+        ended = True
         try:
-            return service.run(task_name, kwargs["request"], context.isolated_if(delivery.suspect))
+            return _deliver(task_name, service, ledger, context, args, kwargs)
         except Requeue as exc:
+            ended = False
             ledger.undeliver(context.job_id)
             raise Reject(str(exc), requeue=True) from None
+        finally:
+            if ended:  # success or a coded failure: the job needs its image no more
+                ledger.release_blob(kwargs.get("request"), context.job_id)
 
     run.__name__ = task_name.replace(".", "_")
     return run
+
+
+def _deliver(
+    task_name: str,
+    service: Service,
+    ledger: DeliveryLedger,
+    context: JobContext,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> dict[str, Any]:
+    stored = ledger.stored_result(context.job_id)
+    if stored is not None:
+        log.info("job %s already succeeded: returning its stored result", context.job_id)
+        return dict(stored)
+    if args or set(kwargs) != {"request"}:
+        error = InvalidRequest(_envelope_problem(args, kwargs))
+        service.record_failure(error, context, task_name)
+        raise error
+    delivery = ledger.delivered(context.job_id)
+    verdict = ledger.verdict(delivery)
+    if verdict is not None:
+        service.record_failure(verdict, context, task_name)
+        raise verdict
+    return service.run(task_name, kwargs["request"], context.isolated_if(delivery.suspect))
 
 
 def _envelope_problem(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:

@@ -20,7 +20,8 @@ from typing import Any
 from celery import Celery, states
 from celery.worker.consumer import Consumer
 
-from producer.contract import TASKS
+from producer.blobs import RedisBlobStore
+from producer.contract import TASKS, is_blob_reference
 from producer.errors import InvalidRequest, WorkerLost
 from producer.status import worker_health
 from worker.settings import WorkerSettings
@@ -44,17 +45,20 @@ class Delivery:
 
 
 class DeliveryLedger:
-    """Per-job counters in the result backend's Redis (one small hash per job, expiring with results), and
-    the stored result of a job that already succeeded (a redelivered success is returned, not re-run)."""
+    """Per-job counters in the result backend's Redis (one small hash per job, expiring with results), the
+    stored result of a job that already succeeded (a redelivered success is returned, not re-run), and the
+    blob store of images sent by reference (a job's claim is released when it ends)."""
 
     def __init__(self, app: Celery, settings: WorkerSettings) -> None:
         self.backend = app.backend
         self.max_deliveries = settings.max_deliveries
         self.expires = settings.result_expires
         self.client = getattr(self.backend, "client", None)  # redis.Redis for the Redis backend
+        self.blobs = None if self.client is None else RedisBlobStore(self.client, self.expires)
         if self.client is None:
             log.warning(
-                "result backend %s has no Redis client: the redelivery cap is off", type(self.backend)
+                "result backend %s has no Redis client: the redelivery cap and blob images are off",
+                type(self.backend),
             )
 
     @staticmethod
@@ -110,6 +114,16 @@ class DeliveryLedger:
         """A requeue at shutdown is not the job's fault: take its delivery back."""
         if self.client is not None:
             self.client.hincrby(self.key(job_id), "deliveries", -1)
+
+    def release_blob(self, request: Any, job_id: str) -> None:
+        """``job_id`` ended: release its claim on the blob its request names, if any (never raises)."""
+        image = request.get("image") if isinstance(request, dict) else None
+        if self.blobs is None or not isinstance(image, str) or not is_blob_reference(image):
+            return
+        try:
+            self.blobs.release(image, job_id)
+        except Exception as exc:  # the blob's TTL removes it later
+            log.warning("could not release the blob of job %s: %s", job_id, exc)
 
     def stored_result(self, job_id: str) -> Any | None:
         meta = self.backend.get_task_meta(job_id)

@@ -1,0 +1,106 @@
+"""Claim check: image bytes stored once per content hash beside the broker, the message carries a reference.
+
+A queued inline image would otherwise cost Redis about twice its size per job (base64 in the request, then
+kombu's base64 body encoding) and ride through every hop (publish, ``BRPOP``, events). Instead the producer
+stores the raw bytes once under their sha256 and sends ``blob:sha256:<64 hex>`` as the request's ``image``.
+
+Lifetime: each job that references a blob is recorded beside it (a Redis set of job ids). The worker releases
+its job's reference when the job ends (success, coded failure, redelivery cap); the last release deletes the
+blob. A worker that dies mid-job releases nothing, so the redelivered job still finds its blob. A TTL on both
+keys is only the fallback for producers that die between storing and sending, or messages that never run.
+
+The store is one small interface (:class:`BlobStore`); :class:`RedisBlobStore` is the default, in the
+result-backend Redis. Another store (S3-compatible, say) implements the same three calls with the same key
+naming; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Protocol
+
+import redis
+
+from producer.contract import BLOB_PREFIX, blob_digest
+from producer.errors import ImageTooLarge, InvalidImage
+
+_CLAIM = """
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return redis.call('EXPIRE', KEYS[1], ARGV[2])
+"""
+_RELEASE = """
+redis.call('SREM', KEYS[2], ARGV[1])
+if redis.call('SCARD', KEYS[2]) == 0 then
+  return redis.call('DEL', KEYS[1], KEYS[2])
+end
+return 0
+"""
+
+
+def blob_reference(data: bytes) -> str:
+    """The wire reference of ``data``: ``blob:sha256:<hex>``."""
+    return f"{BLOB_PREFIX}{hashlib.sha256(data).hexdigest()}"
+
+
+class BlobStore(Protocol):
+    """Where image bytes wait for their jobs."""
+
+    def put(self, data: bytes, job_id: str) -> str:
+        """Record that ``job_id`` needs ``data``, storing the bytes unless they are already there; the
+        reference to send."""
+        ...
+
+    def get(self, reference: str, max_bytes: int) -> bytes:
+        """The bytes of ``reference``, checked against its hash: ``InvalidImage`` if missing or tampered,
+        ``ImageTooLarge`` over ``max_bytes``."""
+        ...
+
+    def release(self, reference: str, job_id: str) -> None:
+        """``job_id`` ended: drop its claim; the last claim deletes the bytes."""
+        ...
+
+
+class RedisBlobStore:
+    """Blobs in Redis: ``llava-blob-<hex>`` (raw bytes) and ``llava-blob-jobs-<hex>`` (the jobs that need
+    them), both expiring after ``ttl`` seconds unless released first."""
+
+    def __init__(self, client: redis.Redis, ttl: int) -> None:
+        self.client = client
+        self.ttl = ttl
+        self._claim = client.register_script(_CLAIM)
+        self._release = client.register_script(_RELEASE)
+
+    @staticmethod
+    def keys(digest: str) -> tuple[str, str]:
+        return f"llava-blob-{digest}", f"llava-blob-jobs-{digest}"
+
+    def put(self, data: bytes, job_id: str) -> str:
+        reference = blob_reference(data)
+        blob, jobs = self.keys(blob_digest(reference))
+        # Claim first, then store: a release between the two can never see zero claims and delete.
+        if not self._claim(keys=[blob, jobs], args=[job_id, self.ttl]):
+            self.client.set(blob, data, ex=self.ttl)
+        return reference
+
+    def get(self, reference: str, max_bytes: int) -> bytes:
+        digest = blob_digest(reference)
+        blob, _ = self.keys(digest)
+        size = int(self.client.strlen(blob))
+        if size > max_bytes:
+            raise ImageTooLarge(
+                f"blob image is {size} bytes, over the {max_bytes}-byte cap (max_image_bytes)"
+            )
+        data = self.client.get(blob)
+        if not isinstance(data, bytes) or not data:
+            raise InvalidImage(
+                f"blob {digest[:12]}… is not in the blob store (it expired, was never stored, or its jobs "
+                "already ended): send the image again"
+            )
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise InvalidImage(f"blob {digest[:12]}… does not match its sha256 (tampered or corrupted)")
+        return data
+
+    def release(self, reference: str, job_id: str) -> None:
+        blob, jobs = self.keys(blob_digest(reference))
+        self._release(keys=[blob, jobs], args=[job_id])
