@@ -13,12 +13,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import re
 import struct
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,8 @@ from producer.errors import (
 from worker.fetch import FetchPolicy, FetchRegistry, Resolver, fetch, system_resolver
 from worker.settings import WorkerSettings
 
-# LLaVA-NeXT's processor never uses more than its largest anyres grid (llava-hf: up to 3 x 336 = 1008 px;
-# 1344 leaves room for 4-tile grids) when the processor itself is not known.
+# Until the processor is known (keep_side_for): LLaVA-NeXT's largest anyres grid side at 336 px is 1008 in the
+# llava-hf checkpoints; 1344 leaves room for 4-tile grids.
 DEFAULT_KEEP_SIDE = 1344
 _WHITESPACE = re.compile(r"\s+")
 # What Pillow can ``reduce`` in place of the full-size image; other modes are converted first.
@@ -107,24 +108,11 @@ class ImageLoader:
 
 
 def keep_side_for(image_processor: Any) -> int:
-    """The longest side the LLaVA-NeXT image processor can use: its largest grid pinpoint side (or its
-    base size), so shrinking an image whose shorter side stays at or above it changes no grid choice."""
+    """The longest side the LLaVA-NeXT image processor resizes to: its largest anyres grid side (the base
+    view is smaller): an image shrunk no further has at least the pixels the processor's resize keeps."""
     pinpoints = getattr(image_processor, "image_grid_pinpoints", None) or []
-    size = getattr(image_processor, "size", None) or {}
     sides = [int(side) for point in pinpoints for side in point]
-    sides += [int(value) for value in dict(size).values() if isinstance(value, int)]
     return max(sides, default=DEFAULT_KEEP_SIDE)
-
-
-def load_image(
-    reference: str,
-    settings: WorkerSettings,
-    resolve: Resolver = system_resolver,
-    deadline: float | None = None,
-) -> Image.Image:
-    """Fetch or decode ``reference`` and return an RGB image within every cap in ``settings``."""
-    data = read_image_bytes(reference, settings, resolve, deadline)
-    return decode_image(data, settings.max_image_pixels, settings.image_formats, settings.max_aspect_ratio)
 
 
 def fetch_policy(settings: WorkerSettings) -> FetchPolicy:
@@ -198,9 +186,9 @@ def decode_image(
     """Decode ``data`` (first frame), apply EXIF orientation, composite transparency on white, RGB.
 
     With ``keep_side``, an image whose shorter side is at least twice that is shrunk by an integer factor
-    (JPEG: while decoding) so its shorter side stays at or above ``keep_side``; smaller images are left
-    exactly as decoded. With ``budget`` (a :class:`PixelBudget` and a deadline), the full-size decode waits
-    for its pixels in the budget.
+    dividing both sides (JPEG: while decoding), its shorter side staying at or above ``keep_side``; other
+    images are left exactly as decoded. With ``budget`` (a :class:`PixelBudget` and a deadline), the
+    full-size decode waits for its pixels in the budget.
     """
     if not data:
         raise InvalidImage("the image is empty (0 bytes)")
@@ -230,17 +218,26 @@ def decode_image(
         raise InvalidImage(f"cannot decode image ({len(data)} bytes): {exc}") from None
 
 
+def shrink_factor(width: int, height: int, keep_side: int, factors: Iterable[int] | None = None) -> int:
+    """The largest integer factor dividing both sides that keeps the shorter side at or above ``keep_side``,
+    or 1. Dividing both sides exactly keeps the aspect ratio exact, so the LLaVA-NeXT processor picks the same
+    anyres grid and the same number of image tokens as for the full-size image."""
+    common, top = math.gcd(width, height), min(width, height) // keep_side
+    candidates = range(2, top + 1) if factors is None else factors
+    return max((f for f in candidates if 2 <= f <= top and common % f == 0), default=1)
+
+
 def _draft(image: Image.Image, keep_side: int) -> None:
-    """JPEG only: let libjpeg decode at the smallest 1/2, 1/4 or 1/8 scale keeping ``keep_side``."""
-    scale = keep_side / min(image.size)
-    if image.format == "JPEG" and scale < 0.5:
-        image.draft(None, (int(image.width * scale) + 1, int(image.height * scale) + 1))
+    """JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale directly (never the full-size pixels)."""
+    factor = shrink_factor(image.width, image.height, keep_side, (2, 4, 8))
+    if image.format == "JPEG" and factor > 1:
+        image.draft(None, (image.width // factor, image.height // factor))
 
 
 def _load_reduced(image: Image.Image, keep_side: int | None) -> Image.Image:
-    """Decode at full size, then shrink by the largest integer factor keeping ``keep_side`` (box filter)."""
+    """Decode, then shrink by :func:`shrink_factor` (box filter) before anything else copies the pixels."""
     image.load()
-    factor = min(image.size) // keep_side if keep_side else 1
+    factor = shrink_factor(image.width, image.height, keep_side) if keep_side else 1
     if factor < 2:
         return image
     if image.mode not in _REDUCIBLE:
