@@ -58,13 +58,8 @@ def test_sigterm_during_a_dripping_fetch_exits_within_the_grace_and_requeues_the
 ) -> None:
     queue = f"drip-term-{uuid.uuid4().hex[:8]}"
     grace = 1.0
-    slow = {
-        **WORKER_ENV,
-        "LLAVA_FETCH_DEADLINE": "120",
-        "LLAVA_JOB_TIMEOUT": "300",
-        "LLAVA_VISIBILITY_TIMEOUT": "400",
-        "LLAVA_SHUTDOWN_GRACE": str(grace),
-    }
+    # the default job_timeout (600 s) and visibility timeout: the fetch alone would take 120 s
+    slow = {**WORKER_ENV, "LLAVA_FETCH_DEADLINE": "120", "LLAVA_SHUTDOWN_GRACE": str(grace)}
     first, _ = start_worker(queue, **slow)
     before = image_server.hits["/drip-headers"]
     job = client.caption(image_server.url("/drip-headers"), queue=queue)
