@@ -8,7 +8,7 @@ export LLAVA_BROKER_URL ?= redis://localhost:6379/0
 export LLAVA_RESULT_BACKEND ?= redis://localhost:6379/1
 DEVSTACK := $(BIN)/python -m worker.devstack --
 
-.PHONY: demo test lint unit integration images install clean bench soak flower
+.PHONY: demo test lint unit integration images install clean bench bench-memory soak flower
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,10 @@ clean:
 
 bench: install
 	$(BIN)/python bench/throughput.py
+
+# A worker's peak RSS with 8 concurrent 6300x6300 PNGs (see README "Security").
+bench-memory: install
+	$(BIN)/python bench/image_memory.py
 
 # Repeat the fault tests (worker killed, poison job, SIGTERM mid-batch, Redis restarted); SOAK_ROUNDS=5.
 SOAK_ROUNDS ?= 5

@@ -2,6 +2,10 @@
 
 Every failure is a typed, coded error from :mod:`producer.errors`. This is the one module that touches
 untrusted image input; hardening (SSRF guard, format allow-list) lives here too.
+
+Memory: a decoded image is shrunk at once to what the LLaVA-NeXT processor can use (``keep_side``: its
+largest anyres grid side; JPEG is even decoded at 1/2..1/8 scale directly with ``draft``), and the pixels
+decoded at full size at once in a worker are bounded by ``decode_pixel_budget`` (:class:`PixelBudget`).
 """
 
 from __future__ import annotations
@@ -9,20 +13,118 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
+import os
+import re
+import struct
+import threading
+import time
 import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from producer.errors import FetchForbidden, ImageTooLarge, InvalidImage, InvalidRequest
-from worker.fetch import FetchPolicy, Resolver, fetch, system_resolver
+from producer.errors import (
+    FetchForbidden,
+    ImageTooLarge,
+    InvalidImage,
+    InvalidRequest,
+    JobTimeout,
+    LlavaError,
+)
+from worker.fetch import FetchPolicy, FetchRegistry, Resolver, fetch, system_resolver
 from worker.settings import WorkerSettings
 
+# Until the processor is known (keep_side_for): LLaVA-NeXT's largest anyres grid side at 336 px is 1008 in the
+# llava-hf checkpoints; 1344 leaves room for 4-tile grids.
+DEFAULT_KEEP_SIDE = 1344
+_WHITESPACE = re.compile(r"\s+")
+# What Pillow can ``reduce`` in place of the full-size image; other modes are converted first.
+_REDUCIBLE = {"L", "LA", "RGB", "RGBA", "I", "F", "CMYK"}
+# What malformed image data makes Pillow raise, besides its own errors (truncated chunks, bad EXIF, ...).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError)
 
-def load_image(reference: str, settings: WorkerSettings, resolve: Resolver = system_resolver) -> Image.Image:
-    """Fetch or decode ``reference`` and return an RGB image within every cap in ``settings``."""
-    data = read_image_bytes(reference, settings, resolve)
-    return decode_image(data, settings.max_image_pixels, settings.image_formats, settings.max_aspect_ratio)
+
+class PixelBudget:
+    """Pixels being decoded at full size at once in one worker: a semaphore weighted by pixels.
+
+    A job takes ``min(pixels, total)`` (one image at the pixel cap always fits) and waits, at most until its
+    deadline, while other jobs' decodes hold the rest.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int, deadline: float) -> Iterator[None]:
+        weight = min(pixels, self.total)
+        with self._changed:
+            enough = self._changed.wait_for(
+                lambda: self.free >= weight, timeout=max(0.0, deadline - time.monotonic())
+            )
+            if not enough:
+                raise JobTimeout("the job's deadline passed while it waited to decode its image")
+            self.free -= weight
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.free += weight
+                self._changed.notify_all()
+
+
+class ImageLoader:
+    """One worker's image loading: its fetch registry (aborted at warm shutdown), its pixel budget, and the
+    size its processor keeps (``keep_side``, set once the model is loaded)."""
+
+    def __init__(self, settings: WorkerSettings, resolve: Resolver = system_resolver) -> None:
+        self.settings = settings
+        self.resolve = resolve
+        self.fetches = FetchRegistry()
+        self.decoding = PixelBudget(settings.decode_pixel_budget)
+        self.keep_side = DEFAULT_KEEP_SIDE
+        _pool_freed_blocks(settings.decode_pixel_budget)
+
+    def load(self, reference: str, deadline: float) -> Image.Image:
+        """Fetch or decode ``reference`` (all waits end by ``deadline``, ``time.monotonic()``): an RGB image
+        within every cap, shrunk to what the processor keeps. Raises a coded error, or
+        :class:`~worker.fetch.FetchAborted` when the worker aborts its fetches."""
+        data = read_image_bytes(reference, self.settings, self.resolve, deadline, self.fetches)
+        return decode_image(
+            data,
+            self.settings.max_image_pixels,
+            self.settings.image_formats,
+            self.settings.max_aspect_ratio,
+            keep_side=self.keep_side,
+            budget=(self.decoding, deadline),
+        )
+
+    def abort_fetches(self) -> int:
+        """Warm shutdown: end running fetches (and refuse new ones); returns how many were running."""
+        return self.fetches.abort()
+
+
+def _pool_freed_blocks(pixels: int) -> None:
+    """Let Pillow keep freed image blocks for the next decode (its documented memory pool, off by default),
+    up to one budget of RGBA pixels, unless ``PILLOW_BLOCKS_MAX`` is set. Without the pool, glibc keeps the
+    blocks a thread freed in that thread's own arena: measured, eight threads decoding 40 MP images one
+    after another (the budget's turn) kept about 700 MB more resident than with it."""
+    if "PILLOW_BLOCKS_MAX" not in os.environ:
+        blocks = math.ceil(pixels * 4 / Image.core.get_block_size())
+        Image.core.set_blocks_max(max(blocks, Image.core.get_blocks_max()))
+
+
+def keep_side_for(image_processor: Any) -> int:
+    """The longest side the LLaVA-NeXT image processor resizes to: its largest anyres grid side (the base
+    view is smaller): an image shrunk no further has at least the pixels the processor's resize keeps."""
+    pinpoints = getattr(image_processor, "image_grid_pinpoints", None) or []
+    sides = [int(side) for point in pinpoints for side in point]
+    return max(sides, default=DEFAULT_KEEP_SIDE)
 
 
 def fetch_policy(settings: WorkerSettings) -> FetchPolicy:
@@ -37,12 +139,19 @@ def fetch_policy(settings: WorkerSettings) -> FetchPolicy:
     )
 
 
-def read_image_bytes(reference: str, settings: WorkerSettings, resolve: Resolver = system_resolver) -> bytes:
+def read_image_bytes(
+    reference: str,
+    settings: WorkerSettings,
+    resolve: Resolver = system_resolver,
+    deadline: float | None = None,
+    fetches: FetchRegistry | None = None,
+) -> bytes:
+    """The encoded bytes ``reference`` names; a fetch ends by ``fetch_deadline`` or ``deadline``."""
     head = reference[:8].lower()
     if head.startswith("data:"):
         return _decode_data_uri(reference, settings.max_image_bytes)
     if head.startswith(("http://", "https://")):
-        return fetch(reference, fetch_policy(settings), resolve)
+        return fetch(reference, fetch_policy(settings), resolve, deadline, fetches)
     if reference.startswith("/"):
         return _read_local(Path(reference), settings)
     raise InvalidRequest("image must be an http(s) URL, a data: URI or an absolute path")
@@ -52,14 +161,16 @@ def _decode_data_uri(uri: str, max_bytes: int) -> bytes:
     header, sep, body = uri.partition(",")
     if not sep or not header.lower().endswith(";base64"):
         raise InvalidImage("data: URI must look like data:<mime>;base64,<payload>")
-    if len(body) * 3 // 4 > max_bytes:
+    if len(body) * 3 // 4 > max_bytes * 1.05:  # leaves room for MIME line breaks (2 in 78 characters)
         raise ImageTooLarge(f"inline image is over the {max_bytes}-byte cap (max_image_bytes)")
     try:
-        data = base64.b64decode(body, validate=True)
+        data = base64.b64decode(_WHITESPACE.sub("", body), validate=True)  # MIME-wrapped base64 too
     except (binascii.Error, ValueError) as exc:
         raise InvalidImage(f"data: URI payload is not valid base64: {exc}") from None
     if not data:
         raise InvalidImage("data: URI payload is empty")
+    if len(data) > max_bytes:
+        raise ImageTooLarge(f"inline image is over the {max_bytes}-byte cap (max_image_bytes)")
     return data
 
 
@@ -81,8 +192,16 @@ def decode_image(
     max_pixels: int,
     formats: list[str] | None = None,
     max_aspect_ratio: float | None = None,
+    keep_side: int | None = None,
+    budget: tuple[PixelBudget, float] | None = None,
 ) -> Image.Image:
-    """Decode ``data`` fully (first frame), apply EXIF orientation, composite transparency on white, RGB."""
+    """Decode ``data`` (first frame), apply EXIF orientation, composite transparency on white, RGB.
+
+    With ``keep_side``, an image whose shorter side is at least twice that is shrunk by an integer factor
+    dividing both sides (JPEG: while decoding), its shorter side staying at or above ``keep_side``; other
+    images are left exactly as decoded. With ``budget`` (a :class:`PixelBudget` and a deadline), the
+    full-size decode waits for its pixels in the budget.
+    """
     if not data:
         raise InvalidImage("the image is empty (0 bytes)")
     try:
@@ -90,7 +209,16 @@ def decode_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=formats)
             _check_geometry(image.width, image.height, max_pixels, max_aspect_ratio)
-            image.load()
+            if keep_side:
+                _draft(image, keep_side)
+            if budget is None:
+                image = _load_reduced(image, keep_side)
+            else:
+                with budget[0].hold(image.width * image.height, budget[1]):
+                    image = _load_reduced(image, keep_side)
+            return _to_rgb(ImageOps.exif_transpose(image))
+    except LlavaError:
+        raise  # already coded (JobTimeout is also an OSError)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise ImageTooLarge(f"image rejected as a decompression bomb: {exc}") from None
     except UnidentifiedImageError:
@@ -98,9 +226,35 @@ def decode_image(
         raise InvalidImage(
             f"cannot decode image ({len(data)} bytes): not a recognised image format ({allowed})"
         ) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except _DECODE_ERRORS as exc:
         raise InvalidImage(f"cannot decode image ({len(data)} bytes): {exc}") from None
-    return _to_rgb(ImageOps.exif_transpose(image))
+
+
+def shrink_factor(width: int, height: int, keep_side: int, factors: Iterable[int] | None = None) -> int:
+    """The largest integer factor dividing both sides that keeps the shorter side at or above ``keep_side``,
+    or 1. Dividing both sides exactly keeps the aspect ratio exact, so the LLaVA-NeXT processor picks the same
+    anyres grid and the same number of image tokens as for the full-size image."""
+    common, top = math.gcd(width, height), min(width, height) // keep_side
+    candidates = range(2, top + 1) if factors is None else factors
+    return max((f for f in candidates if 2 <= f <= top and common % f == 0), default=1)
+
+
+def _draft(image: Image.Image, keep_side: int) -> None:
+    """JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale directly (never the full-size pixels)."""
+    factor = shrink_factor(image.width, image.height, keep_side, (2, 4, 8))
+    if image.format == "JPEG" and factor > 1:
+        image.draft(None, (image.width // factor, image.height // factor))
+
+
+def _load_reduced(image: Image.Image, keep_side: int | None) -> Image.Image:
+    """Decode, then shrink by :func:`shrink_factor` (box filter) before anything else copies the pixels."""
+    image.load()
+    factor = shrink_factor(image.width, image.height, keep_side) if keep_side else 1
+    if factor < 2:
+        return image
+    if image.mode not in _REDUCIBLE:
+        image = _to_rgb(image)
+    return image.reduce(factor)
 
 
 def _check_geometry(width: int, height: int, max_pixels: int, max_aspect_ratio: float | None) -> None:
@@ -122,8 +276,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
         background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        background.paste(rgba, mask=rgba)  # its alpha band is the mask: no extra full-size copies
         return background
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         image = image.point(lambda value: value / 256).convert("L")

@@ -33,7 +33,8 @@ from producer.contract import (
 from producer.errors import InternalError, InvalidRequest, JobTimeout, LlavaError, ResourceExhausted
 from worker.batching import Alone, Done, DynamicBatcher
 from worker.faults import Faults
-from worker.images import load_image
+from worker.fetch import FetchAborted
+from worker.images import ImageLoader, keep_side_for
 from worker.runtime import Prepared, Prompt, Runtime, Sampling
 from worker.settings import WorkerSettings
 
@@ -119,6 +120,7 @@ class Service:
         self.runtime: Runtime | None = None
         self.batcher: DynamicBatcher | None = None
         self.faults = Faults.from_settings(settings)
+        self.images = ImageLoader(settings)
         self._stats = _Stats()
         # Told the job ids of each batch as the model starts and ends it (the delivery ledger counts the
         # deaths of workers mid-call: see worker.delivery).
@@ -130,6 +132,7 @@ class Service:
         """Load the model (once per process) and start the model thread."""
         if self.runtime is None:
             self.runtime = Runtime(self.settings)
+            self.images.keep_side = keep_side_for(self.runtime.processor.image_processor)
             wait = self.settings.max_batch_wait_ms / 1000
             self.batcher = DynamicBatcher(self._start_batch, self.settings.max_batch_size, wait).start()
         return self.runtime
@@ -143,6 +146,8 @@ class Service:
         log.warning("warm shutdown: running jobs have %g s to finish, then they go back to the queue", grace)
 
         def requeue_rest() -> None:
+            if fetching := self.images.abort_fetches():
+                log.warning("grace period over: %d image fetch(es) aborted, their jobs go back", fetching)
             if self.batcher is not None:
                 count = self.batcher.abandon(Requeue("the worker shut down before the job finished"))
                 log.warning("grace period over: %d job(s) go back to the queue", count)
@@ -206,7 +211,10 @@ class Service:
         deadline = time.monotonic() + timeout
         work = self._work(task_name, parsed)
         runtime, batcher = self._started()
-        image = load_image(parsed.image, self.settings)
+        try:
+            image = self.images.load(parsed.image, deadline)
+        except FetchAborted:
+            raise Requeue("the worker shut down while the job's image was being fetched") from None
         clock.lap("image")
         reserve = 0 if work.labels else work.sampling.max_new_tokens
         prepared = runtime.prepare(Prompt(image, work.text), reserve=reserve)

@@ -13,6 +13,9 @@ from producer.contract import model_queue
 from producer.settings import QueueSettings, load_settings
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
+# What of a job can run past its deadline: decoding and preprocessing one image already fetched (CPU; about a
+# second for an image at the 40 MP cap, which is shrunk right after decoding).
+_PAST_DEADLINE_S = 2.0
 
 
 class WorkerSettings(QueueSettings):
@@ -62,6 +65,11 @@ class WorkerSettings(QueueSettings):
         default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"],
         description="Pillow formats accepted (GIF: first frame)",
     )
+    decode_pixel_budget: int = Field(
+        default=50_000_000,
+        ge=1,
+        description="pixels decoded at full size at once in a worker; more jobs wait (until their deadline)",
+    )
     local_image_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="directories absolute image paths may come from (none: paths refused)",
@@ -70,11 +78,21 @@ class WorkerSettings(QueueSettings):
     fetch_allow: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="hosts and CIDRs exempt from the private-address block list"
     )
-    fetch_timeout: float = Field(default=5.0, gt=0, description="seconds to connect, and between bytes")
-    fetch_deadline: float = Field(default=15.0, gt=0, description="seconds for one whole download attempt")
+    fetch_timeout: float = Field(default=5.0, gt=0, description="seconds to connect, and per socket read")
+    fetch_deadline: float = Field(
+        default=15.0,
+        gt=0,
+        description="seconds for a whole fetch: attempts, redirects, pauses; capped by the job's deadline",
+    )
     fetch_max_redirects: int = Field(default=3, ge=0, le=20, description="redirect hops, each re-checked")
     fetch_retries: int = Field(default=2, ge=0, le=10, description="retries of transient fetch failures")
     fetch_backoff: float = Field(default=0.5, ge=0, description="first retry pause in seconds (doubles)")
+    fetch_threads: int = Field(
+        default=4,
+        ge=0,
+        le=256,
+        description="task threads added to 2 x max_batch_size for jobs stalled on slow image servers",
+    )
     # -- request limits (lower than or equal to the contract's hard limits)
     max_text_chars: int = Field(default=2000, ge=1, le=2000, description="prompt / question length cap")
     max_labels: int = Field(default=50, ge=1, le=100, description="labels per classify job")
@@ -91,7 +109,7 @@ class WorkerSettings(QueueSettings):
         default=None,
         ge=1,
         le=512,
-        description="task threads; default 2 x max_batch_size (prepare while computing)",
+        description="task threads; default 2 x max_batch_size (prepare while computing) + fetch_threads",
     )
     # -- losing nothing
     max_deliveries: int = Field(
@@ -154,17 +172,16 @@ class WorkerSettings(QueueSettings):
         if self.visibility_timeout <= self.longest_job_seconds:
             raise ValueError(
                 f"visibility_timeout ({self.visibility_timeout} s) must exceed the longest job "
-                f"({self.longest_job_seconds:g} s: job_timeout + a fetch's retries and deadlines), or Redis "
+                f"({self.longest_job_seconds:g} s: job_timeout + {_PAST_DEADLINE_S:g} s), or Redis "
                 "would hand running jobs to a second worker"
             )
         return self
 
     @property
     def longest_job_seconds(self) -> float:
-        """The most a job can take: its fetch (every attempt, timeouts and backoff) plus job_timeout."""
-        attempts = self.fetch_retries + 1
-        backoff = sum(self.fetch_backoff * 2**i for i in range(self.fetch_retries))
-        return self.job_timeout + attempts * (self.fetch_deadline + self.fetch_timeout) + backoff
+        """The most a job can take on a worker: its fetch (ended by the job's deadline too), the decode budget
+        wait and the model all end by job_timeout; only decoding an image already fetched may run past it."""
+        return self.job_timeout + _PAST_DEADLINE_S
 
     @field_validator("image_formats")
     @classmethod
@@ -178,8 +195,10 @@ class WorkerSettings(QueueSettings):
 
     @property
     def threads(self) -> int:
-        """Task threads: enough to fill one batch while the previous one computes."""
-        return self.concurrency or 2 * self.max_batch_size
+        """Task threads: enough to fill one batch while the previous one computes (2 x max_batch_size),
+        plus ``fetch_threads`` so that as many jobs stalled on slow image servers (each for at most
+        fetch_deadline) do not take the model's supply away."""
+        return self.concurrency or 2 * self.max_batch_size + self.fetch_threads
 
     @property
     def consumed_queues(self) -> list[str]:

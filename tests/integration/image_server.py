@@ -63,6 +63,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             time.sleep(0.05)
 
+    def route_drip_headers(self) -> None:  # the status line and headers, one byte every 0.3 s, for minutes
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n" + b"X-Slow: " + b"a" * 1000 + b"\r\n\r\n"
+        for byte in head:
+            if self.server.stopping.wait(self.server.drip_pause):
+                return
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+        self.close_connection = True
+
     def route_huge_length(self) -> None:
         self._head(200, {"Content-Type": "image/png", "Content-Length": str(10**10)})
         self.wfile.write(GOOD_PNG)
@@ -88,6 +97,9 @@ class _Handler(BaseHTTPRequestHandler):
     def route_to_metadata(self) -> None:
         self._send(302, b"", "text/plain", Location="http://169.254.169.254/latest/meta-data/")
 
+    def route_to_unparsable(self) -> None:
+        self._send(302, b"", "text/plain", Location="http://[::1/x.png")
+
     def route_to_good(self) -> None:
         self._send(301, b"", "text/plain", Location="/good.png")
 
@@ -98,6 +110,8 @@ class ImageServer(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.hits: Counter[str] = Counter()
+        self.drip_pause = 0.3  # under every test's fetch_timeout: only a wall-clock budget stops it
+        self.stopping = threading.Event()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 
     def url(self, path: str) -> str:
@@ -108,5 +122,6 @@ class ImageServer(ThreadingHTTPServer):
         return self
 
     def stop(self) -> None:
+        self.stopping.set()
         self.shutdown()
         self.server_close()

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
-from producer.errors import FetchFailed, FetchForbidden, ImageTooLarge, LlavaError
+from producer.errors import (
+    FetchFailed,
+    FetchForbidden,
+    ImageTooLarge,
+    InvalidRequest,
+    JobTimeout,
+    LlavaError,
+)
 from tests.integration.image_server import GOOD_PNG, ImageServer
-from worker.fetch import FetchPolicy, fetch
+from worker.fetch import FetchAborted, FetchPolicy, FetchRegistry, fetch
 
 POLICY = FetchPolicy.from_allow_list(
     ["127.0.0.1/32"], max_bytes=1_000_000, timeout=1.0, deadline=1.5, max_redirects=3, retries=2, backoff=0.05
@@ -84,3 +94,98 @@ def test_connection_refused_is_retryable_fetch_failed() -> None:
 
     error = fetch_error(f"http://127.0.0.1:{free_port()}/x.png")
     assert isinstance(error, FetchFailed) and error.retryable
+
+
+# -- one wall-clock budget for the whole fetch -------------------------------------------------------------
+
+MARGIN = 1.0  # seconds past the budget a fetch may take to notice it is over (generous; it takes ms)
+
+
+def timed_error(url: str, policy: FetchPolicy, **kwargs: object) -> tuple[BaseException, float]:
+    started = time.monotonic()
+    with pytest.raises((LlavaError, FetchAborted)) as error:
+        fetch(url, policy, **kwargs)  # type: ignore[arg-type]
+    return error.value, time.monotonic() - started
+
+
+def test_headers_dripped_byte_by_byte_end_at_the_fetch_deadline(image_server: ImageServer) -> None:
+    # each byte comes well within fetch_timeout (a per-read timeout would wait for ever), retries allowed
+    policy = FetchPolicy.from_allow_list(["127.0.0.1"], max_bytes=10**6, timeout=5, deadline=1.5, retries=3)
+    error, took = timed_error(image_server.url("/drip-headers"), policy)
+    assert isinstance(error, FetchFailed) and "1.5 s (fetch_deadline)" in error.message
+    assert 1.5 <= took < 1.5 + MARGIN
+
+
+def test_the_jobs_deadline_caps_the_fetch(image_server: ImageServer) -> None:
+    policy = FetchPolicy.from_allow_list(["127.0.0.1"], max_bytes=10**6, timeout=5, deadline=60)
+    error, took = timed_error(image_server.url("/drip-headers"), policy, deadline=time.monotonic() + 1.0)
+    assert isinstance(error, JobTimeout) and error.code == "timeout"
+    assert took < 1.0 + MARGIN
+
+
+def test_retries_and_backoff_pauses_stay_inside_the_budget(image_server: ImageServer) -> None:
+    before = image_server.hits["/status-500"]
+    policy = FetchPolicy.from_allow_list(
+        ["127.0.0.1"], max_bytes=10**6, deadline=1.0, retries=10, backoff=0.3
+    )  # alone, the pauses would add up to 0.3 x (2^10 - 1) s
+    error, took = timed_error(image_server.url("/status-500"), policy)
+    assert isinstance(error, FetchFailed) and "HTTP 500" in error.message
+    assert took < 1.0 + MARGIN
+    assert 2 <= image_server.hits["/status-500"] - before <= 3  # 0.3 s and 0.6 s pauses fit; 1.2 s does not
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A TCP server that accepts and never says a word (a TLS handshake against it waits for ever)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    thread = threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    for sock in accepted:
+        sock.close()
+    listener.close()
+
+
+def test_a_stalled_tls_handshake_ends_at_the_budget(silent_server: int) -> None:
+    policy = FetchPolicy.from_allow_list(["127.0.0.1"], max_bytes=10**6, timeout=30, deadline=1.0)
+    error, took = timed_error(f"https://127.0.0.1:{silent_server}/x.png", policy)
+    assert isinstance(error, FetchFailed) and "fetch_deadline" in error.message
+    assert took < 1.0 + MARGIN
+
+
+def test_abort_ends_running_fetches_at_once_and_refuses_new_ones(image_server: ImageServer) -> None:
+    registry = FetchRegistry()
+    policy = FetchPolicy.from_allow_list(["127.0.0.1"], max_bytes=10**6, timeout=5, deadline=60)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fetch(image_server.url("/drip-headers"), policy, registry=registry)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while image_server.hits["/drip-headers"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)  # wait for the three requests to reach the server
+    assert registry.abort() == 3
+    for thread in threads:
+        thread.join(MARGIN)
+    assert not any(thread.is_alive() for thread in threads)
+    assert len(errors) == 3 and all(isinstance(error, FetchAborted) for error in errors)
+    with pytest.raises(FetchAborted):
+        fetch(image_server.url("/good.png"), policy, registry=registry)
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://[::1]:99999/x.png", "http:///x.png"])
+def test_unparsable_urls_are_invalid_requests(url: str) -> None:
+    error = fetch_error(url)
+    assert isinstance(error, InvalidRequest) and error.code == "invalid_request"
+
+
+def test_redirect_to_an_unparsable_url_is_a_permanent_fetch_failure(image_server: ImageServer) -> None:
+    error = fetch_error(image_server.url("/to-unparsable"))
+    assert isinstance(error, FetchFailed) and not error.retryable

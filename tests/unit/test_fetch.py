@@ -8,11 +8,23 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
+import time
 
 import pytest
 
-from producer.errors import FetchFailed, FetchForbidden
-from worker.fetch import FetchPolicy, Resolver, blocked_reason, checked_addresses, system_resolver
+from producer.errors import FetchFailed, FetchForbidden, JobTimeout
+from worker.fetch import (
+    FetchAborted,
+    FetchBudget,
+    FetchPolicy,
+    FetchRegistry,
+    Resolver,
+    blocked_reason,
+    checked_addresses,
+    fetch,
+    system_resolver,
+)
 
 EMPTY = FetchPolicy(max_bytes=1000)
 
@@ -265,3 +277,87 @@ def test_garbage_answer_is_a_permanent_failure() -> None:
     with pytest.raises(FetchFailed) as info:
         checked_addresses("odd.example", 443, EMPTY, stub("not-an-address"))
     assert info.value.retryable is False
+
+
+# -- one wall-clock budget per fetch (FetchBudget, FetchRegistry) -----------------------------------------
+
+
+def test_an_ended_budget_fails_the_fetch_with_the_limit_it_hit() -> None:
+    budget = FetchBudget(60)
+    budget.check("https://example.com/a.png")  # time left: nothing raised
+    budget.end()
+    with pytest.raises(FetchFailed) as error:
+        budget.check("https://user:secret@example.com/a.png?sig=1")
+    assert "60 s (fetch_deadline)" in error.value.message and "secret" not in error.value.message
+
+
+def test_a_budget_capped_by_the_job_deadline_ends_as_a_job_timeout() -> None:
+    budget = FetchBudget(0, limit="job deadline")
+    with pytest.raises(JobTimeout) as error:
+        budget.check("https://example.com/a.png")
+    assert error.value.code == "timeout"
+
+
+def test_fetch_with_its_job_deadline_already_past_never_resolves() -> None:
+    asked: list[str] = []
+    with pytest.raises(JobTimeout):
+        fetch(
+            "https://example.com/a.png", EMPTY, lambda host, port: asked.append(host) or [], time.monotonic()
+        )
+    assert asked == []
+
+
+def test_an_aborted_budget_raises_fetch_aborted_not_a_coded_error() -> None:
+    budget = FetchBudget(60)
+    budget.end(aborted=True)
+    with pytest.raises(FetchAborted):
+        budget.check("https://example.com/a.png")
+
+
+def test_the_watchdog_wakes_a_blocked_read_when_the_budget_ends() -> None:
+    ours, theirs = socket.socketpair()  # the peer never writes: recv would block for ever
+    read: list[bytes] = []
+    with ours, theirs, FetchBudget(0.2) as budget:
+        budget.track(ours)
+        reader = threading.Thread(target=lambda: read.append(ours.recv(1)))
+        reader.start()
+        reader.join(30)
+        assert not reader.is_alive() and read == [b""]  # shut down: end of stream at once
+        assert budget.expired and not budget.aborted
+
+
+def test_a_socket_tracked_after_the_end_is_shut_down_at_once() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        budget = FetchBudget(60)
+        budget.end()
+        budget.track(ours)
+        assert ours.recv(1) == b""
+
+
+def test_a_backoff_pause_wakes_when_the_fetch_is_aborted() -> None:
+    budget = FetchBudget(60)
+    pausing = threading.Thread(target=budget.pause, args=(50,))
+    pausing.start()
+    budget.end(aborted=True)
+    pausing.join(30)
+    assert not pausing.is_alive() and budget.aborted
+
+
+def test_a_pause_never_outlasts_the_budget() -> None:
+    with FetchBudget(0.1) as budget:
+        pausing = threading.Thread(target=budget.pause, args=(50,))
+        pausing.start()
+        pausing.join(30)
+        assert not pausing.is_alive()
+
+
+def test_registry_abort_ends_running_budgets_and_refuses_new_fetches() -> None:
+    registry = FetchRegistry()
+    running = FetchBudget(60)
+    registry.enter(running)
+    assert registry.abort() == 1 and running.aborted
+    with pytest.raises(FetchAborted):
+        registry.enter(FetchBudget(60))
+    with pytest.raises(FetchAborted):
+        fetch("https://example.com/a.png", EMPTY, lambda host, port: ["93.184.216.34"], registry=registry)

@@ -6,14 +6,30 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from producer.errors import FetchForbidden, ImageTooLarge, InvalidImage, InvalidRequest, LlavaError
+from producer.errors import (
+    FetchForbidden,
+    ImageTooLarge,
+    InvalidImage,
+    InvalidRequest,
+    JobTimeout,
+    LlavaError,
+)
 from producer.images import data_uri, redact, sniff_mime, to_wire
-from worker.images import decode_image, read_image_bytes
+from worker.images import (
+    PixelBudget,
+    _draft,
+    decode_image,
+    keep_side_for,
+    read_image_bytes,
+    shrink_factor,
+)
 from worker.settings import WorkerSettings
 
 BIG = 10**9
@@ -436,3 +452,153 @@ def test_to_wire_converts_a_cmyk_pil_image_to_png() -> None:
     uri = to_wire(image, max_bytes=1_000_000)
     decoded = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
     assert decoded.format == "PNG" and decoded.mode == "RGB" and decoded.size == (8, 6)
+
+
+# -- worker: MIME-wrapped base64 --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("separator", ["\n", "\r\n", " ", "\t"], ids=["lf", "crlf", "space", "tab"])
+def test_read_mime_wrapped_base64_data_uri(separator: str, tmp_path: Path) -> None:
+    data = encode(Image.new("RGB", (40, 30), RED))
+    text = base64.b64encode(data).decode()
+    wrapped = separator.join(text[i : i + 76] for i in range(0, len(text), 76)) + separator
+    assert read_image_bytes("data:image/png;base64," + wrapped, settings_for(tmp_path)) == data
+
+
+def test_whitespace_does_not_stretch_the_byte_cap(tmp_path: Path) -> None:
+    text = base64.b64encode(b"\0" * 1100).decode()
+    uri = "data:image/png;base64," + "\n".join(text[i : i + 76] for i in range(0, len(text), 76))
+    with pytest.raises(ImageTooLarge) as exc:
+        read_image_bytes(uri, settings_for(tmp_path, max_bytes=1024))
+    assert_code(exc, "image_too_large")
+
+
+# -- worker: shrinking decoded images to what the processor keeps ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "keep", "factor"),
+    [
+        ((6300, 6300), 1008, 6),  # shorter side 1050 >= 1008
+        ((4032, 3024), 1008, 3),
+        ((4000, 3000), 1008, 2),  # 3 does not divide 4000
+        ((2000, 1500), 1008, 1),  # halving would go under 1008
+        ((6301, 6300), 1008, 1),  # no common factor: the aspect ratio could not stay exact
+        ((640, 480), 64, 5),  # 7 fits the side but does not divide gcd 160
+    ],
+)
+def test_shrink_factor_divides_both_sides_and_keeps_the_shorter_one(
+    size: tuple[int, int], keep: int, factor: int
+) -> None:
+    assert shrink_factor(*size, keep) == factor
+
+
+def noisy(size: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    """A photo-like image: smooth gradients plus some noise (compresses, resizes like a photo)."""
+    gradient = Image.linear_gradient("L").resize(size)
+    noise = Image.effect_noise(size, 20).convert("L")
+    image = Image.merge("RGB", (gradient, noise, gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+    return image.convert(mode) if mode != "RGB" else image
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [("RGB", "PNG"), ("RGBA", "PNG"), ("L", "PNG"), ("P", "PNG"), ("RGB", "JPEG"), ("RGB", "WEBP")],
+)
+def test_ordinary_images_decode_exactly_as_before(mode: str, fmt: str) -> None:
+    data = encode(noisy((127, 100), mode), fmt)  # shorter side under 2 x keep_side
+    full = decode_image(data, max_pixels=BIG)
+    kept = decode_image(data, max_pixels=BIG, keep_side=64)
+    assert kept.size == full.size and kept.tobytes() == full.tobytes()
+
+
+@pytest.mark.parametrize(("mode", "fmt"), [("RGB", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("RGB", "JPEG")])
+def test_large_images_shrink_by_an_exact_factor_and_keep_their_look(mode: str, fmt: str) -> None:
+    data = encode(noisy((640, 480), mode), fmt)
+    full = decode_image(data, max_pixels=BIG)
+    kept = decode_image(data, max_pixels=BIG, keep_side=64)
+    assert kept.mode == "RGB" and min(kept.size) >= 64
+    assert kept.width * 480 == kept.height * 640 and kept.size != full.size
+    resized = full.resize(kept.size, Image.Resampling.BOX)
+    difference = sum(abs(a - b) for a, b in zip(kept.tobytes(), resized.tobytes(), strict=True))
+    assert difference / len(resized.tobytes()) < 4  # mean difference per channel, out of 255
+
+
+def test_large_jpeg_is_decoded_at_a_reduced_scale() -> None:
+    data = encode(noisy((640, 480)), "JPEG")
+    with Image.open(io.BytesIO(data)) as image:
+        _draft(image, 64)
+        assert image.size == (160, 120)  # libjpeg scales by 1/4 while decoding: no full-size pixels
+    assert decode_image(data, max_pixels=BIG, keep_side=64).size == (160, 120)
+
+
+def test_exif_orientation_applies_to_the_shrunk_image() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(noisy((640, 480)), "JPEG", exif=exif.tobytes())
+    assert decode_image(data, max_pixels=BIG, keep_side=64).size == (120, 160)
+
+
+# llava-hf's anyres grid (336 px tiles) at a third of the scale, to keep the test fast
+SMALL_GRID = [[112, 224], [224, 112], [224, 224], [336, 112], [112, 336]]
+
+
+def test_the_processor_sees_the_same_grid_and_nearly_the_same_pixels() -> None:
+    """What the LLaVA-NeXT processor (llava-hf's grid at 112 px tiles) makes of a 896 x 672 photo, decoded
+    at full size and shrunk to its largest grid side (336): same tensor shape and image size ratio (hence
+    the same anyres grid and image tokens), pixel values within a small tolerance."""
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112}, image_grid_pinpoints=SMALL_GRID
+    )
+    keep = keep_side_for(processor)
+    assert keep == 336
+    data = encode(noisy((896, 672)), "PNG")
+    full = processor(decode_image(data, max_pixels=BIG), return_tensors="np")
+    kept_image = decode_image(data, max_pixels=BIG, keep_side=keep)
+    kept = processor(kept_image, return_tensors="np")
+    assert kept_image.size == (448, 336)
+    assert kept["pixel_values"].shape == full["pixel_values"].shape
+    (full_h, full_w), (kept_h, kept_w) = full["image_sizes"][0], kept["image_sizes"][0]
+    assert full_h * kept_w == full_w * kept_h
+    assert abs(kept["pixel_values"] - full["pixel_values"]).mean() < 0.05  # normalised units (about ±2)
+
+
+# -- worker: the decode pixel budget ----------------------------------------------------------------------
+
+
+def test_pixel_budget_waits_until_pixels_are_free() -> None:
+    budget = PixelBudget(100)
+    entered = threading.Event()
+
+    def second() -> None:
+        with budget.hold(60, time.monotonic() + 30):
+            entered.set()
+
+    with budget.hold(60, time.monotonic() + 30):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        assert not entered.wait(0.2)  # 60 + 60 > 100: it waits
+    waiter.join(30)
+    assert entered.is_set() and budget.free == 100
+
+
+def test_pixel_budget_wait_ends_at_the_deadline_with_a_timeout() -> None:
+    budget = PixelBudget(100)
+    with (
+        budget.hold(100, time.monotonic() + 30),
+        pytest.raises(JobTimeout) as exc,
+        budget.hold(1, time.monotonic() + 0.1),
+    ):
+        pass
+    assert_code(exc, "timeout")
+    assert budget.free == 100
+
+
+def test_one_image_larger_than_the_budget_still_decodes_alone() -> None:
+    budget = PixelBudget(10)
+    with budget.hold(10**6, time.monotonic() + 1):
+        assert budget.free == 0
+    data = png_bytes((20, 20))
+    assert decode_image(data, max_pixels=BIG, budget=(budget, time.monotonic() + 1)).size == (20, 20)

@@ -78,3 +78,20 @@ def test_shipped_configs_load() -> None:
     for config in sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")):
         settings = load_settings(WorkerSettings, config_file=config)
         assert settings.model, config
+
+
+def test_task_threads_are_the_model_supply_plus_a_fetch_allowance() -> None:
+    assert load_settings(WorkerSettings, max_batch_size=4).threads == 2 * 4 + 4
+    assert load_settings(WorkerSettings, max_batch_size=4, fetch_threads=0).threads == 8
+    assert load_settings(WorkerSettings, max_batch_size=4, concurrency=3).threads == 3
+
+
+def test_visibility_timeout_must_exceed_the_longest_job_fetch_included() -> None:
+    # the fetch (all retries and pauses) ends by the job's deadline, so only job_timeout counts, plus the
+    # decode of an image already fetched; retries and fetch deadlines no longer add up on top of it
+    settings = load_settings(
+        WorkerSettings, job_timeout=30, fetch_deadline=60, fetch_retries=10, visibility_timeout=33
+    )
+    assert settings.longest_job_seconds == 32
+    with pytest.raises(ValidationError, match="visibility_timeout"):
+        load_settings(WorkerSettings, job_timeout=30, visibility_timeout=32)
