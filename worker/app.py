@@ -30,7 +30,7 @@ def create_app(settings: WorkerSettings, service: Service) -> Celery:
     app.llava_service = service  # type: ignore[attr-defined]  # read by the llava_health inspect command
     ledger = DeliveryLedger(app, settings)
     service.on_model_start, service.on_model_end = ledger.model_started, ledger.model_finished
-    service.blobs = ledger.blobs
+    service.images.blobs = ledger.blobs
     for name in TASKS:
         app.task(name=name, bind=True, throws=(LlavaError,))(_task_function(name, service, ledger))
 

@@ -26,8 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+from redis.exceptions import RedisError
 
+from producer.blobs import BlobStore
+from producer.contract import is_blob_reference
 from producer.errors import (
+    FetchFailed,
     FetchForbidden,
     ImageTooLarge,
     InvalidImage,
@@ -79,8 +83,9 @@ class PixelBudget:
 
 
 class ImageLoader:
-    """One worker's image loading: its fetch registry (aborted at warm shutdown), its pixel budget, and the
-    size its processor keeps (``keep_side``, set once the model is loaded)."""
+    """One worker's image loading: its fetch registry (aborted at warm shutdown), its pixel budget, the
+    size its processor keeps (``keep_side``, set once the model is loaded) and the blob store images sent by
+    reference are read from (``blobs``, set by the Celery app from the result backend)."""
 
     def __init__(self, settings: WorkerSettings, resolve: Resolver = system_resolver) -> None:
         self.settings = settings
@@ -88,13 +93,14 @@ class ImageLoader:
         self.fetches = FetchRegistry()
         self.decoding = PixelBudget(settings.decode_pixel_budget)
         self.keep_side = DEFAULT_KEEP_SIDE
+        self.blobs: BlobStore | None = None
         _pool_freed_blocks(settings.decode_pixel_budget)
 
     def load(self, reference: str, deadline: float) -> Image.Image:
         """Fetch or decode ``reference`` (all waits end by ``deadline``, ``time.monotonic()``): an RGB image
         within every cap, shrunk to what the processor keeps. Raises a coded error, or
         :class:`~worker.fetch.FetchAborted` when the worker aborts its fetches."""
-        data = read_image_bytes(reference, self.settings, self.resolve, deadline, self.fetches)
+        data = read_image_bytes(reference, self.settings, self.resolve, deadline, self.fetches, self.blobs)
         return decode_image(
             data,
             self.settings.max_image_pixels,
@@ -145,8 +151,11 @@ def read_image_bytes(
     resolve: Resolver = system_resolver,
     deadline: float | None = None,
     fetches: FetchRegistry | None = None,
+    blobs: BlobStore | None = None,
 ) -> bytes:
     """The encoded bytes ``reference`` names; a fetch ends by ``fetch_deadline`` or ``deadline``."""
+    if is_blob_reference(reference):
+        return _read_blob(reference, blobs, settings.max_image_bytes)
     head = reference[:8].lower()
     if head.startswith("data:"):
         return _decode_data_uri(reference, settings.max_image_bytes)
@@ -154,7 +163,18 @@ def read_image_bytes(
         return fetch(reference, fetch_policy(settings), resolve, deadline, fetches)
     if reference.startswith("/"):
         return _read_local(Path(reference), settings)
-    raise InvalidRequest("image must be an http(s) URL, a data: URI or an absolute path")
+    raise InvalidRequest("image must be an http(s) URL, a data: URI, a blob reference or an absolute path")
+
+
+def _read_blob(reference: str, blobs: BlobStore | None, max_bytes: int) -> bytes:
+    if blobs is None:
+        raise InvalidRequest(
+            "this worker has no blob store (its result backend is not Redis): send the image inline"
+        )
+    try:
+        return blobs.get(reference, max_bytes)
+    except RedisError as exc:
+        raise FetchFailed(f"the blob store did not answer: {type(exc).__name__}", retryable=True) from None
 
 
 def _decode_data_uri(uri: str, max_bytes: int) -> bytes:

@@ -17,7 +17,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from producer.blobs import BlobStore
 from producer.client import validation_message
 from producer.contract import (
     DEFAULT_CAPTION_PROMPT,
@@ -126,7 +125,6 @@ class Service:
         # deaths of workers mid-call: see worker.delivery).
         self.on_model_start: Callable[[list[str]], None] = lambda job_ids: None
         self.on_model_end: Callable[[list[str]], None] = lambda job_ids: None
-        self.blobs: BlobStore | None = None  # images sent by reference (producer.blobs), from the app
 
     def start(self) -> Runtime:
         """Load the model (once per process) and start the model thread."""
