@@ -109,6 +109,12 @@ def test_map_refuses_bad_input_with_typed_errors(client, queue, kind, params, wr
         client.map(kind, [STOP_SIGN], queue=queue, **params)
 
 
+def test_a_str_that_is_not_a_url_is_never_read_as_a_file(client, queue) -> None:
+    with pytest.raises(InvalidRequest, match=r"pass a pathlib\.Path"):
+        client.caption(str(STOP_SIGN), queue=queue)  # a path sent as a str (e.g. from a web form)
+    assert client.caption(STOP_SIGN, queue=queue, max_new_tokens=2).get().kind == "caption"
+
+
 def test_as_completed_timeout_releases_unfinished_jobs(fresh) -> None:
     parked = f"parked-{uuid.uuid4().hex[:8]}"  # no worker consumes it
     jobs = fresh.map("caption", [STOP_SIGN, RADAR], queue=parked)
