@@ -60,9 +60,10 @@ def fail_fast_config(settings: QueueSettings, broker_timeout: float) -> dict[str
     """Overrides for a producer: an unreachable Redis fails a send or a result read within about
     ``broker_timeout`` seconds instead of being waited out as a worker does.
 
-    Each connection attempt (broker or result backend, connect or command) is bounded by a third of it; a
-    send tries the backend's result channel, then the publish, each with one retry (a pooled connection
-    left dead by a Redis restart is replaced by the retry, so nothing needs restarting).
+    Each connection attempt (broker or result backend, connect or command) is bounded by a third of it. A
+    send subscribes to the job's result channel (one reconnect if that fails), then publishes (one retry); a
+    result read makes one attempt. A pooled connection left dead by a Redis restart is replaced on the next
+    call, so nothing needs restarting. ``result_extended`` and the rest stay as the worker has them.
     """
     attempt = round(broker_timeout / 3, 3)
     one_retry = {"max_retries": 1, "interval_start": 0, "interval_step": 0.1, "interval_max": 0.1}
