@@ -372,15 +372,9 @@ class LlavaClient:
         result_model = RESULT_MODELS[task_name]
         timeout = self.settings.result_timeout
         if send.job_id is not None:
-            existing: Job[Any] = Job(self.app.AsyncResult(send.job_id), result_model, timeout, task_name)
-            state = existing.state
-            if state == states.SUCCESS:
+            existing = self._succeeded(send.job_id, task_name)
+            if existing is not None:
                 return existing
-            if (
-                state == states.FAILURE
-            ):  # it runs again: the handle must wait for the new outcome, not the old
-                with broker_guard(f"forgetting the failure of job {send.job_id}"):
-                    existing.async_result.forget()
         payload = request.model_dump(mode="json", exclude_defaults=True)
         shown = {**payload, "image": redact(wire_image)}
         with broker_guard(f"sending a {task_name} job"):
@@ -400,6 +394,20 @@ class LlavaClient:
         # so subscribe only while something waits (get/wait/as_completed subscribe, then read the result).
         job.release()
         return job
+
+    def _succeeded(self, job_id: str, task_name: str) -> Job[Any] | None:
+        """The handle of job ``job_id`` if it already succeeded. A stored failure is forgotten: the job runs
+        again, and its handle must wait for the new outcome, not return the old one."""
+        existing: Job[Any] = Job(
+            self.app.AsyncResult(job_id), RESULT_MODELS[task_name], self.settings.result_timeout, task_name
+        )
+        state = existing.state
+        if state == states.SUCCESS:
+            return existing
+        if state == states.FAILURE:
+            with broker_guard(f"forgetting the failure of job {job_id}"):
+                existing.async_result.forget()
+        return None
 
     def close(self) -> None:
         """Release broker and backend connections."""
