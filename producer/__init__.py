@@ -1,5 +1,7 @@
 """llava-queue producer: submit LLaVA-NeXT jobs and collect typed results. Never imports torch."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from producer.client import Job, LlavaClient
 from producer.contract import (
     TASK_CAPTION,
@@ -14,6 +16,7 @@ from producer.contract import (
     VQAResult,
 )
 from producer.errors import (
+    BrokerUnavailable,
     FetchFailed,
     FetchForbidden,
     ImageError,
@@ -29,10 +32,16 @@ from producer.errors import (
 )
 from producer.settings import ClientSettings, load_settings
 
+try:
+    __version__ = version("llava-queue")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
+
 __all__ = [
     "TASK_CAPTION",
     "TASK_CLASSIFY",
     "TASK_VQA",
+    "BrokerUnavailable",
     "CaptionRequest",
     "CaptionResult",
     "ClassifyRequest",
@@ -55,5 +64,6 @@ __all__ = [
     "VQARequest",
     "VQAResult",
     "WorkerLost",
+    "__version__",
     "load_settings",
 ]

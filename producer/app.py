@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from celery import Celery
 
 from producer.contract import DEFAULT_PRIORITY
 from producer.settings import QueueSettings
+
+Role = Literal["worker", "producer"]
 
 
 def celery_config(settings: QueueSettings) -> dict[str, Any]:
@@ -56,8 +58,47 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
     }
 
 
-def create_celery_app(settings: QueueSettings, main: str = "llava-queue") -> Celery:
-    """A Celery app bound to ``settings`` (not set as the process-wide current app)."""
+def fail_fast_config(settings: QueueSettings, broker_timeout: float) -> dict[str, Any]:
+    """Overrides for a producer: an unreachable Redis fails a send or a result read within about
+    ``broker_timeout`` seconds instead of being waited out as a worker does.
+
+    Each connection attempt (broker or result backend, connect or command) is bounded by a third of it. A
+    send subscribes to the job's result channel (one reconnect if that fails), then publishes (one retry); a
+    result read makes one attempt. A pooled connection left dead by a Redis restart is replaced on the next
+    call, so nothing needs restarting. ``result_extended`` and the rest stay as the worker has them.
+    """
+    attempt = round(broker_timeout / 3, 3)
+    one_retry = {"max_retries": 1, "interval_start": 0, "interval_step": 0.1, "interval_max": 0.1}
+    transport = dict(celery_config(settings)["broker_transport_options"], socket_timeout=attempt)
+    return {
+        "broker_connection_timeout": attempt,
+        "broker_connection_max_retries": 1,
+        "broker_transport_options": transport,
+        "task_publish_retry_policy": one_retry,
+        "redis_socket_connect_timeout": attempt,
+        "redis_socket_timeout": attempt,
+        "result_backend_always_retry": False,
+        "result_backend_transport_options": {
+            "visibility_timeout": settings.visibility_timeout,
+            "retry_policy": {**one_retry, "max_retries": 0},
+        },
+    }
+
+
+def create_celery_app(
+    settings: QueueSettings,
+    main: str = "llava-queue",
+    *,
+    role: Role = "worker",
+    broker_timeout: float = 5.0,
+) -> Celery:
+    """A Celery app bound to ``settings`` (not set as the process-wide current app).
+
+    ``role="worker"`` waits out a Redis restart, however long; ``role="producer"`` raises within about
+    ``broker_timeout`` seconds instead (see :func:`fail_fast_config`).
+    """
     app = Celery(main, broker=settings.broker_url, backend=settings.result_backend, set_as_current=False)
     app.conf.update(celery_config(settings))
+    if role == "producer":
+        app.conf.update(fail_fast_config(settings, broker_timeout))
     return app

@@ -9,12 +9,16 @@
 - **Records**: ``{"image", "job_id", "result"}`` or ``{"image", "job_id"?, "error": {"code", "message"}}``,
   written as the jobs finish (or in input order, see :class:`RecordSink`), each line flushed.
 - **Resume**: images whose last record in the output has a result, or a permanent error, are skipped; those
-  whose last record has a transient error (:data:`RETRIED_CODES`) are sent again. A line cut short by a crash
-  is ignored (and the file gets a newline before anything is appended), so the last line for an image wins.
+  whose last record has a transient error (:data:`RETRIED_CODES`) are sent again. With an output file each
+  job's id comes from :func:`resume_job_id`, so a rerun collects the results of jobs that finished while it
+  was down (stopped, crashed, or given up waiting) instead of computing them again. A line cut short by a
+  crash is ignored (and the file gets a newline before anything is appended), so the last line for an image
+  wins.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -22,13 +26,14 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from producer.broker import broker_guard
 from producer.client import Job
 from producer.collector import ResultCollector
-from producer.errors import InvalidRequest, LlavaError, ResultTimeout
+from producer.errors import BrokerUnavailable, InvalidRequest, LlavaError, ResultTimeout
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 # Errors a later run may not get again: fetches, deadlines and lost workers. Every other code is permanent.
-RETRIED_CODES = frozenset({"fetch_failed", "timeout", "worker_lost", "result_timeout"})
+RETRIED_CODES = frozenset({"fetch_failed", "timeout", "worker_lost", "result_timeout", "broker_unavailable"})
 
 Record = dict[str, Any]
 
@@ -36,6 +41,32 @@ Record = dict[str, Any]
 def _is_reference(target: str) -> bool:
     """A URL or ``data:`` URI (sent as is), not a local path."""
     return target[:8].lower().startswith(("http://", "https://", "data:")) or "://" in target[:16]
+
+
+def image_input(target: str) -> str | Path:
+    """What the client gets for an IMAGE argument: a URL or ``data:`` URI as given, anything else as a local
+    file (:class:`~pathlib.Path`; the client never reads a ``str`` as a path)."""
+    return target if _is_reference(target) else Path(target)
+
+
+def resume_job_id(output: str, image: str, kind: str, params: dict[str, Any]) -> str:
+    """The job id of ``image`` in a run writing to ``output``: the same output file, image, kind and
+    parameters give the same id, so a rerun finds the results of jobs that finished while it was down
+    (``LlavaClient`` returns a stored success instead of sending again). A file is known by its resolved
+    path, size and modification time (an edited file is tagged again); a URL or ``data:`` URI by itself.
+    ``priority`` does not change the result, so it is not part of the id."""
+    identity: list[Any] = [image]
+    if not _is_reference(image):
+        path = Path(image).resolve()
+        try:
+            stat = path.stat()
+            identity = [str(path), stat.st_size, stat.st_mtime_ns]
+        except OSError:  # unreadable: the send is refused anyway
+            identity = [str(path)]
+    chosen = {key: value for key, value in params.items() if key != "priority" and value is not None}
+    key = [str(Path(output).resolve()), identity, kind, chosen]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return f"bulk-{digest[:32]}"
 
 
 def walk_images(directory: str) -> Iterator[str]:
@@ -187,13 +218,16 @@ class BulkRun:
         self._flying: dict[Job[Any], tuple[int, str, float]] = {}  # in sending order: oldest first
 
     def run(self, images: Iterable[str]) -> None:
-        """Send every image and wait for every job (each at most ``timeout`` s after its sending)."""
+        """Send every image and wait for every job (each at most ``timeout`` s after its sending).
+
+        An unreachable Redis stops the run with :class:`BrokerUnavailable` (records written so far stay)."""
         todo = enumerate(images)
-        try:
-            while self._fill(todo) or self._flying:
-                self._collect()
-        finally:
-            self._collector.close()
+        with broker_guard("bulk run"):
+            try:
+                while self._fill(todo) or self._flying:
+                    self._collect()
+            finally:
+                self._collector.close()
 
     def _fill(self, todo: Iterator[tuple[int, str]]) -> bool:
         """Send until the window is full; False once every image was sent."""
@@ -204,6 +238,8 @@ class BulkRun:
             index, image = item
             try:
                 job = self._submit(image)
+            except BrokerUnavailable:
+                raise
             except LlavaError as exc:  # refused before sending: unreadable file, too large, bad params
                 self._done(index, image, None, exc)
                 continue
@@ -222,6 +258,8 @@ class BulkRun:
         index, image, _ = self._flying.pop(job)
         try:
             outcome: Any = job.get(0)
+        except BrokerUnavailable:
+            raise
         except LlavaError as exc:
             outcome = exc
         self._done(index, image, job, outcome)

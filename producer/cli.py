@@ -7,7 +7,8 @@
 
 Common options: --config FILE, --json, --out F.jsonl, --timeout S, --queue Q, --in-flight N, --no-progress.
 A directory is walked for image files; ``--out`` resumes (see :mod:`producer.bulk`). Exit status: 0 when
-every image has a result, 1 when any failed, 2 on bad usage.
+every image has a result, 1 when any failed, 2 on bad usage, 3 when Redis does not answer (within
+``broker_timeout``), 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -20,33 +21,41 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
-from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 from rich.console import Console
 
+from producer import __version__
+from producer.broker import broker_guard
 from producer.bulk import (
     BulkRun,
     Record,
     RecordSink,
     discover,
+    image_input,
     is_settled,
     jsonl_writer,
     load_outcomes,
     open_output,
     read_image_list,
     record_for,
+    resume_job_id,
 )
 from producer.client import KINDS, Job, LlavaClient, check_params
-from producer.errors import InvalidRequest
+from producer.errors import BrokerUnavailable, InvalidRequest
+from producer.flower import flower_command, flower_url
 from producer.report import Summary, make_progress, summary_table
 from producer.settings import ClientSettings, load_settings
 from producer.status import cluster_status
 
 DEFAULT_IN_FLIGHT = 32
+EXIT_USAGE = 2
+EXIT_BROKER_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-queue", description="Submit LLaVA-NeXT jobs; show status.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--config", help="YAML settings file (default: $LLAVA_CONFIG)")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
@@ -57,7 +66,11 @@ def _parser() -> argparse.ArgumentParser:
         _job_arguments(commands.add_parser(name, help=help_text), name)
     status = commands.add_parser("status", help="workers online, what each serves, queue depths")
     status.add_argument("--json", action="store_true")
-    commands.add_parser("flower", help="run Flower on the broker (needs the monitor extra; imports no torch)")
+    flower = commands.add_parser(
+        "flower", help="run Flower on the broker (needs the monitor extra; no torch)"
+    )
+    flower.add_argument("--address", help="address to bind (default 127.0.0.1; others need basic auth)")
+    flower.add_argument("--port", type=int, help="port (default 5555)")
     return parser
 
 
@@ -66,9 +79,12 @@ def _job_arguments(sub: argparse.ArgumentParser, name: str) -> None:
         "images", nargs="*", metavar="IMAGE", help="URL, data: URI, local file, or a directory (walked)"
     )
     sub.add_argument("--from-file", metavar="F", help="read URLs/paths from F, one per line (# comments)")
-    sub.add_argument("--prompt", help="instruction (caption, classify)")
-    sub.add_argument("--question", required=name == "vqa", help="the question (vqa)")
-    sub.add_argument("--labels", help="comma-separated labels (classify)")
+    if "prompt" in KINDS[name][2]:
+        sub.add_argument("--prompt", help="the instruction (default: the kind's own)")
+    if name == "vqa":
+        sub.add_argument("--question", required=True, help="the question to answer")
+    if name == "classify":
+        sub.add_argument("--labels", help="comma-separated labels to pick from (default: free-text class)")
     sub.add_argument("--max-new-tokens", type=int)
     sub.add_argument("--model", help="send to the workers serving this model (queue llava.<model>)")
     sub.add_argument("--queue", help="queue to send to (default: settings.default_queue)")
@@ -83,23 +99,15 @@ def _job_arguments(sub: argparse.ArgumentParser, name: str) -> None:
     sub.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal)")
 
 
-def flower_argv(settings: ClientSettings) -> list[str]:
-    """``celery --broker=... flower`` with the port and basic auth from settings."""
-    argv = ["celery", f"--broker={settings.broker_url}", "flower", f"--port={settings.flower_port}"]
-    if settings.flower_basic_auth:
-        argv.append(f"--basic-auth={settings.flower_basic_auth}")
-    return argv
-
-
 def _submitter(client: LlavaClient, args: argparse.Namespace) -> Callable[[str], Job[Any]]:
-    """``image -> Job`` with the command's fields and options; options the kind does not take are refused."""
-    labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
-    given = {"prompt": args.prompt, "question": args.question, "labels": labels}
-    takes = KINDS[args.command][2]
-    wrong = sorted(f"--{key}" for key, value in given.items() if value is not None and key not in takes)
-    if wrong:
-        raise InvalidRequest(f"{args.command} does not take {', '.join(wrong)}")
-    params = {key: given[key] for key in takes}
+    """``image -> Job`` with the command's fields (each kind's parser has only its own) and options."""
+    labels = getattr(args, "labels", None)
+    given = {
+        "prompt": getattr(args, "prompt", None),
+        "question": getattr(args, "question", None),
+        "labels": [label.strip() for label in labels.split(",")] if labels else None,
+    }
+    params = {key: given[key] for key in KINDS[args.command][2]}
     options = {
         "queue": args.queue,
         "model": args.model,
@@ -107,7 +115,12 @@ def _submitter(client: LlavaClient, args: argparse.Namespace) -> Callable[[str],
         "max_new_tokens": args.max_new_tokens,
     }
     check_params(args.command, **params, **options)  # bad options are a usage error, not one per image
-    return lambda image: client.submit(args.command, image, **params, **options)
+
+    def submit(image: str) -> Job[Any]:
+        job_id = resume_job_id(args.out, image, args.command, {**params, **options}) if args.out else None
+        return client.submit(args.command, image_input(image), **params, **options, job_id=job_id)
+
+    return submit
 
 
 def _print_human(record: dict[str, Any], stream: TextIO) -> None:
@@ -172,7 +185,8 @@ def run_jobs(client: LlavaClient, args: argparse.Namespace, console: Console) ->
             progress.advance(bar)
 
         BulkRun(submit, done, args.in_flight, timeout).run(todo)
-    console.print(summary_table(summary, f"llava-queue {args.command}: {len(images)} image(s)"))
+    if len(images) > 1:  # one image: its line says it all
+        console.print(summary_table(summary, f"llava-queue {args.command}: {len(images)} image(s)"))
     return summary.exit_code()
 
 
@@ -194,31 +208,48 @@ def _print_status(status: dict[str, Any]) -> None:
         print(f"  {queue}: {depth} waiting{served}")
 
 
+def _run_flower(settings: ClientSettings) -> int:
+    """Replace this process with Flower (see :mod:`producer.flower`); 2 if the address needs auth."""
+    try:
+        command, env = flower_command(settings, os.environ)
+    except InvalidRequest as exc:
+        print(f"llava-queue: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    auth = "on" if settings.flower_basic_auth else "off (loopback only)"
+    print(f"llava-queue: Flower on {flower_url(settings)} (basic auth {auth})", file=sys.stderr, flush=True)
+    os.execvpe(command[0], command, env)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    flower_flags = {
+        "flower_address": getattr(args, "address", None),
+        "flower_port": getattr(args, "port", None),
+    }
     try:
-        settings = load_settings(ClientSettings, config_file=args.config)
+        settings = load_settings(ClientSettings, config_file=args.config, **flower_flags)
     except (ValidationError, FileNotFoundError) as exc:
         print(f"llava-queue: invalid settings: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if args.command == "flower":
-        os.execvp(sys.executable, [sys.executable, "-m", "celery", *flower_argv(settings)[1:]])
+        return _run_flower(settings)
     client = LlavaClient(settings)
     try:
         if args.command == "status":
-            status = cluster_status(client.app, [settings.default_queue])
+            with broker_guard("reading the cluster status"):
+                status = cluster_status(client.app, [settings.default_queue])
             print(json.dumps(status, indent=2)) if args.json else _print_status(status)
             return 0
         return run_jobs(client, args, Console(stderr=True))
     except InvalidRequest as exc:
         print(f"llava-queue: {exc.message}", file=sys.stderr)
-        return 2
-    except OperationalError as exc:
-        print(f"llava-queue: the broker did not answer: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
+    except BrokerUnavailable as exc:
+        print(f"llava-queue: broker unavailable: {exc.message}", file=sys.stderr)
+        return EXIT_BROKER_UNAVAILABLE
     except KeyboardInterrupt:
         print("llava-queue: interrupted; rerun with the same --out to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         client.close()
 

@@ -6,6 +6,7 @@ Torch-free: imports Celery, pydantic and the contract only; tasks are sent by na
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, fields
@@ -19,6 +20,7 @@ from celery.result import AsyncResult
 from pydantic import BaseModel, ValidationError
 
 from producer.app import create_celery_app
+from producer.broker import broker_guard
 from producer.collector import aiter_completed, iter_completed
 from producer.contract import (
     DEFAULT_PRIORITY,
@@ -35,7 +37,14 @@ from producer.contract import (
     VQAResult,
     model_queue,
 )
-from producer.errors import InternalError, InvalidRequest, LlavaError, ResultTimeout, WorkerLost
+from producer.errors import (
+    BrokerUnavailable,
+    InternalError,
+    InvalidRequest,
+    LlavaError,
+    ResultTimeout,
+    WorkerLost,
+)
 from producer.images import ImageInput, redact, to_wire
 from producer.settings import ClientSettings, load_settings
 
@@ -159,18 +168,22 @@ class Job(Generic[R]):
     def state(self) -> str:
         """Celery state: PENDING (queued, running, or an unknown id), SUCCESS or FAILURE. (The worker does not
         store STARTED in the result backend; Flower shows it from task events.)"""
-        return str(self._async.state)
+        with broker_guard(f"reading the state of job {self.id}"):
+            return str(self._async.state)
 
     def ready(self) -> bool:
-        """Whether the job finished (succeeded or failed). One read of the result backend until it has."""
-        return bool(self._async.ready())
+        """Whether the job finished (succeeded or failed). One read of the result backend until it has;
+        raises :class:`~producer.errors.BrokerUnavailable` if Redis does not answer."""
+        with broker_guard(f"reading the result of job {self.id}"):
+            return bool(self._async.ready())
 
     def get(self, timeout: float | None = None) -> R:
         """Wait for the result (``timeout`` seconds, default from settings).
 
-        Raises the job's :class:`~producer.errors.LlavaError` if it failed, or
+        Raises the job's :class:`~producer.errors.LlavaError` if it failed,
         :class:`~producer.errors.ResultTimeout` if nothing arrived in time (the job may still finish; its
-        result subscription is released, and a later ``get`` subscribes again).
+        result subscription is released, and a later ``get`` subscribes again), or
+        :class:`~producer.errors.BrokerUnavailable` if Redis does not answer.
         """
         wait = self._default_timeout if timeout is None else timeout
         try:
@@ -178,6 +191,9 @@ class Job(Generic[R]):
         except CeleryTimeoutError:
             self.release()
             raise self._timed_out(wait) from None
+        except BrokerUnavailable:
+            self.forget_subscription()
+            raise
         return self._parse(payload)
 
     async def wait(self, timeout: float | None = None) -> R:
@@ -203,11 +219,21 @@ class Job(Generic[R]):
         except (ResultTimeout, asyncio.CancelledError):
             self.release()
             raise
+        except BrokerUnavailable:
+            self.forget_subscription()
+            raise
 
     def release(self) -> None:
         """Stop waiting for this job's result message (the job keeps running and the handle keeps working).
         :meth:`get` and the collectors do this themselves."""
-        self._async.backend.remove_pending_result(self._async)
+        with broker_guard(f"releasing job {self.id}"):
+            self._async.backend.remove_pending_result(self._async)
+
+    def forget_subscription(self) -> None:
+        """:meth:`release` after Redis failed: the subscription died with its connection, so only the
+        bookkeeping is dropped (a later unsubscribe of a dead connection would fail in ``__del__``)."""
+        with contextlib.suppress(BrokerUnavailable):
+            self.release()
 
     def _timed_out(self, wait: float) -> ResultTimeout:
         return ResultTimeout(f"job {self.id} gave no result within {wait:g} s (state {self.state})")
@@ -216,7 +242,8 @@ class Job(Generic[R]):
         """The raw result, waiting up to ``wait`` s; a failure raises its LlavaError (CeleryTimeoutError
         when nothing arrived)."""
         try:
-            return self._async.get(timeout=wait, propagate=True)
+            with broker_guard(f"waiting for the result of job {self.id}"):
+                return self._async.get(timeout=wait, propagate=True)
         except (CeleryTimeoutError, LlavaError):
             raise
         except WorkerLostError as exc:
@@ -238,13 +265,20 @@ class Job(Generic[R]):
 class LlavaClient:
     """Submit caption, VQA and classify jobs. Every method returns a :class:`Job` at once.
 
-    Images: an http(s) URL (fetched by the worker), a ``data:`` URI, a local path (``str``/``Path``),
-    ``bytes`` or a PIL image (sent inline as a ``data:`` URI, checked against ``max_image_bytes`` first).
+    Images: an http(s) URL (fetched by the worker), a ``data:`` URI, a local file as a
+    :class:`~pathlib.Path` (a ``str`` is never read as a path), ``bytes`` or a PIL image (sent inline as a
+    ``data:`` URI, checked against ``max_image_bytes`` first).
+
+    When Redis does not answer, sending and reading results raise
+    :class:`~producer.errors.BrokerUnavailable` within about ``broker_timeout`` seconds; the same client
+    works again once Redis is back.
     """
 
     def __init__(self, settings: ClientSettings | None = None, *, app: Celery | None = None) -> None:
         self.settings = settings or load_settings(ClientSettings)
-        self.app = app or create_celery_app(self.settings)
+        self.app = app or create_celery_app(
+            self.settings, role="producer", broker_timeout=self.settings.broker_timeout
+        )
 
     def caption(self, image: ImageInput, prompt: str | None = None, **options: Any) -> Job[CaptionResult]:
         """Describe ``image`` (``prompt`` defaults to "What is shown in this image?").
@@ -306,14 +340,21 @@ class LlavaClient:
         the ``result_timeout`` setting). Jobs not yet finished when the iteration stops (timeout, ``break``)
         are released: no subscription outlives it.
         """
-        yield from iter_completed(jobs, self._wait(timeout))
+        jobs = list(jobs)
+        try:
+            with broker_guard("waiting for results"):
+                yield from iter_completed(jobs, self._wait(timeout))
+        except BrokerUnavailable:
+            _forget_subscriptions(jobs)
+            raise
 
     def as_completed_async(
         self, jobs: Iterable[Job[Any]], timeout: float | None = None
     ) -> AsyncIterator[Job[Any]]:
         """:meth:`as_completed` for asyncio (``async for job in ...``): one executor thread waits for all
         the jobs, the event loop runs on."""
-        return aiter_completed(jobs, self._wait(timeout))
+        jobs = list(jobs)
+        return _guarded(aiter_completed(jobs, self._wait(timeout)), jobs)
 
     def _wait(self, timeout: float | None) -> float:
         return self.settings.result_timeout if timeout is None else timeout
@@ -322,39 +363,70 @@ class LlavaClient:
         self, task_name: str, model: type[BaseModel], image: ImageInput, fields: dict[str, Any], options: dict
     ) -> Job[Any]:
         """Validate and send. With ``job_id``: if a job with that id already succeeded (and its result has
-        not expired), its handle is returned and nothing is sent; otherwise the job is sent under that id,
-        and a worker that finds a stored success for it returns that instead of running it again."""
+        not expired), its handle is returned and nothing is sent; otherwise the job is sent under that id (a
+        stored failure is forgotten first, so the handle waits for the new run), and a worker that finds a
+        stored success for it returns that instead of running it again."""
         send, generation = SendOptions.split(options)
         wire_image = to_wire(image, self.settings.max_image_bytes)
         request = _request(model, wire_image, fields, send, generation)
         result_model = RESULT_MODELS[task_name]
         timeout = self.settings.result_timeout
         if send.job_id is not None:
-            existing = self.app.AsyncResult(send.job_id)
-            if existing.state == states.SUCCESS:
-                return Job(existing, result_model, timeout, task_name)
+            existing = self._succeeded(send.job_id, task_name)
+            if existing is not None:
+                return existing
         payload = request.model_dump(mode="json", exclude_defaults=True)
         shown = {**payload, "image": redact(wire_image)}
-        async_result = self.app.send_task(
-            task_name,
-            task_id=send.job_id,
-            kwargs={"request": payload},
-            queue=send.queue_name(self.settings.default_queue),
-            priority=send.wire_priority(self.app),
-            kwargsrepr=repr({"request": shown}),
-            headers={SENT_AT_HEADER: time.time()},
-            link=send.callback(self.app, send.on_success),
-            link_error=send.callback(self.app, send.on_error),
-        )
+        with broker_guard(f"sending a {task_name} job"):
+            async_result = self.app.send_task(
+                task_name,
+                task_id=send.job_id,
+                kwargs={"request": payload},
+                queue=send.queue_name(self.settings.default_queue),
+                priority=send.wire_priority(self.app),
+                kwargsrepr=repr({"request": shown}),
+                headers={SENT_AT_HEADER: time.time()},
+                link=send.callback(self.app, send.on_success),
+                link_error=send.callback(self.app, send.on_error),
+            )
         job: Job[Any] = Job(async_result, result_model, timeout, task_name)
         # Celery subscribes to every sent job's result channel; a web request that answers 202 never waits,
         # so subscribe only while something waits (get/wait/as_completed subscribe, then read the result).
         job.release()
         return job
 
+    def _succeeded(self, job_id: str, task_name: str) -> Job[Any] | None:
+        """The handle of job ``job_id`` if it already succeeded. A stored failure is forgotten: the job runs
+        again, and its handle must wait for the new outcome, not return the old one."""
+        existing: Job[Any] = Job(
+            self.app.AsyncResult(job_id), RESULT_MODELS[task_name], self.settings.result_timeout, task_name
+        )
+        state = existing.state
+        if state == states.SUCCESS:
+            return existing
+        if state == states.FAILURE:
+            with broker_guard(f"forgetting the failure of job {job_id}"):
+                existing.async_result.forget()
+        return None
+
     def close(self) -> None:
         """Release broker and backend connections."""
         self.app.close()
+
+
+async def _guarded(completed: AsyncIterator[Job[Any]], jobs: list[Job[Any]]) -> AsyncIterator[Job[Any]]:
+    try:
+        with broker_guard("waiting for results"):
+            async for job in completed:
+                yield job
+    except BrokerUnavailable:
+        _forget_subscriptions(jobs)
+        raise
+
+
+def _forget_subscriptions(jobs: list[Job[Any]]) -> None:
+    for job in jobs:
+        job.forget_subscription()
 
 
 def check_params(kind: str, **params: Any) -> None:

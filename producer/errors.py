@@ -100,6 +100,13 @@ class ResultTimeout(LlavaError, TimeoutError):
     code = "result_timeout"
 
 
+class BrokerUnavailable(LlavaError):
+    """Redis (the broker or the result backend) did not answer within ``broker_timeout``; retry later."""
+
+    code = "broker_unavailable"
+    retryable = True
+
+
 ERRORS: dict[str, type[LlavaError]] = {
     cls.code: cls
     for cls in (
@@ -115,6 +122,7 @@ ERRORS: dict[str, type[LlavaError]] = {
         WorkerLost,
         InternalError,
         ResultTimeout,
+        BrokerUnavailable,
     )
 }
 

@@ -55,19 +55,14 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
 
 
 def to_wire(image: ImageInput, max_bytes: int) -> str:
-    """The ``image`` field for a request: URLs pass through; everything else is sent inline, size-checked."""
+    """The ``image`` field for a request: URLs pass through; everything else is sent inline, size-checked.
+
+    A ``str`` must be an http(s) URL or a ``data:`` URI: it is never read as a local path (a web backend
+    passing a user's string on would let the user read the server's files). Local files come as
+    :class:`pathlib.Path` (any ``os.PathLike``), bytes or a PIL image.
+    """
     if isinstance(image, str):
-        lowered = image[:8].lower()
-        if lowered.startswith(("http://", "https://")):
-            return image
-        if lowered.startswith("data:"):
-            _check_size(len(image) * 3 // 4, max_bytes, "data: URI image")
-            return image
-        if "://" in image[:16]:
-            raise InvalidRequest(
-                f"unsupported image URL scheme in {image[:40]!r}: use http(s), data: or a path"
-            )
-        return data_uri(_read_file(Path(image), max_bytes))
+        return _wire_string(image, max_bytes)
     if isinstance(image, os.PathLike):
         return data_uri(_read_file(Path(image), max_bytes))
     if isinstance(image, (bytes, bytearray, memoryview)):
@@ -77,7 +72,24 @@ def to_wire(image: ImageInput, max_bytes: int) -> str:
     if hasattr(image, "save") and hasattr(image, "mode"):  # a PIL image
         return data_uri(_png_bytes(image, max_bytes))
     raise InvalidRequest(
-        f"unsupported image type {type(image).__name__}: pass a URL, path, bytes or PIL image"
+        f"unsupported image type {type(image).__name__}: pass an http(s) URL, a data: URI, a pathlib.Path, "
+        "bytes or a PIL image"
+    )
+
+
+def _wire_string(image: str, max_bytes: int) -> str:
+    lowered = image[:8].lower()
+    if lowered.startswith(("http://", "https://")):
+        return image
+    if lowered.startswith("data:"):
+        _check_size(len(image) * 3 // 4, max_bytes, "data: URI image")
+        return image
+    shown = repr(image[:40]) + ("…" if len(image) > 40 else "")
+    if "://" in image[:16]:
+        raise InvalidRequest(f"unsupported image URL scheme in {shown}: a string must be http(s) or data:")
+    raise InvalidRequest(
+        f"image {shown} is not an http(s) URL or a data: URI; a string is never read as a local file: "
+        "pass a pathlib.Path (or bytes, or a PIL image) to send a local file"
     )
 
 

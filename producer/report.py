@@ -59,16 +59,21 @@ def make_progress(console: Console, enabled: bool) -> Progress:
 @dataclass
 class Summary:
     """Counts of a run: this run's outcomes (``succeeded`` or an error code) and the images skipped because
-    an earlier run settled them (with a result, or a permanent error: its code)."""
+    an earlier run settled them (with a result, or a permanent error: its code). ``ran``: the jobs a worker
+    finished (refused before sending and given-up waits are not), the base of the rate."""
 
     outcomes: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)
+    ran: int = 0
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
 
     def count(self, record: Record) -> None:
         """Count one record of this run."""
-        self.outcomes[OK if "result" in record else str(record["error"]["code"])] += 1
+        outcome = OK if "result" in record else str(record["error"]["code"])
+        self.outcomes[outcome] += 1
+        if "job_id" in record and outcome != "result_timeout":
+            self.ran += 1
 
     def skip(self, previous: str | None) -> None:
         """Count an image skipped because an earlier run settled it (``None``: with a result)."""
@@ -97,9 +102,9 @@ class Summary:
         for code, count in sorted(self.skipped.items()):
             what = "skipped: done earlier" if code == OK else f"skipped: failed earlier ({code})"
             rows.append((what, str(count)))
-        rate = self.done / self.elapsed if self.elapsed > 0 else 0.0
         rows += [("images this run", str(self.done)), ("elapsed", f"{self.elapsed:.1f} s")]
-        rows.append(("rate", f"{rate:.1f} images/s"))
+        if self.ran >= 2 and self.elapsed > 0:  # one job's rate is its latency; refusals take no time
+            rows.append(("rate", f"{self.ran / self.elapsed:.1f} images/s"))
         return rows
 
 

@@ -65,7 +65,18 @@ class ClientSettings(QueueSettings):
         description="inline images above this size are refused before sending",
     )
     result_timeout: float = Field(default=300.0, gt=0, description="default seconds Job.get() waits")
+    broker_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        le=120,
+        description="seconds a send or a result read waits on an unreachable Redis before BrokerUnavailable",
+    )
     flower_port: int = Field(default=5555, ge=1, le=65535, description="port of `llava-queue flower`")
+    flower_address: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="address `llava-queue flower` binds; one that is not loopback needs flower_basic_auth",
+    )
     flower_basic_auth: str | None = Field(
         default=None, pattern=r"^[^:]+:.+$", description="user:password Flower asks for (unset: no auth)"
     )

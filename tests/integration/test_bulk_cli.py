@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -12,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from producer.cli import main
 from producer.status import HEALTH_COMMAND
-from tests.integration.conftest import IMAGES, worker_env
+from tests.integration.conftest import IMAGES, wait_for, worker_env
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +94,9 @@ def test_folder_tagging_resumes_without_redoing_images(
     out.write_text("".join(json.dumps(r) + "\n" for r in [*kept, retry]) + '{"image": "/x", "resu')
     before = jobs_done(client, node)
     second = run_cli(args, env)
-    assert jobs_done(client, node) - before == 2  # only b.PNG and c.png were sent again
+    # b.PNG and c.png ran in the first run: their jobs' ids are derived from the output file, image, kind and
+    # parameters, so the rerun finds their stored results instead of computing them again.
+    assert jobs_done(client, node) == before
     assert second.returncode == 1  # bad.png is still failed (from the earlier run)
     assert "skipped: done earlier" in second.stderr and "failed earlier (invalid_image)" in second.stderr
     final = records(out)
@@ -129,13 +133,27 @@ def test_all_succeeded_exits_zero_and_prints_to_stdout(env, fetching_worker, pho
     assert len(printed) == 3 and all(r["result"]["kind"] == "caption" for r in printed)
 
 
+def test_each_kind_lists_only_its_own_options_and_the_version(capsys) -> None:
+    for argv, says in (
+        (["caption", "x.png", "--labels", "a,b"], "--labels"),
+        (["--version"], "llava-queue "),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        output = capsys.readouterr()
+        assert exited.value.code == (2 if "x.png" in argv else 0) and says in output.err + output.out
+    with pytest.raises(SystemExit):
+        main(["caption", "--help"])
+    shown = capsys.readouterr().out
+    assert "--prompt" in shown and "--question" not in shown and "--labels" not in shown
+
+
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
         (["caption"], "give IMAGE arguments"),
         (["caption", "x.png", "--in-flight", "0"], "--in-flight"),
         (["caption", "--from-file", "/nonexistent/list.txt"], "cannot read the image list"),
-        (["caption", "x.png", "--labels", "a,b"], "caption does not take --labels"),
         (["classify", "x.png", "--labels", "a,a"], "distinct"),
         (["caption", "x.png", "--priority", "12"], "priority"),
         (["caption", "x.png", "--max-new-tokens", "0"], "max_new_tokens"),
@@ -148,3 +166,34 @@ def test_bad_usage_exits_two(argv, says, client_settings, monkeypatch, capsys) -
     monkeypatch.setenv("LLAVA_RESULT_BACKEND", client_settings.result_backend)
     assert main(argv) == 2
     assert says in capsys.readouterr().err
+
+
+def test_a_rerun_collects_jobs_that_finished_while_it_was_down(
+    client, client_settings, env, photos, start_worker, tmp_path
+) -> None:
+    """Interrupted with its jobs queued (no worker yet), the CLI exits 130; a worker then runs them; the rerun
+    with the same input and output collects their results without sending anything again."""
+    (photos / "bad.png").unlink()
+    queue = f"parked-{uuid.uuid4().hex[:8]}"
+    out = tmp_path / "tags.jsonl"
+    args = [sys.executable, "-m", "producer.cli", "caption", str(photos), "--out", str(out), "--queue", queue]
+    first = subprocess.Popen([*args, "--max-new-tokens", "1"], env=env, stderr=subprocess.PIPE, text=True)
+    broker = redis.Redis.from_url(client_settings.broker_url)
+    try:
+        queued = lambda: sum(broker.llen(key) for key in broker.scan_iter(match=f"{queue}*"))  # noqa: E731
+        wait_for(lambda: queued() == 3, 60, "the three jobs queued")
+    finally:
+        broker.close()
+    first.send_signal(signal.SIGINT)
+    assert first.wait(60) == 130 and "rerun with the same --out" in first.communicate()[1]
+    assert not out.exists() or out.read_text() == ""  # nothing finished before the interruption
+
+    _, node = start_worker(queue)
+    wait_for(lambda: jobs_done(client, node) == 3, 120, "the worker to run the queued jobs")
+    rerun = run_cli(
+        ["caption", str(photos), "--out", str(out), "--queue", queue, "--max-new-tokens", "1"], env
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert jobs_done(client, node) == 3  # collected, not computed again
+    tagged = records(out)
+    assert len(tagged) == 3 and all(r["result"]["kind"] == "caption" for r in tagged.values())

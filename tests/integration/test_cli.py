@@ -9,9 +9,13 @@ import sys
 from tests.integration.conftest import IMAGES, ROOT, worker_env
 
 
-def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "producer.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -39,6 +43,32 @@ def test_llava_queue_jobs_jsonl_and_exit_codes(client_settings, cache_dir, share
     report = json.loads(status.stdout)
     assert report["workers"][hostname]["model"] == "tiny-llava-next"
     assert queue in report["queues"]
+
+
+def test_redis_down_is_one_line_and_exit_3(client_settings, cache_dir) -> None:
+    from worker.devstack import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}"
+    env = worker_env(client_settings, cache_dir, LLAVA_BROKER_TIMEOUT="2")
+    env.update(LLAVA_BROKER_URL=f"{dead}/0", LLAVA_RESULT_BACKEND=f"{dead}/1")
+    for args in (["caption", "https://images.example/cat.png"], ["status"]):
+        result = run_cli(args, env, timeout=30)  # a generous bound on the wait (it took 19 s before)
+        assert result.returncode == 3, result.stderr
+        assert result.stderr.startswith("llava-queue: broker unavailable: ")
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stdout == ""
+
+
+def test_one_refused_image_prints_its_line_only(client_settings, cache_dir, tmp_path) -> None:
+    env = worker_env(client_settings, cache_dir)
+    result = run_cli(["caption", str(tmp_path / "missing.png")], env)
+    assert result.returncode == 1
+    assert result.stdout.startswith(f"{tmp_path / 'missing.png'}: ERROR invalid_request: cannot read image")
+    assert "images/s" not in result.stderr and "outcome" not in result.stderr  # no summary table for one
+    version = subprocess.run(
+        [sys.executable, "-m", "producer", "--version"], env=env, capture_output=True, text=True
+    )
+    assert version.returncode == 0 and version.stdout.startswith("llava-queue ")
 
 
 def test_llava_worker_refuses_flash_attention_on_cpu(client_settings, cache_dir, tiny_checkpoint) -> None:

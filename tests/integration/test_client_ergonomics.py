@@ -109,6 +109,20 @@ def test_map_refuses_bad_input_with_typed_errors(client, queue, kind, params, wr
         client.map(kind, [STOP_SIGN], queue=queue, **params)
 
 
+def test_a_str_that_is_not_a_url_is_never_read_as_a_file(client, queue) -> None:
+    with pytest.raises(InvalidRequest, match=r"pass a pathlib\.Path"):
+        client.caption(str(STOP_SIGN), queue=queue)  # a path sent as a str (e.g. from a web form)
+    assert client.caption(STOP_SIGN, queue=queue, max_new_tokens=2).get().kind == "caption"
+
+
+def test_a_failed_job_id_sent_again_waits_for_its_new_run(client, queue) -> None:
+    job_id = f"again-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(LlavaError, match="invalid_image"):
+        client.caption(BAD, queue=queue, job_id=job_id).get()
+    again = client.caption(STOP_SIGN, queue=queue, job_id=job_id, max_new_tokens=2)
+    assert again.id == job_id and again.get().kind == "caption"  # not the stored failure of the first run
+
+
 def test_as_completed_timeout_releases_unfinished_jobs(fresh) -> None:
     parked = f"parked-{uuid.uuid4().hex[:8]}"  # no worker consumes it
     jobs = fresh.map("caption", [STOP_SIGN, RADAR], queue=parked)

@@ -139,6 +139,24 @@ def test_upload_limits_and_methods(web, client_settings, queue) -> None:
     assert big.status_code == 413 and big.json()["error"]["code"] == "image_too_large"
 
 
+def test_redis_down_is_503_within_the_broker_timeout(web, queue) -> None:
+    from django.test import override_settings
+
+    from tests.integration.test_broker_down import BOUND, BROKER_TIMEOUT, failure_within
+    from worker.devstack import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}"
+    llava = {"broker_url": f"{dead}/0", "result_backend": f"{dead}/1", "default_queue": queue}
+    answers: dict[str, Any] = {}
+    with override_settings(LLAVA={**llava, "broker_timeout": BROKER_TIMEOUT}):
+        form = {"kind": "caption", "url": "http://127.0.0.1/x.png"}
+        assert failure_within(BOUND, lambda: answers.update(post=web.post("/jobs/", form))) is None
+        assert failure_within(BOUND, lambda: answers.update(get=web.get(f"/jobs/{uuid.uuid4()}/"))) is None
+    for response in answers.values():
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "broker_unavailable"
+
+
 def test_the_site_imports_no_torch() -> None:
     code = (
         "import os, sys, django; os.environ['DJANGO_SETTINGS_MODULE'] = 'llava_site.settings'; "

@@ -8,30 +8,30 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
 
-from producer import InvalidImage, LlavaClient
-from producer.cli import flower_argv
+from producer import InvalidImage, LlavaClient, LlavaError
 from producer.settings import ClientSettings
-from tests.integration.conftest import IMAGES, ROOT
+from tests.integration.conftest import IMAGES, worker_env
 from worker.devstack import free_port
 
 AUTH = ("admin", f"pw-{uuid.uuid4().hex[:6]}")
 
 
 @pytest.fixture(scope="module")
-def flower(client_settings: ClientSettings, tmp_path_factory) -> str:
+def flower(client_settings: ClientSettings, cache_dir, tmp_path_factory) -> Iterator[str]:
+    """``llava-queue flower`` as documented: basic auth from LLAVA_FLOWER_BASIC_AUTH, default address."""
     port = free_port()
-    settings = client_settings.model_copy(update={"flower_port": port, "flower_basic_auth": ":".join(AUTH)})
-    log = open(tmp_path_factory.mktemp("flower") / "flower.log", "wb")  # noqa: SIM115
-    # What `llava-queue flower` runs: `celery --broker=... flower --port=... --basic-auth=...`.
+    env = worker_env(client_settings, cache_dir, LLAVA_FLOWER_PORT=str(port))
+    env["LLAVA_FLOWER_BASIC_AUTH"] = ":".join(AUTH)
+    log_path = tmp_path_factory.mktemp("flower") / "flower.log"
+    log = open(log_path, "wb")  # noqa: SIM115
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", *flower_argv(settings)[1:]],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
+        [sys.executable, "-m", "producer.cli", "flower"], env=env, stdout=log, stderr=subprocess.STDOUT
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -43,10 +43,53 @@ def flower(client_settings: ClientSettings, tmp_path_factory) -> str:
             pass
         assert process.poll() is None and time.monotonic() < deadline, "flower did not start"
         time.sleep(0.3)
+    # The process is Flower now (exec): its command line holds neither the password nor the broker URL.
+    command_line = Path(f"/proc/{process.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    assert "flower" in command_line and "--address=127.0.0.1" in command_line
+    assert AUTH[1] not in command_line and client_settings.broker_url not in command_line
+    assert f"llava-queue: Flower on {base}/ (basic auth on)" in log_path.read_text()
     yield base
     process.terminate()
     process.wait(30)
     log.close()
+
+
+def test_flower_refuses_an_open_address_without_auth(client_settings, cache_dir) -> None:
+    env = worker_env(client_settings, cache_dir, LLAVA_FLOWER_PORT=str(free_port()))
+    env.pop("LLAVA_FLOWER_BASIC_AUTH", None)
+    for address in ("0.0.0.0", "::", "192.168.1.10", "flower.example.com"):
+        refused = subprocess.run(
+            [sys.executable, "-m", "producer.cli", "flower", "--address", address],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 2, refused.stderr
+        assert "LLAVA_FLOWER_BASIC_AUTH" in refused.stderr
+
+
+def test_metrics_and_healthcheck_show_no_job_arguments(
+    flower: str, client: LlavaClient, shared_worker
+) -> None:
+    """What the README says: /healthcheck and /metrics answer without auth, with names and counts only."""
+    _, hostname, queue = shared_worker
+    secret = "https://user:hunter2@images.example/private.png?X-Amz-Signature=abc"
+    job = client.caption(secret, queue=queue)
+    with pytest.raises(LlavaError):
+        job.get()
+    assert requests.get(f"{flower}/healthcheck", timeout=5).text == "OK"
+
+    def metrics() -> str:
+        return requests.get(f"{flower}/metrics", timeout=5).text
+
+    deadline = time.monotonic() + 30
+    while f'worker="{hostname}"' not in metrics():
+        assert time.monotonic() < deadline, "flower never counted the worker's events"
+        time.sleep(0.5)
+    text = metrics()
+    assert "flower_events_total" in text and 'task="llava.caption"' in text
+    assert "hunter2" not in text and "X-Amz-Signature" not in text and job.id not in text
 
 
 def test_flower_sees_workers_and_task_states_without_image_bytes(

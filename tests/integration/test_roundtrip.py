@@ -20,7 +20,7 @@ def test_caption_vqa_classify_round_trip(client: LlavaClient, shared_worker) -> 
     caption = client.caption(IMAGES / "radar_chart.png", queue=queue).get()
     vqa = client.vqa((IMAGES / "stop_sign.jpg").read_bytes(), "What does the sign say?", queue=queue).get()
     labels = ["logo", "chart", "street sign"]
-    classify = client.classify(str(IMAGES / "transparent_logo.png"), labels=labels, queue=queue).get()
+    classify = client.classify(IMAGES / "transparent_logo.png", labels=labels, queue=queue).get()
     free = client.classify(IMAGES / "stop_sign.jpg", queue=queue, max_new_tokens=5).get()
 
     assert isinstance(caption, CaptionResult) and caption.text

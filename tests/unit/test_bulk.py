@@ -11,12 +11,14 @@ import pytest
 from producer.bulk import (
     RecordSink,
     discover,
+    image_input,
     is_settled,
     jsonl_writer,
     load_outcomes,
     open_output,
     read_image_list,
     record_for,
+    resume_job_id,
     walk_images,
 )
 from producer.contract import CaptionResult, Timings
@@ -149,3 +151,28 @@ def test_jsonl_writer_flushes_every_line() -> None:
     write({"image": "b", "result": {}})
     assert stream.flushes == 2
     assert json.loads(stream.getvalue().splitlines()[0])["image"] == "é"
+
+
+def test_resume_job_id_is_stable_and_changes_with_what_changes_the_result(tmp_path: Path) -> None:
+    image = tmp_path / "a.png"
+    image.write_bytes(b"first")
+    out = str(tmp_path / "tags.jsonl")
+    params = {"prompt": None, "queue": "q", "max_new_tokens": 4, "priority": 4}
+    first = resume_job_id(out, str(image), "caption", params)
+    assert first == resume_job_id(out, str(image), "caption", {**params, "priority": 9})  # same work
+    assert first.startswith("bulk-") and len(first) == 37
+    others = {
+        resume_job_id(str(tmp_path / "other.jsonl"), str(image), "caption", params),
+        resume_job_id(out, str(image), "vqa", params),
+        resume_job_id(out, str(image), "caption", {**params, "max_new_tokens": 5}),
+        resume_job_id(out, "https://example.com/a.png", "caption", params),
+    }
+    image.write_bytes(b"edited, longer")  # an edited file is tagged again
+    others.add(resume_job_id(out, str(image), "caption", params))
+    assert first not in others and len(others) == 5
+
+
+def test_image_arguments_become_paths_unless_urls() -> None:
+    assert image_input("photos/a.jpg") == Path("photos/a.jpg")
+    for reference in ("https://example.com/a.png", "HTTP://x/y", "data:image/png;base64,AAAA", "s3://b/k"):
+        assert image_input(reference) == reference

@@ -111,6 +111,11 @@ def test_summary_counts_outcomes_skips_and_exit_code() -> None:
     earlier = Summary()
     earlier.skip("invalid_image")  # a permanent failure from an earlier run keeps the exit status at 1
     assert earlier.exit_code() == 1 and dict(earlier.rows())["skipped: failed earlier (invalid_image)"] == "1"
+    assert "rate" not in rows  # no job ran: a refusal or a given-up wait has no rate
+    summary.count({"image": "c", "job_id": "1", "result": {}})
+    assert "rate" not in dict(summary.rows())  # one job: its rate would be its latency
+    summary.count({"image": "d", "job_id": "2", "error": {"code": "invalid_image", "message": "x"}})
+    assert dict(summary.rows())["rate"].endswith(" images/s")
     console = Console(file=io.StringIO(), width=100)
     console.print(summary_table(summary, "llava-queue caption"))
     assert "result_timeout" in console.file.getvalue()  # type: ignore[attr-defined]

@@ -20,6 +20,7 @@ EXPECTED_CODES = {
     "WorkerLost": "worker_lost",
     "InternalError": "internal_error",
     "ResultTimeout": "result_timeout",
+    "BrokerUnavailable": "broker_unavailable",
 }
 
 
@@ -28,6 +29,7 @@ def test_codes_are_stable_and_unique() -> None:
     assert issubclass(errors.InvalidImage, errors.ImageError)
     assert errors.FetchFailed.retryable and not errors.InvalidImage.retryable
     assert not errors.FetchFailed("404", retryable=False).retryable
+    assert errors.BrokerUnavailable.retryable
 
 
 def test_error_round_trips_through_celery_json_encoding() -> None:

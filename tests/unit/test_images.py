@@ -121,13 +121,14 @@ def test_to_wire_inlines_pathlib_path(tmp_path: Path) -> None:
     assert payload(uri) == data
 
 
-def test_to_wire_inlines_str_path(tmp_path: Path) -> None:
-    data = png_bytes()
-    path = tmp_path / "cat.png"
-    path.write_bytes(data)
-    uri = to_wire(str(path), max_bytes=BIG)
-    assert uri.startswith("data:image/png;base64,")
-    assert payload(uri) == data
+def test_to_wire_never_reads_a_str_as_a_path(tmp_path: Path) -> None:
+    existing = tmp_path / "cat.png"
+    existing.write_bytes(png_bytes())
+    for text in (str(existing), "cat.png", "./photos/a.jpg", "C:\\photos\\a.png", ""):
+        with pytest.raises(InvalidRequest) as exc:
+            to_wire(text, max_bytes=BIG)
+        assert_code(exc, "invalid_request")
+        assert "pass a pathlib.Path" in exc.value.message
 
 
 def test_to_wire_saves_pil_image_as_png() -> None:
@@ -154,8 +155,6 @@ def test_to_wire_file_over_cap_raises(tmp_path: Path) -> None:
     with pytest.raises(ImageTooLarge) as exc:
         to_wire(path, max_bytes=10)
     assert_code(exc, "image_too_large")
-    with pytest.raises(ImageTooLarge):
-        to_wire(str(path), max_bytes=10)
 
 
 def test_to_wire_pil_image_over_cap_raises() -> None:

@@ -3,7 +3,8 @@
 ``POST /jobs/`` as multipart form (an ``image`` file upload) or JSON / urlencoded (an http(s) ``url``):
 ``kind`` = ``caption`` | ``vqa`` | ``classify``, plus ``prompt``, ``question`` (vqa), ``labels`` (classify:
 a list, or comma-separated), ``max_new_tokens``. Bad input is 400 with ``{"error": {"code", "message"}}``
-(413 for an image over the size cap); a broker that does not answer is 503.
+(413 for an image over the size cap). When Redis does not answer within the client's ``broker_timeout``
+(default 5 s), both views answer 503 ``{"error": {"code": "broker_unavailable", "message"}}``.
 
 ``GET /jobs/<id>/``: ``{"job_id", "state": "PENDING"}`` while queued or running, then
 ``{"state": "SUCCESS", "result": {...}}`` or ``{"state": "FAILURE", "error": {"code", "message"}}``.
@@ -18,10 +19,9 @@ from django.http import HttpRequest, JsonResponse
 from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
-from kombu.exceptions import OperationalError
 
 from jobs.queue import get_client
-from producer import ImageTooLarge, InvalidRequest, LlavaError
+from producer import BrokerUnavailable, ImageTooLarge, InvalidRequest, LlavaError
 
 
 @csrf_exempt  # an API called by other services: put your own authentication here
@@ -33,10 +33,10 @@ def enqueue(request: HttpRequest) -> JsonResponse:
         fields = _fields(request)
         image = _image(request, fields, client.settings.max_image_bytes)
         job = client.submit(str(fields.get("kind", "")), image, **_params(fields))
+    except BrokerUnavailable as exc:
+        return _error(exc, 503)
     except LlavaError as exc:
         return _error(exc, 413 if isinstance(exc, ImageTooLarge) else 400)
-    except OperationalError as exc:
-        return JsonResponse({"error": {"code": "unavailable", "message": str(exc)}}, status=503)
     location = reverse("job-status", args=[job.id])
     body = {"job_id": job.id, "task": job.task_name, "status_url": request.build_absolute_uri(location)}
     response = JsonResponse(body, status=202)
@@ -48,10 +48,12 @@ def enqueue(request: HttpRequest) -> JsonResponse:
 def status(request: HttpRequest, job_id: str) -> JsonResponse:
     """The job's state; its result or coded error once it finished. Never waits for the job."""
     job = get_client().job(job_id)
-    if not job.ready():
-        return JsonResponse({"job_id": job_id, "state": "PENDING"})
     try:
+        if not job.ready():
+            return JsonResponse({"job_id": job_id, "state": "PENDING"})
         result = job.get(timeout=0)  # already in the handle: no wait
+    except BrokerUnavailable as exc:
+        return _error(exc, 503)
     except LlavaError as exc:
         return JsonResponse({"job_id": job_id, "state": "FAILURE", "error": exc.to_dict()})
     return JsonResponse({"job_id": job_id, "state": "SUCCESS", "result": result.model_dump(mode="json")})
