@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any, Generic, TypeVar
 
+import redis
 from celery import Celery, states
 from celery.canvas import Signature
 from celery.exceptions import TimeoutError as CeleryTimeoutError
@@ -20,6 +23,7 @@ from celery.result import AsyncResult
 from pydantic import BaseModel, ValidationError
 
 from producer.app import create_celery_app
+from producer.blobs import BlobStore, RedisBlobStore
 from producer.broker import broker_guard
 from producer.collector import aiter_completed, iter_completed
 from producer.contract import (
@@ -45,7 +49,7 @@ from producer.errors import (
     ResultTimeout,
     WorkerLost,
 )
-from producer.images import ImageInput, redact, to_wire
+from producer.images import ImageInput, data_uri, describe, image_source, redact
 from producer.settings import ClientSettings, load_settings
 
 R = TypeVar("R", CaptionResult, VQAResult, ClassifyResult)
@@ -367,20 +371,22 @@ class LlavaClient:
         stored failure is forgotten first, so the handle waits for the new run), and a worker that finds a
         stored success for it returns that instead of running it again."""
         send, generation = SendOptions.split(options)
-        wire_image = to_wire(image, self.settings.max_image_bytes)
-        request = _request(model, wire_image, fields, send, generation)
+        source = image_source(image, self.settings.max_image_bytes)
+        request = _request(model, source if isinstance(source, str) else "data:,", fields, send, generation)
         result_model = RESULT_MODELS[task_name]
         timeout = self.settings.result_timeout
         if send.job_id is not None:
             existing = self._succeeded(send.job_id, task_name)
             if existing is not None:
                 return existing
-        payload = request.model_dump(mode="json", exclude_defaults=True)
-        shown = {**payload, "image": redact(wire_image)}
+        job_id = send.job_id or str(uuid.uuid4())
+        wire_image, shown_image = self._wire_image(source, job_id)
+        payload = request.model_dump(mode="json", exclude_defaults=True) | {"image": wire_image}
+        shown = {**payload, "image": shown_image}
         with broker_guard(f"sending a {task_name} job"):
             async_result = self.app.send_task(
                 task_name,
-                task_id=send.job_id,
+                task_id=job_id,
                 kwargs={"request": payload},
                 queue=send.queue_name(self.settings.default_queue),
                 priority=send.wire_priority(self.app),
@@ -394,6 +400,30 @@ class LlavaClient:
         # so subscribe only while something waits (get/wait/as_completed subscribe, then read the result).
         job.release()
         return job
+
+    def _wire_image(self, source: str | bytes, job_id: str) -> tuple[str, str]:
+        """(the request's ``image``, its redacted form): a URL as it is; inline bytes stored in the blob store
+        under their hash (once, however many jobs use them) or, below ``blob_min_bytes`` or without a store,
+        a data: URI."""
+        if isinstance(source, str):
+            return source, redact(source)
+        shown = describe(source)
+        store = self.blob_store
+        if store is None or len(source) < self.settings.blob_min_bytes:
+            return data_uri(source), shown
+        with broker_guard("storing the image in the blob store"):
+            return store.put(source, job_id), shown
+
+    @functools.cached_property
+    def blob_store(self) -> BlobStore | None:
+        """Where inline images wait for their jobs: the result-backend Redis, or None (``blob_store: off``,
+        or a result backend that is not Redis: images then travel in the message)."""
+        url = self.settings.result_backend
+        if self.settings.blob_store == "off" or not url.startswith(("redis://", "rediss://", "unix://")):
+            return None
+        attempt = self.settings.broker_timeout / 3
+        client = redis.Redis.from_url(url, socket_timeout=attempt, socket_connect_timeout=attempt)
+        return RedisBlobStore(client, ttl=self.settings.result_expires)
 
     def _succeeded(self, job_id: str, task_name: str) -> Job[Any] | None:
         """The handle of job ``job_id`` if it already succeeded. A stored failure is forgotten: the job runs

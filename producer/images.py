@@ -1,4 +1,6 @@
-"""Turn what a caller passes as an image into the wire form: an http(s) URL or a ``data:`` URI.
+"""Turn what a caller passes as an image into what is sent: an http(s) URL as it is, anything inline as its
+raw bytes (:func:`image_source`), which the client stores in the blob store or, small or without one, sends
+as a ``data:`` URI (:func:`to_wire`).
 
 Torch-free and Pillow-free: a PIL image is recognised by duck typing and saved as PNG.
 """
@@ -54,36 +56,42 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
         raise InvalidRequest(f"cannot read image file {path}: {exc.strerror or exc}") from exc
 
 
-def to_wire(image: ImageInput, max_bytes: int) -> str:
-    """The ``image`` field for a request: URLs pass through; everything else is sent inline, size-checked.
+def image_source(image: ImageInput, max_bytes: int) -> str | bytes:
+    """An http(s) URL (``str``) to pass on, or the raw, size-checked bytes of an inline image.
 
-    A ``str`` must be an http(s) URL or a ``data:`` URI: it is never read as a local path (a web backend
-    passing a user's string on would let the user read the server's files). Local files come as
+    A ``str`` must be an http(s) URL or a ``data:`` URI (decoded here): it is never read as a local path (a
+    web backend passing a user's string on would let the user read the server's files). Local files come as
     :class:`pathlib.Path` (any ``os.PathLike``), bytes or a PIL image.
     """
     if isinstance(image, str):
-        return _wire_string(image, max_bytes)
+        return _string_source(image, max_bytes)
     if isinstance(image, os.PathLike):
-        return data_uri(_read_file(Path(image), max_bytes))
+        return _read_file(Path(image), max_bytes)
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         _check_size(len(data), max_bytes, "image")
-        return data_uri(data)
+        return data
     if hasattr(image, "save") and hasattr(image, "mode"):  # a PIL image
-        return data_uri(_png_bytes(image, max_bytes))
+        return _png_bytes(image, max_bytes)
     raise InvalidRequest(
         f"unsupported image type {type(image).__name__}: pass an http(s) URL, a data: URI, a pathlib.Path, "
         "bytes or a PIL image"
     )
 
 
-def _wire_string(image: str, max_bytes: int) -> str:
+def to_wire(image: ImageInput, max_bytes: int) -> str:
+    """The ``image`` field with no blob store: URLs pass through; everything else inline, as a data: URI."""
+    source = image_source(image, max_bytes)
+    return source if isinstance(source, str) else data_uri(source)
+
+
+def _string_source(image: str, max_bytes: int) -> str | bytes:
     lowered = image[:8].lower()
     if lowered.startswith(("http://", "https://")):
         return image
     if lowered.startswith("data:"):
-        _check_size(len(image) * 3 // 4, max_bytes, "data: URI image")
-        return image
+        _check_size(len(image) * 3 // 4, int(max_bytes * 1.05) + 4, "data: URI image")  # before decoding
+        return _data_uri_bytes(image, max_bytes)
     shown = repr(image[:40]) + ("…" if len(image) > 40 else "")
     if "://" in image[:16]:
         raise InvalidRequest(f"unsupported image URL scheme in {shown}: a string must be http(s) or data:")
@@ -91,6 +99,18 @@ def _wire_string(image: str, max_bytes: int) -> str:
         f"image {shown} is not an http(s) URL or a data: URI; a string is never read as a local file: "
         "pass a pathlib.Path (or bytes, or a PIL image) to send a local file"
     )
+
+
+def _data_uri_bytes(uri: str, max_bytes: int) -> bytes:
+    header, sep, payload = uri.partition(",")
+    if not sep or not header.lower().endswith(";base64"):
+        raise InvalidImage("a data: URI must look like data:<mime>;base64,<payload>")
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)  # MIME line breaks allowed
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidImage(f"data: URI payload is not valid base64: {exc}") from None
+    _check_size(len(data), max_bytes, "data: URI image")
+    return data
 
 
 def _png_bytes(image: Any, max_bytes: int) -> bytes:
@@ -117,6 +137,11 @@ def redact_url(url: str) -> str:
     suffix = "?…" if parts.query else ""
     shown = urlunsplit((parts.scheme, host, parts.path, "", "")) + suffix
     return shown if len(shown) <= 200 else shown[:197] + "..."
+
+
+def describe(data: bytes) -> str:
+    """A byte-free description of inline image bytes for logs and Flower: type, size, short sha256."""
+    return f"<{sniff_mime(data)}, {len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()[:12]}>"
 
 
 def redact(image: str) -> str:

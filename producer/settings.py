@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field
 from pydantic_settings import (
@@ -70,6 +70,16 @@ class ClientSettings(QueueSettings):
         gt=0,
         le=120,
         description="seconds a send or a result read waits on an unreachable Redis before BrokerUnavailable",
+    )
+    blob_store: Literal["redis", "off"] = Field(
+        default="redis",
+        description="redis: inline images stored once by hash in the result-backend Redis, the message "
+        "carries blob:sha256:<hex>; off: sent as data: URIs in the message",
+    )
+    blob_min_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="inline images smaller than this stay in the message as data: URIs (0: every image)",
     )
     flower_port: int = Field(default=5555, ge=1, le=65535, description="port of `llava-queue flower`")
     flower_address: str = Field(

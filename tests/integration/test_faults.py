@@ -109,6 +109,8 @@ def test_poison_job_fails_alone_and_its_batch_mates_succeed(stack: Stack) -> Non
         poison.get()
     assert crashes == 2
     assert all(job.get(timeout=60).generated_tokens >= 1 for job in mates)
+    # The images waited in the blob store through both crashes and left with their jobs, poison included.
+    wait_for(lambda: not list(ledger.scan_iter("llava-blob-*")), 10, "the blobs to be released")
 
 
 def test_a_worker_with_another_visibility_timeout_refuses_to_start(stack: Stack) -> None:

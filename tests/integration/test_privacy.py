@@ -14,6 +14,7 @@ import redis
 from PIL import Image
 
 from producer import InvalidImage, InvalidRequest, LlavaClient, LlavaError
+from producer.blobs import blob_reference
 from tests.integration.conftest import IMAGES, wait_for
 
 
@@ -30,7 +31,8 @@ def test_sent_message_repr_holds_no_image_bytes(client: LlavaClient, client_sett
     inline, remote = sorted(messages, key=lambda m: m["headers"]["id"] != job.id)
     shown = inline["headers"]["kwargsrepr"] + inline["headers"]["argsrepr"]
     assert payload[:32] not in shown and "sha256" in shown and f"{len(data)} bytes" in shown
-    assert payload[:32] in base64.b64decode(inline["body"]).decode()  # the body does carry the image
+    body = base64.b64decode(inline["body"]).decode()
+    assert payload[:32] not in body and blob_reference(data) in body  # the image waits in the blob store
     remote_shown = remote["headers"]["kwargsrepr"]
     assert "example.com/cat.png" in remote_shown
     assert "secret" not in remote_shown and "token" not in remote_shown

@@ -1,0 +1,184 @@
+"""Claim-check benchmark: inline images in the broker message vs image bytes in the blob store, side by side.
+
+    python bench/claim_check.py [--repeats 20] [--image-kb 1024]
+
+For both producer modes (``LLAVA_BLOB_STORE=off``: a data: URI in the message; ``redis``: the bytes stored
+once by hash, a ``blob:sha256:`` reference in the message), on one Redis and one tiny worker:
+(a) Redis bytes per queued job and message size (jobs queued on a queue nobody consumes; distinct images);
+(b) end to end minus worker time of one 1 MB image caption job (send, publish, fetch, decode, result), medians
+    after the same warm-up; (c) image-job and no-op throughput of the worker (a burst queued, then consumed).
+Prints medians and ratios; writes JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+from celery.result import ResultSet  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from producer import ClientSettings, LlavaClient  # noqa: E402
+from producer.contract import TASK_NOOP  # noqa: E402
+from worker.devstack import RedisServer, WorkerProcess  # noqa: E402
+
+MODES = ("off", "redis")
+
+
+def noise_png(kilobytes: int, seed: int) -> bytes:
+    """A PNG of about ``kilobytes`` KB (random pixels do not compress)."""
+    side = int((kilobytes * 1024 / 3) ** 0.5)
+    image = Image.frombytes("RGB", (side, side), random.Random(seed).randbytes(side * side * 3))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def client_for(redis_server: RedisServer, mode: str) -> LlavaClient:
+    return LlavaClient(
+        ClientSettings(
+            broker_url=redis_server.url(0),
+            result_backend=redis_server.url(1),
+            blob_store=mode,
+            result_timeout=120,
+        )
+    )
+
+
+def start_worker(redis_server: RedisServer, logs: Path) -> tuple[WorkerProcess, str, str]:
+    queue = f"bench-{uuid.uuid4().hex[:8]}"
+    hostname = f"bench-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("LLAVA_")}
+    environment |= {
+        "LLAVA_BROKER_URL": redis_server.url(0),
+        "LLAVA_RESULT_BACKEND": redis_server.url(1),
+        "LLAVA_MODEL": "tiny:mistral",
+        "LLAVA_DEVICE": "cpu",
+        "LLAVA_LOGLEVEL": "WARNING",
+        "PYTHONPATH": str(ROOT),
+    }
+    worker = WorkerProcess(["--queues", queue, "--hostname", hostname], environment, logs / f"{hostname}.log")
+    worker.start()
+    probe = client_for(redis_server, "off")
+    worker.wait_ready(probe.app, hostname, timeout=180)
+    probe.close()
+    return worker, hostname, queue
+
+
+def queued_cost(redis_server: RedisServer, client: LlavaClient, images: list[bytes]) -> dict[str, float]:
+    """(a) Redis memory per queued job and the message's size, on a queue nobody consumes."""
+    queue = f"unconsumed-{uuid.uuid4().hex[:8]}"
+    broker = redis.Redis.from_url(redis_server.url(0))
+    before = int(broker.info("memory")["used_memory"])
+    for image in images:
+        client.caption(image, queue=queue)
+    after = int(broker.info("memory")["used_memory"])
+    sizes = [len(m) for key in broker.scan_iter(f"{queue}*") for m in broker.lrange(key, 0, -1)]
+    for key in broker.scan_iter(f"{queue}*"):
+        broker.delete(key)
+    return {
+        "redis_bytes_per_job": (after - before) / len(images),
+        "message_bytes_p50": statistics.median(sizes),
+        "image_bytes": statistics.median(len(i) for i in images),
+    }
+
+
+def outside_worker_ms(client: LlavaClient, queue: str, image: bytes, repeats: int) -> dict[str, float]:
+    """(b) End to end minus the worker's own time, one job at a time (warm-up first)."""
+    for _ in range(3):
+        client.caption(image, queue=queue, max_new_tokens=1).get()
+    outside, total = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = client.caption(image, queue=queue, max_new_tokens=1).get()
+        elapsed = (time.perf_counter() - started) * 1000
+        total.append(elapsed)
+        outside.append(elapsed - result.timings.total_ms)
+    return {
+        "end_to_end_ms_p50": statistics.median(total),
+        "outside_worker_ms_p50": statistics.median(outside),
+    }
+
+
+def burst_throughput(client: LlavaClient, hostname: str, queue: str, send: Any, count: int) -> float:
+    """(c) Jobs per second of the worker alone: queue ``count`` while it does not consume, then let it go."""
+    client.app.control.cancel_consumer(queue, destination=[hostname], reply=True)
+    pending = ResultSet([send() for _ in range(count)])
+    started = time.perf_counter()
+    client.app.control.add_consumer(queue, destination=[hostname], reply=True)
+    pending.join_native(timeout=600)
+    return count / (time.perf_counter() - started)
+
+
+def run_mode(redis_server: RedisServer, worker: tuple[Any, str, str], mode: str, args: argparse.Namespace):
+    _, hostname, queue = worker
+    client = client_for(redis_server, mode)
+    try:
+        distinct = [noise_png(args.image_kb, seed) for seed in range(args.queued)]
+        image = distinct[0]
+        image_send = lambda: client.caption(image, queue=queue, max_new_tokens=1).async_result  # noqa: E731
+        noop_send = lambda: client.app.send_task(TASK_NOOP, queue=queue)  # noqa: E731
+        return {
+            **queued_cost(redis_server, client, distinct),
+            **outside_worker_ms(client, queue, image, args.repeats),
+            "image_jobs_per_s": burst_throughput(client, hostname, queue, image_send, args.burst),
+            "noop_jobs_per_s": burst_throughput(client, hostname, queue, noop_send, 200),
+        }
+    finally:
+        client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--image-kb", type=int, default=1024)
+    parser.add_argument("--queued", type=int, default=10, help="distinct images queued for (a)")
+    parser.add_argument("--burst", type=int, default=40, help="image jobs for (c)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="llava-bench-claim-"))
+    redis_server = RedisServer(data_dir=work / "redis").start()
+    try:
+        worker = start_worker(redis_server, work)
+        try:
+            results = {mode: run_mode(redis_server, worker, mode, args) for mode in MODES}
+        finally:
+            worker[0].stop()
+    finally:
+        redis_server.stop()
+    inline, blob = results["off"], results["redis"]
+    lines = [f"claim check, {args.image_kb} KB PNG, medians ({args.repeats} jobs after 3 warm-up)"]
+    for key in inline:
+        ratio = blob[key] / inline[key] if inline[key] else float("nan")
+        lines.append(f"  {key:24s} inline {inline[key]:12.1f}   blob {blob[key]:12.1f}   ratio {ratio:6.2f}")
+    print("\n".join(lines))
+    results["meta"] = {
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    (args.out / f"claim-check-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

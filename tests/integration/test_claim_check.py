@@ -1,0 +1,116 @@
+"""Claim check through the real client, Redis and worker: inline images wait in the blob store, once per
+content hash; the broker message carries a small reference; blobs leave with their last job."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import random
+import uuid
+
+import pytest
+import redis
+from PIL import Image
+
+from producer import InvalidImage, InvalidRequest, LlavaClient
+from producer.blobs import RedisBlobStore, blob_reference
+from producer.contract import TASK_CAPTION
+from tests.integration.conftest import IMAGES, Stack, wait_for
+
+
+def noise_png(side: int, seed: int) -> bytes:
+    image = Image.frombytes("RGB", (side, side), random.Random(seed).randbytes(side * side * 3))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def blob_keys(client: LlavaClient) -> list[bytes]:
+    backend = redis.Redis.from_url(client.settings.result_backend)
+    return sorted(backend.scan_iter("llava-blob-*"))
+
+
+def queued_messages(client: LlavaClient, queue: str) -> list[bytes]:
+    broker = redis.Redis.from_url(client.settings.broker_url)
+    return [m for key in broker.scan_iter(f"{queue}*") for m in broker.lrange(key, 0, -1)]
+
+
+def stored_bytes(url: str) -> int:
+    """What the keys of both databases take (``MEMORY USAGE``: values, key and allocator rounding)."""
+    total = 0
+    for db in (0, 1):
+        client = redis.Redis.from_url(url.rsplit("/", 1)[0] + f"/{db}")
+        total += sum(int(client.memory_usage(key) or 0) for key in client.scan_iter(count=1000))
+    return total
+
+
+def test_a_queued_job_costs_redis_its_image_once_and_a_small_message(stack: Stack) -> None:
+    client, queue = stack.client, f"unconsumed-{uuid.uuid4().hex[:8]}"
+    images = [noise_png(300, seed) for seed in range(5)]  # ~270 KB each, distinct
+    before = stored_bytes(stack.redis.url(0))
+    for image in images:
+        client.caption(image, queue=queue)
+    per_job = (stored_bytes(stack.redis.url(0)) - before) / len(images)
+    size = sum(map(len, images)) / len(images)
+    # Redis's allocator rounds a large value up to its size class (at most a quarter more): a 270 KB image
+    # takes 320 KB of Redis; inline as a data: URI in the message it took about 2 x its size.
+    assert size <= per_job <= 1.25 * size + 4096, f"{per_job:.0f} bytes of Redis per job, image {size:.0f}"
+    assert all(len(message) <= 2048 for message in queued_messages(client, queue))
+
+
+def test_twenty_jobs_on_one_image_store_it_once(stack: Stack) -> None:
+    client, queue = stack.client, f"unconsumed-{uuid.uuid4().hex[:8]}"
+    image = (IMAGES / "radar_chart.png").read_bytes()
+    jobs = [client.caption(image, queue=queue) for _ in range(10)]
+    jobs += [client.vqa(image, "What is it?", queue=queue) for _ in range(10)]
+    digest = hashlib.sha256(image).hexdigest()
+    blob, claims = RedisBlobStore.keys(digest)
+    backend = redis.Redis.from_url(client.settings.result_backend)
+    assert backend.strlen(blob) == len(image)
+    assert backend.smembers(claims) == {job.id.encode() for job in jobs}
+    bodies = [base64.b64decode(json.loads(m)["body"]) for m in queued_messages(client, queue)]
+    assert len(bodies) == 20 and all(blob_reference(image).encode() in body for body in bodies)
+
+
+def test_blobs_leave_with_their_last_job_success_or_failure(stack: Stack) -> None:
+    queue = f"claim-{uuid.uuid4().hex[:8]}"
+    stack.start(queue)
+    client = stack.client
+    image = (IMAGES / "stop_sign.jpg").read_bytes()
+    ok = [client.caption(image, queue=queue, max_new_tokens=2) for _ in range(3)]
+    refused = client.caption(noise_png(64, 1), queue=queue, max_new_tokens=4000)  # over the worker's cap
+    assert all(job.get(timeout=60).generated_tokens >= 1 for job in ok)
+    with pytest.raises(InvalidRequest, match="max_new_tokens_cap"):
+        refused.get(timeout=60)
+    wait_for(lambda: not blob_keys(client), 10, "the blob keys to be deleted")
+
+
+def test_foreign_clients_send_data_uris_or_store_blobs_themselves(client: LlavaClient, shared_worker) -> None:
+    """A bare Celery client: a data: URI as before, or the blob form (SET the bytes, SADD the job id)."""
+    _, _, queue = shared_worker
+    image = (IMAGES / "stop_sign.jpg").read_bytes()
+    uri = "data:image/jpeg;base64," + base64.b64encode(image).decode()
+    by_uri = client.app.send_task(TASK_CAPTION, kwargs={"request": {"image": uri}}, queue=queue)
+    job_id, digest = str(uuid.uuid4()), hashlib.sha256(image).hexdigest()
+    backend = redis.Redis.from_url(client.settings.result_backend)
+    backend.set(f"llava-blob-{digest}", image, ex=3600)
+    backend.sadd(f"llava-blob-jobs-{digest}", job_id)
+    backend.expire(f"llava-blob-jobs-{digest}", 3600)
+    request = {"image": f"blob:sha256:{digest}"}
+    by_blob = client.app.send_task(TASK_CAPTION, task_id=job_id, kwargs={"request": request}, queue=queue)
+    assert client.job(by_uri.id).get(timeout=60).text == client.job(by_blob.id).get(timeout=60).text
+
+
+def test_a_missing_or_tampered_blob_is_invalid_image(client: LlavaClient, shared_worker) -> None:
+    _, _, queue = shared_worker
+    missing = {"image": blob_reference(b"never stored " + uuid.uuid4().bytes)}
+    data = noise_png(32, 7)
+    digest = hashlib.sha256(data).hexdigest()
+    redis.Redis.from_url(client.settings.result_backend).set(f"llava-blob-{digest}", b"x" + data[1:])
+    tampered = {"image": f"blob:sha256:{digest}"}
+    for request, message in ((missing, "not in the blob store"), (tampered, "does not match its sha256")):
+        sent = client.app.send_task(TASK_CAPTION, kwargs={"request": request}, queue=queue)
+        with pytest.raises(InvalidImage, match=message):
+            client.job(sent.id).get(timeout=60)
