@@ -5,16 +5,30 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from worker.settings import WorkerSettings, load_settings
 
+if TYPE_CHECKING:
+    from worker.service import Service
+
 log = logging.getLogger("llava.worker")
+
+
+def package_version() -> str:
+    """The installed llava-queue version (``unknown`` when running from a bare checkout)."""
+    try:
+        return version("llava-queue")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="llava-worker", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument("--config", help="YAML settings file (default: $LLAVA_CONFIG)")
     parser.add_argument("--model", help="hub id, local checkpoint dir, or tiny:<template>")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -36,7 +50,8 @@ def build_settings(args: argparse.Namespace) -> WorkerSettings:
 
 
 def celery_argv(settings: WorkerSettings) -> list[str]:
-    """The ``celery worker`` arguments this worker runs with (threads pool: see DESIGN.md)."""
+    """The ``celery worker`` arguments this worker runs with (the threads pool: heartbeats keep flowing
+    while the model thread computes)."""
     return [
         "worker",
         "--pool=threads",
@@ -80,6 +95,31 @@ def _without(argv: list[str], *options: str) -> list[str]:
     return kept
 
 
+def configure_logging(settings: WorkerSettings) -> None:
+    """Log format and level; each failed job is logged once (by worker.service)."""
+    logging.basicConfig(level=settings.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("celery.app.trace").addFilter(_once_per_failure)
+
+
+def start_service(settings: WorkerSettings) -> Service | None:
+    """Load the model and start serving (and the metrics endpoint, if asked for). A start-up error is
+    printed once, with what to do, and gives None."""
+    from worker.runtime import StartupError
+    from worker.service import Service
+
+    service = Service(settings)
+    try:
+        service.start()
+        if settings.metrics_port is not None:
+            from worker.metrics import serve_metrics
+
+            serve_metrics(settings.metrics_port, service)
+    except (StartupError, OSError, ValueError) as exc:
+        print(f"llava-worker: cannot start: {exc}", file=sys.stderr)
+        return None
+    return service
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -89,19 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if settings.gpus != "none":
         return _launch_per_gpu(settings, argv if argv is not None else sys.argv[1:])
-    logging.basicConfig(level=settings.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("celery.app.trace").addFilter(_once_per_failure)
-
+    configure_logging(settings)
     from worker.app import create_app
-    from worker.runtime import StartupError
-    from worker.service import Service
 
-    service = Service(settings)
-    try:
-        service.start()
-    except (StartupError, OSError, ValueError) as exc:
-        log.error("cannot start: %s", exc)
-        print(f"llava-worker: cannot start: {exc}", file=sys.stderr)
+    service = start_service(settings)
+    if service is None:
         return 1
     app = create_app(settings, service)
     try:
