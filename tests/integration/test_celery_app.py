@@ -76,5 +76,5 @@ def test_celery_worker_that_cannot_load_its_model_exits_1_saying_why_once(
     worker = CeleryWorker(["--hostname", "never@here"], env, tmp_path / "bad.log").start()
     assert worker.process is not None and worker.process.wait(timeout=120) == 1
     log = worker.log_tail(200)
-    assert log.count("cannot start") == 1, log
+    assert log.count("llava-worker: cannot start") == 1, log
     assert str(missing) in log
