@@ -79,7 +79,7 @@ def _launch_per_gpu(settings: WorkerSettings, argv: list[str]) -> int:
     except LaunchError as exc:
         print(f"llava-worker: {exc}", file=sys.stderr)
         return 1
-    return launch(gpus, _without(argv, "--gpus", "--hostname"))
+    return launch(gpus, _without(argv, "--gpus", "--hostname"), settings.metrics_port)
 
 
 def _without(argv: list[str], *options: str) -> list[str]:
