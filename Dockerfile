@@ -1,4 +1,5 @@
-# LLaVA-NeXT worker image: a slim Python base, PyTorch's own CUDA wheels (pinned), llava-queue[worker,monitor].
+# LLaVA-NeXT worker image: a slim Python base, PyTorch's own CUDA wheels (pinned), llava-queue[worker].
+# (Flower runs from its own image: docker-compose.yml.)
 # CUDA comes once, inside the torch wheel (its nvidia-* libraries); the host provides only the NVIDIA driver
 # (through the NVIDIA Container Toolkit). Build for another CUDA: --build-arg TORCH_INDEX=.../whl/cu126.
 FROM python:3.11-slim-bookworm
@@ -19,7 +20,7 @@ WORKDIR /app
 COPY pyproject.toml ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 extras = p['optional-dependencies']; \
-print('\n'.join(p['dependencies'] + extras['worker'] + extras['monitor']))" > /tmp/requirements.txt \
+print('\n'.join(p['dependencies'] + extras['worker']))" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt "torch==${TORCH_VERSION}" && rm /tmp/requirements.txt
 
 # The code: installed without dependencies (they are all above).
