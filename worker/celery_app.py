@@ -37,10 +37,12 @@ def _load_model_and_tasks(sender: Any = None, **_: Any) -> None:
         return
     from worker.app import create_app
     from worker.cli import configure_logging, start_service
+    from worker.service import Service
 
     configure_logging(settings)
-    service = start_service(settings)
-    if service is None:
-        raise SystemExit(1)
+    service = Service(settings)
     create_app(settings, service, app)
+    sender.consumer_cls = app.conf.worker_consumer  # read before this signal; the consumer starts after it
+    if not start_service(settings, service, app):
+        raise SystemExit(1)
     worker_shutdown.connect(lambda **_: service.stop(), weak=False)

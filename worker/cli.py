@@ -13,6 +13,8 @@ from pydantic import ValidationError
 from worker.settings import WorkerSettings, load_settings
 
 if TYPE_CHECKING:
+    from celery import Celery
+
     from worker.service import Service
 
 log = logging.getLogger("llava.worker")
@@ -101,13 +103,11 @@ def configure_logging(settings: WorkerSettings) -> None:
     logging.getLogger("celery.app.trace").addFilter(_once_per_failure)
 
 
-def start_service(settings: WorkerSettings) -> Service | None:
-    """Load the model and start serving (and the metrics endpoint, if asked for). A start-up error is
-    printed once, with what to do, and gives None."""
+def start_service(settings: WorkerSettings, service: Service, app: Celery) -> bool:
+    """Load the model and start serving (and the metrics endpoint, if asked for) for ``app``. A start-up
+    error is printed once, with what to do, and gives False."""
     from worker.runtime import StartupError
-    from worker.service import Service
 
-    service = Service(settings)
     try:
         service.start()
         if settings.metrics_port is not None:
@@ -116,8 +116,8 @@ def start_service(settings: WorkerSettings) -> Service | None:
             serve_metrics(settings.metrics_port, service)
     except (StartupError, OSError, ValueError) as exc:
         print(f"llava-worker: cannot start: {exc}", file=sys.stderr)
-        return None
-    return service
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,11 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         return _launch_per_gpu(settings, argv if argv is not None else sys.argv[1:])
     configure_logging(settings)
     from worker.app import create_app
+    from worker.service import Service
 
-    service = start_service(settings)
-    if service is None:
-        return 1
+    service = Service(settings)
     app = create_app(settings, service)
+    if not start_service(settings, service, app):
+        return 1
     try:
         app.worker_main(celery_argv(settings))
     finally:
