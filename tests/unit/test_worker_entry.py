@@ -29,7 +29,8 @@ def test_python_m_worker_is_llava_worker_and_answers_version() -> None:
 def test_worker_ships_py_typed() -> None:
     assert (ROOT / "worker" / "py.typed").is_file()
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert '[tool.setuptools.package-data]\nworker = ["py.typed"]' in pyproject
+    package_data = pyproject.split("[tool.setuptools.package-data]\n", 1)[1].split("\n\n", 1)[0]
+    assert 'worker = ["py.typed"]' in package_data.splitlines()
 
 
 def test_celery_app_module_imports_no_torch_and_knows_llava_health() -> None:
