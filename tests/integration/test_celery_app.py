@@ -15,6 +15,7 @@ from producer import CaptionResult, LlavaClient
 from producer.settings import ClientSettings
 from tests.integration.conftest import IMAGES, TINY_CONFIG, StartWorker, worker_env
 from worker.devstack import WorkerProcess
+from worker.settings import WorkerSettings, load_settings
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +62,8 @@ def test_celery_worker_serves_jobs_with_the_project_settings(
         assert isinstance(result, CaptionResult) and result.worker == hostname
         [stats] = client.app.control.inspect(destination=[hostname], timeout=5).stats().values()
         assert stats["pool"]["implementation"].endswith("thread:TaskPool")
-        assert stats["pool"]["max-concurrency"] == 8  # 2 x max_batch_size 4 (configs/tiny.yaml)
+        threads = load_settings(WorkerSettings, config_file=TINY_CONFIG).threads
+        assert stats["pool"]["max-concurrency"] == threads  # what llava-worker runs with
         health = celery(env, "inspect", "llava_health", "--destination", hostname, "--json")
         assert json.loads(health.stdout)[hostname]["jobs_done"] == 1
     finally:
