@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
+# Which torch build `make install` gets: PyTorch's CPU wheels by default (an extra index, so a local or
+# mirrored index configured for pip still serves it offline); TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# for CUDA 12.8; TORCH_INDEX= (empty) for whatever your pip's own indexes offer. Only torch comes from it
+# (--no-deps); its dependencies come with the project's, from pip's own indexes.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # Broker and result backend; when nothing answers there, worker.devstack starts a redis-server on a free port.
 export LLAVA_BROKER_URL ?= redis://localhost:6379/0
 export LLAVA_RESULT_BACKEND ?= redis://localhost:6379/1
@@ -15,7 +20,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --no-deps "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e ".[worker,monitor,dev]"
 	touch $@
 

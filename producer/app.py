@@ -13,7 +13,7 @@ Role = Literal["worker", "producer"]
 
 
 def celery_config(settings: QueueSettings) -> dict[str, Any]:
-    """Celery settings for llava-queue (see DESIGN.md, "Decisions already taken")."""
+    """Celery settings for llava-queue (the decisions are listed in the README, "Architecture")."""
     redis = settings.broker_url.split("://", 1)[0] in ("redis", "rediss", "sentinel")
     transport_options = {
         "visibility_timeout": settings.visibility_timeout,

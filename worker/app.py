@@ -8,13 +8,13 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import Reject
 from celery.signals import worker_shutting_down
-from celery.worker.control import inspect_command
 from kombu import Queue
 
 from producer.app import create_celery_app
 from producer.client import SENT_AT_HEADER
 from producer.contract import TASK_NOOP, TASKS
 from producer.errors import InvalidRequest, LlavaError
+from worker import control  # noqa: F401  # registers the llava_health inspect command
 from worker.delivery import DeliveryLedger
 from worker.service import JobContext, Requeue, Service
 from worker.settings import WorkerSettings
@@ -22,9 +22,10 @@ from worker.settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: WorkerSettings, service: Service) -> Celery:
-    """The worker's Celery app: the shared configuration, the queues it consumes, one task per job kind."""
-    app = create_celery_app(settings, main="llava-worker")
+def create_app(settings: WorkerSettings, service: Service, app: Celery | None = None) -> Celery:
+    """The worker's Celery app (``app``, or a new one): the shared configuration, the queues it consumes,
+    one task per job kind."""
+    app = app or create_celery_app(settings, main="llava-worker")
     app.conf.task_queues = [Queue(name) for name in settings.consumed_queues]
     app.conf.worker_consumer = "worker.delivery:LlavaConsumer"
     app.llava_service = service  # type: ignore[attr-defined]  # read by the llava_health inspect command
@@ -113,10 +114,3 @@ def _float_or_none(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
-
-
-@inspect_command()
-def llava_health(state: Any) -> dict[str, Any]:
-    """llava-queue worker health: model, device, loads, jobs done/failed, last error, queues."""
-    service = getattr(state.consumer.app, "llava_service", None)
-    return service.health() if service is not None else {"model_loaded": False}

@@ -5,17 +5,32 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from worker.settings import WorkerSettings, load_settings
 
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from worker.service import Service
+
 log = logging.getLogger("llava.worker")
+
+
+def package_version() -> str:
+    """The installed llava-queue version (``unknown`` when running from a bare checkout)."""
+    try:
+        return version("llava-queue")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="llava-worker", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument("--config", help="YAML settings file (default: $LLAVA_CONFIG)")
     parser.add_argument("--model", help="hub id, local checkpoint dir, or tiny:<template>")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -37,7 +52,8 @@ def build_settings(args: argparse.Namespace) -> WorkerSettings:
 
 
 def celery_argv(settings: WorkerSettings) -> list[str]:
-    """The ``celery worker`` arguments this worker runs with (threads pool: see DESIGN.md)."""
+    """The ``celery worker`` arguments this worker runs with (the threads pool: heartbeats keep flowing
+    while the model thread computes)."""
     return [
         "worker",
         "--pool=threads",
@@ -65,7 +81,7 @@ def _launch_per_gpu(settings: WorkerSettings, argv: list[str]) -> int:
     except LaunchError as exc:
         print(f"llava-worker: {exc}", file=sys.stderr)
         return 1
-    return launch(gpus, _without(argv, "--gpus", "--hostname"))
+    return launch(gpus, _without(argv, "--gpus", "--hostname"), settings.metrics_port)
 
 
 def _without(argv: list[str], *options: str) -> list[str]:
@@ -95,6 +111,30 @@ def _refuse_conflicting_peers(app: Any, settings: WorkerSettings) -> None:
         )
 
 
+def configure_logging(settings: WorkerSettings) -> None:
+    """Log format and level; each failed job is logged once (by worker.service)."""
+    logging.basicConfig(level=settings.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("celery.app.trace").addFilter(_once_per_failure)
+
+
+def start_service(settings: WorkerSettings, service: Service, app: Celery) -> bool:
+    """Load the model and start serving (and the metrics endpoint, if asked for) for ``app``. A start-up
+    error is printed once, with what to do, and gives False."""
+    from worker.runtime import StartupError
+
+    try:
+        _refuse_conflicting_peers(app, settings)
+        service.start()
+        if settings.metrics_port is not None:
+            from worker.metrics import serve_metrics
+
+            serve_metrics(settings.metrics_port, service)
+    except (StartupError, OSError, ValueError) as exc:
+        print(f"llava-worker: cannot start: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -104,21 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if settings.gpus != "none":
         return _launch_per_gpu(settings, argv if argv is not None else sys.argv[1:])
-    logging.basicConfig(level=settings.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("celery.app.trace").addFilter(_once_per_failure)
-
+    configure_logging(settings)
     from worker.app import create_app
-    from worker.runtime import StartupError
     from worker.service import Service
 
     service = Service(settings)
     app = create_app(settings, service)
-    try:
-        _refuse_conflicting_peers(app, settings)
-        service.start()
-    except (StartupError, OSError, ValueError) as exc:
-        log.error("cannot start: %s", exc)
-        print(f"llava-worker: cannot start: {exc}", file=sys.stderr)
+    if not start_service(settings, service, app):
         return 1
     try:
         app.worker_main(celery_argv(settings))

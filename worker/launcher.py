@@ -2,10 +2,11 @@
 
 CUDA and fork do not mix, and one process per GPU keeps a crash to one GPU: the parent finds the GPUs
 (``CUDA_VISIBLE_DEVICES``, else ``nvidia-smi``), starts ``python -m worker.cli`` once per GPU with
-``CUDA_VISIBLE_DEVICES=<index>`` set before torch is imported and the node name ``gpu<index>@%h``,
-restarts a child that crashes (exponential backoff), forwards SIGTERM/SIGINT (warm shutdown) and exits
-when every child has exited. ``--device cpu`` with ``--gpus 0,1`` runs one CPU process per index under the
-same names: how the tests exercise the launcher without GPUs.
+``CUDA_VISIBLE_DEVICES=<index>`` set before torch is imported and the node name ``gpu<index>@%h``, restarts a
+child that crashes (exponential backoff), forwards SIGTERM/SIGINT (warm shutdown) and exits when every child
+has exited. With metrics on, each child serves them on ``LLAVA_METRICS_PORT`` + its GPU index. ``--device
+cpu`` with ``--gpus 0,1`` runs one CPU process per index under the same names: how the tests exercise the
+launcher without GPUs.
 """
 
 from __future__ import annotations
@@ -67,6 +68,17 @@ def next_backoff(previous: float, ran_for: float) -> float:
     return min(previous * 2, BACKOFF_MAX_S)
 
 
+def child_env(gpu: str, metrics_port: int | None, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """A child's environment: its GPU only (set before it imports torch) and, when metrics are on, its own
+    metrics port (the base port + the GPU index)."""
+    environ = os.environ if environ is None else environ
+    env = {key: value for key, value in environ.items() if key != "LLAVA_GPUS"}
+    env["CUDA_VISIBLE_DEVICES"] = gpu
+    if metrics_port is not None:
+        env["LLAVA_METRICS_PORT"] = str(metrics_port + int(gpu))
+    return env
+
+
 @dataclass
 class _Child:
     gpu: str
@@ -88,20 +100,22 @@ class _Child:
 class Supervisor:
     """Starts one child per GPU and keeps them running until told to stop."""
 
-    def __init__(self, gpus: list[str], child_args: list[str], python: str = sys.executable) -> None:
+    def __init__(
+        self,
+        gpus: list[str],
+        child_args: list[str],
+        python: str = sys.executable,
+        metrics_port: int | None = None,
+    ) -> None:
         self.children = [
             _Child(
-                gpu, [python, "-m", "worker.cli", *child_args, "--hostname", f"gpu{gpu}@%h"], self._env(gpu)
+                gpu,
+                [python, "-m", "worker.cli", *child_args, "--hostname", f"gpu{gpu}@%h"],
+                child_env(gpu, metrics_port),
             )
             for gpu in gpus
         ]
         self.stopping = False
-
-    @staticmethod
-    def _env(gpu: str) -> dict[str, str]:
-        env = {key: value for key, value in os.environ.items() if key != "LLAVA_GPUS"}
-        env["CUDA_VISIBLE_DEVICES"] = gpu  # before the child imports torch
-        return env
 
     def _forward(self, signum: int, _frame: object) -> None:
         self.stopping = True
@@ -144,8 +158,8 @@ class Supervisor:
         log.warning("gpu%s: worker died (exit %d); restarting in %.0f s", child.gpu, code, child.backoff)
 
 
-def launch(gpus: list[str], child_args: list[str]) -> int:
-    """Run one supervised worker per GPU; returns the exit status."""
+def launch(gpus: list[str], child_args: list[str], metrics_port: int | None = None) -> int:
+    """Run one supervised worker per GPU (metrics on ``metrics_port`` + GPU index); returns the status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("one worker per GPU: %s", ", ".join(f"gpu{g}" for g in gpus))
-    return Supervisor(gpus, child_args).run()
+    return Supervisor(gpus, child_args, metrics_port=metrics_port).run()

@@ -30,6 +30,7 @@ from producer.contract import (
     Timings,
 )
 from producer.errors import InternalError, InvalidRequest, JobTimeout, LlavaError, ResourceExhausted
+from worker import metrics
 from worker.batching import Alone, Done, DynamicBatcher
 from worker.faults import Faults
 from worker.fetch import FetchAborted
@@ -171,6 +172,7 @@ class Service:
             raise error from None
         with self._stats.lock:
             self._stats.jobs_done += 1
+        metrics.job_succeeded(task_name, result)
         return result
 
     def health(self) -> dict[str, Any]:
@@ -313,6 +315,7 @@ class Service:
     def record_failure(self, error: LlavaError, context: JobContext, task_name: str) -> None:
         """Log a failed job once (job id + code) and count it."""
         log.warning("job %s (%s) failed: %s", context.job_id, task_name, error)
+        metrics.job_failed(task_name, error)
         with self._stats.lock:
             self._stats.jobs_failed += 1
             self._stats.last_error = {"job_id": context.job_id, **error.to_dict()}

@@ -30,6 +30,9 @@ class WorkerSettings(QueueSettings):
         description="hub id, local checkpoint dir, or tiny:<template> (random tiny checkpoint built on use)",
     )
     model_name: str | None = Field(default=None, description="name reported in results; default: from model")
+    model_revision: str | None = Field(
+        default=None, min_length=1, description="hub revision (tag, branch or commit) to load; default: main"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda if available")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="auto: bfloat16 on cuda, float32 on cpu"
@@ -154,6 +157,12 @@ class WorkerSettings(QueueSettings):
         description="none: one process; all or 0,2: one per GPU",
     )
     hostname: str = Field(default="llava@%h", description="Celery node name")
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Prometheus metrics port (off when unset; + GPU index per GPU)",
+    )
     loglevel: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level")
 
     @field_validator("queues", "local_image_roots", "fetch_allow", "image_formats", mode="before")

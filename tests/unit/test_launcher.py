@@ -9,6 +9,7 @@ from worker.launcher import (
     BACKOFF_FIRST_S,
     BACKOFF_MAX_S,
     LaunchError,
+    child_env,
     discover_gpus,
     next_backoff,
     select_gpus,
@@ -39,3 +40,11 @@ def test_backoff_doubles_caps_and_resets_after_a_stable_run() -> None:
 def test_children_get_the_parents_arguments_without_gpus_or_hostname() -> None:
     argv = ["--config", "c.yaml", "--gpus", "0,1", "--hostname=x@h", "--device", "cpu"]
     assert _without(argv, "--gpus", "--hostname") == ["--config", "c.yaml", "--device", "cpu"]
+
+
+def test_each_child_gets_its_gpu_and_its_own_metrics_port() -> None:
+    parent = {"LLAVA_GPUS": "all", "LLAVA_METRICS_PORT": "9100", "PATH": "/bin"}
+    env = child_env("2", 9100, parent)
+    assert env["CUDA_VISIBLE_DEVICES"] == "2" and env["LLAVA_METRICS_PORT"] == "9102"
+    assert "LLAVA_GPUS" not in env and env["PATH"] == "/bin"
+    assert "LLAVA_METRICS_PORT" not in child_env("0", None, {"PATH": "/bin"})

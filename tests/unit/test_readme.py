@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from producer.settings import ClientSettings
@@ -31,3 +32,18 @@ def test_checkpoint_table_is_computed_from_the_architectures() -> None:
     from worker.runtime.architectures import table
 
     assert table() in README, "regenerate it: python -m worker.runtime.architectures --table"
+
+
+def test_nothing_links_outside_the_repository() -> None:
+    """No file names the team's notes outside the repo (a reader of the repo alone cannot follow them)."""
+    outside = ("../" + "shared", "DESIGN" + ".md")
+    suffixes = {".py", ".md", ".toml", ".yml", ".yaml", ".cfg", ".txt", ".html", ".example", ""}
+    skip = {".git", ".venv", "node_modules", ".mypy_cache", ".ruff_cache", ".pytest_cache", "build", ".run"}
+    offenders = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [name for name in dirs if name not in skip and not name.endswith(".egg-info")]
+        for name in files:
+            path = Path(folder) / name
+            if path.suffix in suffixes and any(text in path.read_text(errors="ignore") for text in outside):
+                offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, f"files pointing outside the repository: {offenders}"

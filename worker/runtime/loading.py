@@ -123,11 +123,11 @@ def quantization_config(settings: WorkerSettings, device: torch.device, dtype: t
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
-def load_processor(source: str, settings: WorkerSettings) -> LlavaNextProcessor:
+def load_processor(source: str, settings: WorkerSettings, revision: str | None = None) -> LlavaNextProcessor:
     """The checkpoint's processor, left-padding, with its own chat template or the configured family's."""
     from worker.templates import TEMPLATES
 
-    processor = LlavaNextProcessor.from_pretrained(source)
+    processor = LlavaNextProcessor.from_pretrained(source, revision=revision)
     processor.tokenizer.padding_side = "left"  # batched generation needs left padding
     if not getattr(processor, "chat_template", None):
         if settings.prompt_family is None:
@@ -151,19 +151,76 @@ def check_architecture(config: Any) -> None:
         )
 
 
+def is_local_path(model: str) -> bool:
+    """Whether ``model`` names a directory rather than a hub id (``name`` or ``namespace/name``)."""
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1 or Path(model).exists()
+
+
+def hub_revision(settings: WorkerSettings, source: str) -> str | None:
+    """The revision to ask for: ``model_revision`` for a hub id, nothing for a local directory."""
+    return None if Path(source).is_dir() else settings.model_revision
+
+
+def model_not_found(settings: WorkerSettings, reason: str) -> StartupError:
+    """One error that says which checkpoint, from where, and what to do."""
+    from huggingface_hub import constants
+
+    model = settings.model
+    if is_local_path(model):
+        return StartupError(
+            f"model directory {model} {reason}. Set LLAVA_MODEL (or model: in the config) to a directory "
+            "holding a LLaVA-NeXT checkpoint (config.json, weights, processor files), or to a hub id"
+        )
+    revision = settings.model_revision or "main"
+    offline = "on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "off"
+    return StartupError(
+        f"cannot load model {model!r} (revision {revision}) from the Hugging Face cache "
+        f"{constants.HF_HUB_CACHE} (offline mode {offline}): {reason}. "
+        f"Fix: download it first with `hf download {model} --revision {revision}` (HF_TOKEN for gated "
+        "checkpoints; HF_HOME moves the cache), or serve a local copy: LLAVA_MODEL=/path/to/checkpoint"
+    )
+
+
+def check_model_source(settings: WorkerSettings) -> None:
+    """Refuse a missing directory or a malformed hub id before transformers says something vaguer."""
+    if settings.model.startswith("tiny:"):
+        return
+    if is_local_path(settings.model):
+        if not Path(settings.model).expanduser().is_dir():
+            raise model_not_found(settings, "does not exist")
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(settings.model)
+    except HFValidationError as exc:
+        raise StartupError(
+            f"model {settings.model!r} is neither an existing directory nor a valid hub id ({exc}). Set "
+            "LLAVA_MODEL (or model: in the config) to a hub id such as llava-hf/llava-v1.6-mistral-7b-hf, "
+            "or to a checkpoint directory"
+        ) from None
+
+
 def load_model(settings: WorkerSettings) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor, str]:
-    """Load model and processor as ``settings`` ask; returns (model, processor, source)."""
+    """Load model and processor as ``settings`` ask; returns (model, processor, source). Weights go straight
+    to the target device (``device_map``), never through host memory first."""
     device = resolve_device(settings)
     dtype = resolve_dtype(settings, device)
     attention = resolve_attention(settings, device)
     quantization = quantization_config(settings, device, dtype)
+    check_model_source(settings)
     source = resolve_model_source(settings)
-    check_architecture(AutoConfig.from_pretrained(source))
-    processor = load_processor(source, settings)
-    options: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention}
+    if is_local_path(source):
+        source = str(Path(source).expanduser())
+    revision = hub_revision(settings, source)
+    options: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention, "revision": revision}
+    options["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": device}
     if quantization is not None:
-        options.update(quantization_config=quantization, device_map={"": device.index or 0})
-    model = LlavaNextForConditionalGeneration.from_pretrained(source, **options)
-    if quantization is None:
-        model = model.to(device)
+        options["quantization_config"] = quantization
+    try:
+        check_architecture(AutoConfig.from_pretrained(source, revision=revision))
+        processor = load_processor(source, settings, revision)
+        model = LlavaNextForConditionalGeneration.from_pretrained(source, **options)
+    except OSError as exc:
+        raise model_not_found(settings, str(exc).strip().splitlines()[0].rstrip(".")) from None
     return model.eval(), processor, source

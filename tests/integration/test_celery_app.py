@@ -1,0 +1,82 @@
+"""`celery -A worker.celery_app ...`: Celery's own command line drives and inspects llava workers."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from producer import CaptionResult, LlavaClient
+from producer.settings import ClientSettings
+from tests.integration.conftest import IMAGES, TINY_CONFIG, StartWorker, worker_env
+from worker.devstack import WorkerProcess
+from worker.settings import WorkerSettings, load_settings
+
+pytestmark = pytest.mark.integration
+
+
+def celery(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "celery", "-A", "worker.celery_app", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+class CeleryWorker(WorkerProcess):
+    """``celery -A worker.celery_app worker ARGS`` as a subprocess."""
+
+    def start(self) -> CeleryWorker:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        command = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", *self.args]
+        self.process = subprocess.Popen(command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        return self
+
+
+def test_celery_inspect_llava_health_answers_for_a_llava_worker(
+    start_worker: StartWorker, client_settings: ClientSettings, cache_dir: Path
+) -> None:
+    worker, hostname = start_worker(f"it-{uuid.uuid4().hex[:8]}")
+    env = worker_env(client_settings, cache_dir)
+    answer = celery(env, "inspect", "llava_health", "--destination", hostname, "--timeout", "10", "--json")
+    assert answer.returncode == 0, answer.stderr
+    health = json.loads(answer.stdout)[hostname]
+    assert health["model_loaded"] is True and health["pid"] == worker.process.pid  # type: ignore[union-attr]
+    assert '"model_loaded": true' in answer.stdout  # what the compose healthcheck greps for
+    status = celery(env, "status", "--timeout", "10")
+    assert status.returncode == 0 and hostname in status.stdout
+
+
+def test_celery_worker_serves_jobs_with_the_project_settings(
+    client: LlavaClient, client_settings: ClientSettings, cache_dir: Path, tmp_path: Path
+) -> None:
+    queue = f"it-{uuid.uuid4().hex[:8]}"
+    hostname = f"c{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+    env = worker_env(client_settings, cache_dir, LLAVA_CONFIG=str(TINY_CONFIG), LLAVA_QUEUES=queue)
+    worker = CeleryWorker(["--hostname", hostname], env, tmp_path / "celery-worker.log").start()
+    try:
+        worker.wait_ready(client.app, hostname)
+        result = client.caption(IMAGES / "stop_sign.jpg", queue=queue).get(timeout=60)
+        assert isinstance(result, CaptionResult) and result.worker == hostname
+        [stats] = client.app.control.inspect(destination=[hostname], timeout=5).stats().values()
+        assert stats["pool"]["implementation"].endswith("thread:TaskPool")
+        threads = load_settings(WorkerSettings, config_file=TINY_CONFIG).threads
+        assert stats["pool"]["max-concurrency"] == threads  # what llava-worker runs with
+        health = celery(env, "inspect", "llava_health", "--destination", hostname, "--json")
+        assert json.loads(health.stdout)[hostname]["jobs_done"] == 1
+    finally:
+        assert worker.stop() == 0, worker.log_tail()
+
+
+def test_celery_worker_that_cannot_load_its_model_exits_1_saying_why_once(
+    client_settings: ClientSettings, cache_dir: Path, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-checkpoint"
+    env = worker_env(client_settings, cache_dir, LLAVA_CONFIG=str(TINY_CONFIG), LLAVA_MODEL=str(missing))
+    worker = CeleryWorker(["--hostname", "never@here"], env, tmp_path / "bad.log").start()
+    assert worker.process is not None and worker.process.wait(timeout=120) == 1
+    log = worker.log_tail(200)
+    assert log.count("llava-worker: cannot start") == 1, log
+    assert str(missing) in log
