@@ -362,15 +362,8 @@ class _WatchedHTTPConnection(HTTPConnection):
         return sock
 
 
-class _WatchedHTTPSConnection(HTTPSConnection):
-    def __init__(self, *args: Any, budget: FetchBudget, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._budget = budget
-
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        self._budget.track(sock)
-        return sock
+class _WatchedHTTPSConnection(_WatchedHTTPConnection, HTTPSConnection):
+    """The same for https (the TLS handshake happens on the watched socket)."""
 
 
 def _pool(

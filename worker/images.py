@@ -195,7 +195,10 @@ def _decode_data_uri(uri: str, max_bytes: int) -> bytes:
 
 
 def _read_local(path: Path, settings: WorkerSettings) -> bytes:
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError, ValueError):  # a NUL byte, a symlink loop
+        raise InvalidRequest("the image path is not a usable file path") from None
     roots = [root.resolve() for root in settings.local_image_roots]
     if not any(resolved.is_relative_to(root) for root in roots):
         raise FetchForbidden(f"local path {path} is not under an allowed root (local_image_roots)")

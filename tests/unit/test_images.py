@@ -601,3 +601,9 @@ def test_one_image_larger_than_the_budget_still_decodes_alone() -> None:
         assert budget.free == 0
     data = png_bytes((20, 20))
     assert decode_image(data, max_pixels=BIG, budget=(budget, time.monotonic() + 1)).size == (20, 20)
+
+
+def test_a_path_with_a_nul_byte_is_an_invalid_request(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest) as exc:
+        read_image_bytes(str(tmp_path / "a\x00b.png"), settings_for(tmp_path))
+    assert_code(exc, "invalid_request")
