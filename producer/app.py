@@ -64,11 +64,16 @@ def fail_fast_config(settings: QueueSettings, broker_timeout: float) -> dict[str
 
     Each connection attempt (broker or result backend, connect or command) is bounded by a third of it. A
     send subscribes to the job's result channel (one reconnect if that fails), then publishes (one retry); a
-    result read makes one attempt. A pooled connection left dead by a Redis restart is replaced on the next
-    call, so nothing needs restarting. ``result_extended`` and the rest stay as the worker has them.
+    result read makes one attempt. A wait for results (``get``, ``as_completed``) whose subscription drops
+    reconnects for up to ``broker_timeout`` seconds, so it rides out a Redis restart shorter than that. A
+    pooled connection left dead by a Redis restart is replaced on the next call, so nothing needs
+    restarting. ``result_extended`` and the rest stay as the worker has them.
     """
     attempt = round(broker_timeout / 3, 3)
     one_retry = {"max_retries": 1, "interval_start": 0, "interval_step": 0.1, "interval_max": 0.1}
+    # The backend's retry policy also drives the result subscription's reconnects (kombu's retry_over_time:
+    # ``timeout`` bounds them all); single reads are not retried (result_backend_always_retry off).
+    reconnects = {"max_retries": 100, "interval_start": 0, "interval_step": 0.25, "interval_max": 0.5}
     transport = dict(celery_config(settings)["broker_transport_options"], socket_timeout=attempt)
     return {
         "broker_connection_timeout": attempt,
@@ -80,7 +85,7 @@ def fail_fast_config(settings: QueueSettings, broker_timeout: float) -> dict[str
         "result_backend_always_retry": False,
         "result_backend_transport_options": {
             "visibility_timeout": settings.visibility_timeout,
-            "retry_policy": {**one_retry, "max_retries": 0},
+            "retry_policy": {**reconnects, "timeout": broker_timeout},
         },
     }
 

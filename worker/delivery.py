@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import Celery, states
 from celery.worker.consumer import Consumer
 
@@ -54,7 +55,7 @@ class DeliveryLedger:
         self.max_deliveries = settings.max_deliveries
         self.expires = settings.result_expires
         self.client = getattr(self.backend, "client", None)  # redis.Redis for the Redis backend
-        self.blobs = None if self.client is None else RedisBlobStore(self.client, self.expires)
+        self.blobs = None if self.client is None else _blob_store(settings)
         if self.client is None:
             log.warning(
                 "result backend %s has no Redis client: the redelivery cap and blob images are off",
@@ -128,6 +129,18 @@ class DeliveryLedger:
     def stored_result(self, job_id: str) -> Any | None:
         meta = self.backend.get_task_meta(job_id)
         return meta.get("result") if meta.get("status") == states.SUCCESS else None
+
+
+BLOB_READ_TIMEOUT = 5.0  # seconds per Redis operation on a blob: a hung store is a retryable fetch_failed
+
+
+def _blob_store(settings: WorkerSettings) -> RedisBlobStore:
+    """The blob store on the result-backend Redis, with its own bounded socket timeouts (Celery's backend
+    client waits up to two minutes per read)."""
+    client = redis.Redis.from_url(
+        settings.result_backend, socket_timeout=BLOB_READ_TIMEOUT, socket_connect_timeout=BLOB_READ_TIMEOUT
+    )
+    return RedisBlobStore(client, settings.result_expires)
 
 
 class LlavaConsumer(Consumer):
