@@ -1,0 +1,181 @@
+"""Label scoring: the model's probability of answering exactly each label, all labels against one prefill.
+
+Each candidate answer is the whole conversation (prompt + answer, through the chat template) tokenized at
+once, so the answer's tokens are the ones the model would produce in context (SentencePiece "▁" prefixes,
+BPE merges across the boundary). Its score is the sum of the log-probabilities of its tokens up to and
+including the first end-of-turn token. The candidates' tokens after their common prefix are packed into ONE
+sequence as a prefix tree (shared tokens once), run against the prefix's KV cache with a 4D attention mask
+(each token sees the prefix and its own ancestors) and per-token position ids: no per-label copy of the KV.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+YES, NO = "Yes", "No"
+
+
+@dataclass(frozen=True)
+class LabelQuery:
+    """How to score one image's labels. ``text``: the user's text its prompt was prepared from (exclusive
+    mode: the labels are answers to it). ``question``: multi-label mode; each label is asked
+    ``question`` with ``{label}`` replaced, and scored P(Yes) / (P(Yes) + P(No))."""
+
+    text: str
+    question: str | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One answer to score: the conversation's tokens (one image token) and where the answer starts."""
+
+    ids: list[int]
+    start: int
+
+
+def candidates(
+    processor: Any, query: LabelQuery, labels: Sequence[str], eos_ids: set[int]
+) -> list[Candidate]:
+    """Exclusive: one candidate per label. Multi-label: two per label, its Yes then its No."""
+    if query.question is None:
+        pairs = [(query.text, label) for label in labels]
+    else:
+        pairs = [(query.question.replace("{label}", label), a) for label in labels for a in (YES, NO)]
+    tokenizer = processor.tokenizer
+    prompts = [_render(processor, text, None) for text, _ in pairs]
+    fulls = [_render(processor, text, answer) for text, answer in pairs]
+    encoded = tokenizer(prompts + fulls)["input_ids"]  # as the processor tokenizes
+    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    return [
+        _candidate(prompt, full, eos_ids, eos)
+        for prompt, full in zip(encoded[: len(pairs)], encoded[len(pairs) :], strict=True)
+    ]
+
+
+def _render(processor: Any, text: str, answer: str | None) -> str:
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+    ]
+    if answer is None:
+        return str(processor.apply_chat_template(messages, add_generation_prompt=True))
+    messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return str(processor.apply_chat_template(messages, add_generation_prompt=False))
+
+
+def _candidate(prompt: list[int], full: list[int], eos_ids: set[int], eos: int) -> Candidate:
+    """The answer starts where the full conversation's tokens leave the prompt's (a BPE merge across the
+    boundary moves it back); it ends at its first end-of-turn token (appended if the template writes none)."""
+    start = common_prefix([prompt, full])
+    start = min(start, len(full))
+    end = next((k for k in range(start, len(full)) if full[k] in eos_ids), None)
+    ids = full[: end + 1] if end is not None else [*full, eos]
+    return Candidate(ids, start)
+
+
+def common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the longest prefix all ``rows`` share."""
+    shortest = min(len(row) for row in rows)
+    for index in range(shortest):
+        token = rows[0][index]
+        if any(row[index] != token for row in rows):
+            return index
+    return shortest
+
+
+@dataclass(frozen=True)
+class PackedTree:
+    """Candidates' tails as a prefix tree, flattened: node k holds ``tokens[k]`` at depth ``depths[k]`` below
+    ``parents[k]`` (-1: below the shared prefix); ``paths[i]`` are candidate i's nodes."""
+
+    tokens: list[int]
+    parents: list[int]
+    depths: list[int]
+    paths: list[list[int]]
+
+    @classmethod
+    def build(cls, tails: Sequence[Sequence[int]]) -> PackedTree:
+        tokens: list[int] = []
+        parents: list[int] = []
+        depths: list[int] = []
+        children: dict[tuple[int, int], int] = {}
+        paths = []
+        for tail in tails:
+            node, path = -1, []
+            for depth, token in enumerate(tail):
+                key = (node, token)
+                if key not in children:
+                    children[key] = len(tokens)
+                    tokens.append(token)
+                    parents.append(node)
+                    depths.append(depth)
+                node = children[key]
+                path.append(node)
+            paths.append(path)
+        return cls(tokens, parents, depths, paths)
+
+    def predicting(self, candidates_: Sequence[Candidate], prefix: int) -> list[int]:
+        """The nodes whose next-token log-probs score some answer token (the only logits kept)."""
+        nodes = {
+            path[index - prefix - 1]
+            for candidate, path in zip(candidates_, self.paths, strict=True)
+            for index in range(max(candidate.start, prefix + 1), len(candidate.ids))
+        }
+        return sorted(nodes)
+
+    def visibility(self) -> torch.Tensor:
+        """(nodes, nodes) bool: row k is True at k and at its ancestors."""
+        count = len(self.tokens)
+        seen = torch.zeros((count, count), dtype=torch.bool)
+        for node, parent in enumerate(self.parents):  # parents come before their children
+            if parent >= 0:
+                seen[node] = seen[parent]
+            seen[node, node] = True
+        return seen
+
+
+def attention_mask(tree: PackedTree, prefix: int, attention: str, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 1, nodes, prefix + nodes): every node sees the prefix and its own ancestors. Boolean (True:
+    attend) for SDPA; additive (0 / dtype min) for eager attention, which adds the mask to its scores."""
+    seen = tree.visibility()
+    mask = torch.cat([torch.ones((len(tree.tokens), prefix), dtype=torch.bool), seen], dim=1)[None, None]
+    if attention == "eager":
+        return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
+
+
+def answer_logprobs(
+    candidates_: Sequence[Candidate],
+    prefix: int,
+    tree: PackedTree,
+    first: torch.Tensor,
+    rows: Mapping[int, torch.Tensor],
+) -> list[float]:
+    """Sum of each candidate's answer-token log-probabilities. ``first``: log-probs after the shared
+    prefix (its last position); ``rows[k]``: log-probs after tree node k (the nodes of
+    :meth:`PackedTree.predicting`)."""
+    totals = []
+    for candidate, path in zip(candidates_, tree.paths, strict=True):
+        total = 0.0
+        for index in range(candidate.start, len(candidate.ids)):
+            depth = index - prefix
+            after = first if depth == 0 else rows[path[depth - 1]]
+            total += float(after[candidate.ids[index]])
+        totals.append(total)
+    return totals
+
+
+def exclusive_scores(logprobs: Sequence[float]) -> list[float]:
+    """Softmax of the summed log-probabilities: P(answer = label | answer is one of the labels)."""
+    top = max(logprobs)
+    weights = [math.exp(value - top) for value in logprobs]
+    return [weight / sum(weights) for weight in weights]
+
+
+def yes_no_scores(yes: Sequence[float], no: Sequence[float]) -> list[float]:
+    """P(Yes) / (P(Yes) + P(No)) per label, from the two answers' log-probabilities."""
+    return [1.0 / (1.0 + math.exp(n - y)) if n - y < 700 else 0.0 for y, n in zip(yes, no, strict=True)]
