@@ -3,6 +3,7 @@
     llava-queue caption [IMAGE|DIR]... [--from-file F] [--prompt P]
     llava-queue vqa [IMAGE|DIR]... [--from-file F] --question Q
     llava-queue classify [IMAGE|DIR]... [--from-file F] [--labels a,b,c] [--prompt P]
+        [--multi-label [--threshold T|a=T,b=T] [--question "Is there {label}?"]]
     llava-queue status
 
 Common options: --config FILE, --json, --out F.jsonl, --timeout S, --queue Q, --in-flight N, --no-progress.
@@ -67,8 +68,13 @@ def _job_arguments(sub: argparse.ArgumentParser, name: str) -> None:
     )
     sub.add_argument("--from-file", metavar="F", help="read URLs/paths from F, one per line (# comments)")
     sub.add_argument("--prompt", help="instruction (caption, classify)")
-    sub.add_argument("--question", required=name == "vqa", help="the question (vqa)")
+    question = "the question (vqa); classify --multi-label: the per-label question, with {label}"
+    sub.add_argument("--question", required=name == "vqa", help=question)
     sub.add_argument("--labels", help="comma-separated labels (classify)")
+    multi = "classify: score each label on its own (yes/no); the result's labels are those over threshold"
+    sub.add_argument("--multi-label", action="store_true", default=None, help=multi)
+    threshold = "--multi-label: a label is given at or above it: 0.5 (default), or per label: a=0.3,b=0.8"
+    sub.add_argument("--threshold", type=_threshold, help=threshold)
     sub.add_argument("--max-new-tokens", type=int)
     sub.add_argument("--model", help="send to the workers serving this model (queue llava.<model>)")
     sub.add_argument("--queue", help="queue to send to (default: settings.default_queue)")
@@ -83,6 +89,17 @@ def _job_arguments(sub: argparse.ArgumentParser, name: str) -> None:
     sub.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal)")
 
 
+def _threshold(text: str) -> float | dict[str, float]:
+    """``0.7``, or per label ``nudity=0.3,violence=0.6``."""
+    try:
+        if "=" not in text:
+            return float(text)
+        pairs = (item.rsplit("=", 1) for item in text.split(","))
+        return {label.strip(): float(value) for label, value in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or label=number list: {text!r}") from None
+
+
 def flower_argv(settings: ClientSettings) -> list[str]:
     """``celery --broker=... flower`` with the port and basic auth from settings."""
     argv = ["celery", f"--broker={settings.broker_url}", "flower", f"--port={settings.flower_port}"]
@@ -95,8 +112,11 @@ def _submitter(client: LlavaClient, args: argparse.Namespace) -> Callable[[str],
     """``image -> Job`` with the command's fields and options; options the kind does not take are refused."""
     labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
     given = {"prompt": args.prompt, "question": args.question, "labels": labels}
+    given |= {"multi_label": args.multi_label, "threshold": args.threshold}
     takes = KINDS[args.command][2]
-    wrong = sorted(f"--{key}" for key, value in given.items() if value is not None and key not in takes)
+    wrong = sorted(
+        f"--{key.replace('_', '-')}" for key, value in given.items() if value is not None and key not in takes
+    )
     if wrong:
         raise InvalidRequest(f"{args.command} does not take {', '.join(wrong)}")
     params = {key: given[key] for key in takes}
@@ -117,7 +137,9 @@ def _print_human(record: dict[str, Any], stream: TextIO) -> None:
         )
     elif "scores" in record["result"] and record["result"]["scores"]:
         scores = ", ".join(f"{k}={v:.3f}" for k, v in record["result"]["scores"].items())
-        print(f"{record['image']}: {record['result']['label']} ({scores})", file=stream)
+        given = record["result"].get("labels")  # multi-label: those at or above their threshold
+        shown = record["result"]["label"] if given is None else ", ".join(given) or "(none)"
+        print(f"{record['image']}: {shown} ({scores})", file=stream)
     else:
         answer = record["result"].get("text", record["result"].get("label"))
         print(f"{record['image']}: {answer!r}", file=stream)
