@@ -44,6 +44,7 @@ clean:
 
 bench: install
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/classify.py
 
 # Repeat the fault tests (worker killed, poison job, SIGTERM mid-batch, Redis restarted); SOAK_ROUNDS=5.
 SOAK_ROUNDS ?= 5
