@@ -295,7 +295,7 @@ class Runtime:
             torch.cuda.empty_cache()
 
     def _score_one(self, item: Prepared, labels: list[str], query: LabelQuery) -> LabelScores:
-        answers = scoring.candidates(self.processor, query, labels, self._eos_ids())
+        answers = scoring.candidates(self.processor, query, tuple(labels), frozenset(self._eos_ids()))
         prefix = min(scoring.common_prefix([a.ids for a in answers]), *(a.start for a in answers))
         tree = scoring.PackedTree.build([a.ids[prefix:] for a in answers])
         cache, first = self._prefill_prefix(item, answers[0].ids[:prefix])
@@ -310,8 +310,8 @@ class Runtime:
                 **{self._cache_kwarg: cache},
                 logits_to_keep=torch.tensor(kept, device=self.device),
             )
-        rows = dict(zip(kept, torch.log_softmax(output.logits[0].float(), dim=-1).cpu(), strict=True))
-        logprobs = scoring.answer_logprobs(answers, prefix, tree, first, rows)
+        rows = torch.cat([first[None], output.logits[0].float()]).log_softmax(dim=-1)
+        logprobs = scoring.answer_logprobs(answers, prefix, tree, rows)
         if query.question is None:
             scores = scoring.exclusive_scores(logprobs)
         else:
@@ -333,9 +333,9 @@ class Runtime:
         finally:
             self.model.set_attn_implementation({"text_config": loaded})
 
-    def _prefill_prefix(self, item: Prepared, ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
+    def _prefill_prefix(self, item: Prepared, ids: Sequence[int]) -> tuple[DynamicCache, torch.Tensor]:
         """Prefill the labels' shared prefix (its one image token expanded to the prompt's), keeping the
-        logits of its last position only; the cache and the log-probs of the next token."""
+        logits of its last position only; the cache and those logits."""
         image = ids.index(self.image_token_id)
         expanded = [*ids[:image], *[self.image_token_id] * item.image_tokens, *ids[image + 1 :]]
         if item.input_ids[: image + item.image_tokens].tolist() != expanded[: image + item.image_tokens]:
@@ -348,8 +348,7 @@ class Runtime:
             use_cache=True,
             logits_to_keep=1,
         )
-        first = torch.log_softmax(output.logits[0, -1].float(), dim=-1).cpu()
-        return getattr(output, self._cache_kwarg), first
+        return getattr(output, self._cache_kwarg), output.logits[0, -1].float()
 
 
 class _StopAtDeadlines(StoppingCriteria):

@@ -10,8 +10,9 @@ sequence as a prefix tree (shared tokens once), run against the prefix's KV cach
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,27 +35,57 @@ class LabelQuery:
 class Candidate:
     """One answer to score: the conversation's tokens (one image token) and where the answer starts."""
 
-    ids: list[int]
+    ids: tuple[int, ...]
     start: int
 
 
+@functools.lru_cache(maxsize=16)
 def candidates(
-    processor: Any, query: LabelQuery, labels: Sequence[str], eos_ids: set[int]
-) -> list[Candidate]:
-    """Exclusive: one candidate per label. Multi-label: two per label, its Yes then its No."""
+    processor: Any, query: LabelQuery, labels: tuple[str, ...], eos_ids: frozenset[int]
+) -> tuple[Candidate, ...]:
+    """Exclusive: one candidate per label. Multi-label: two per label, its Yes then its No. Cached: the
+    same labels asked the same way (a moderation policy, a bulk run) are tokenized once.
+
+    The chat template is rendered once with a slot for the label, filled in per label; a real rendering of
+    the first label checks it (a template that alters the label, e.g. trims it, renders every label), and
+    labels with whitespace at their edges are always rendered for real."""
     if query.question is None:
-        pairs = [(query.text, label) for label in labels]
+        shapes = [(query.text, _SLOT)]
     else:
-        pairs = [(query.question.replace("{label}", label), a) for label in labels for a in (YES, NO)]
-    tokenizer = processor.tokenizer
-    prompts = [_render(processor, text, None) for text, _ in pairs]
-    fulls = [_render(processor, text, answer) for text, answer in pairs]
-    encoded = tokenizer(prompts + fulls)["input_ids"]  # as the processor tokenizes
-    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
-    return [
-        _candidate(prompt, full, eos_ids, eos)
-        for prompt, full in zip(encoded[: len(pairs)], encoded[len(pairs) :], strict=True)
+        shapes = [(query.question.replace("{label}", _SLOT), answer) for answer in (YES, NO)]
+    slotted = _conversations(processor, shapes, _SLOT)
+    trusted = _SLOT not in query.text and _fill(slotted, labels[0]) == _conversations(
+        processor, shapes, labels[0]
+    )
+    texts = [
+        text
+        for label in labels
+        for text in (
+            _fill(slotted, label)
+            if trusted and label == label.strip()
+            else _conversations(processor, shapes, label)
+        )
     ]
+    tokenizer = processor.tokenizer
+    encoded = tokenizer(texts)["input_ids"]  # as the processor tokenizes
+    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    return tuple(_candidate(encoded[k], encoded[k + 1], eos_ids, eos) for k in range(0, len(encoded), 2))
+
+
+_SLOT = "\ue000label\ue001"  # where the label goes in a conversation rendered once for all labels
+
+
+def _conversations(processor: Any, shapes: list[tuple[str, str]], label: str) -> list[str]:
+    """Prompt, then prompt + answer, per (user text, answer) shape, with ``label`` in its slot."""
+    texts = []
+    for text, answer in shapes:
+        user = text.replace(_SLOT, label)
+        texts += [_render(processor, user, None), _render(processor, user, answer.replace(_SLOT, label))]
+    return texts
+
+
+def _fill(slotted: list[str], label: str) -> list[str]:
+    return [text.replace(_SLOT, label) for text in slotted]
 
 
 def _render(processor: Any, text: str, answer: str | None) -> str:
@@ -67,14 +98,14 @@ def _render(processor: Any, text: str, answer: str | None) -> str:
     return str(processor.apply_chat_template(messages, add_generation_prompt=False))
 
 
-def _candidate(prompt: list[int], full: list[int], eos_ids: set[int], eos: int) -> Candidate:
+def _candidate(prompt: list[int], full: list[int], eos_ids: frozenset[int], eos: int) -> Candidate:
     """The answer starts where the full conversation's tokens leave the prompt's (a BPE merge across the
     boundary moves it back); it ends at its first end-of-turn token (appended if the template writes none)."""
     start = common_prefix([prompt, full])
     start = min(start, len(full))
     end = next((k for k in range(start, len(full)) if full[k] in eos_ids), None)
     ids = full[: end + 1] if end is not None else [*full, eos]
-    return Candidate(ids, start)
+    return Candidate(tuple(ids), start)
 
 
 def common_prefix(rows: Sequence[Sequence[int]]) -> int:
@@ -149,24 +180,23 @@ def attention_mask(tree: PackedTree, prefix: int, attention: str, dtype: torch.d
 
 
 def answer_logprobs(
-    candidates_: Sequence[Candidate],
-    prefix: int,
-    tree: PackedTree,
-    first: torch.Tensor,
-    rows: Mapping[int, torch.Tensor],
+    candidates_: Sequence[Candidate], prefix: int, tree: PackedTree, logprobs: torch.Tensor
 ) -> list[float]:
-    """Sum of each candidate's answer-token log-probabilities. ``first``: log-probs after the shared
-    prefix (its last position); ``rows[k]``: log-probs after tree node k (the nodes of
-    :meth:`PackedTree.predicting`)."""
-    totals = []
-    for candidate, path in zip(candidates_, tree.paths, strict=True):
-        total = 0.0
+    """Sum of each candidate's answer-token log-probabilities. ``logprobs``: row 0 after the shared prefix
+    (its last position), then one row per node of :meth:`PackedTree.predicting`, in its order."""
+    row_of = {node: row for row, node in enumerate(tree.predicting(candidates_, prefix), start=1)}
+    rows, tokens, owners = [], [], []
+    for owner, (candidate, path) in enumerate(zip(candidates_, tree.paths, strict=True)):
         for index in range(candidate.start, len(candidate.ids)):
             depth = index - prefix
-            after = first if depth == 0 else rows[path[depth - 1]]
-            total += float(after[candidate.ids[index]])
-        totals.append(total)
-    return totals
+            rows.append(0 if depth == 0 else row_of[path[depth - 1]])
+            tokens.append(candidate.ids[index])
+            owners.append(owner)
+    device = logprobs.device
+    picked = logprobs[torch.tensor(rows, device=device), torch.tensor(tokens, device=device)]
+    totals = torch.zeros(len(candidates_), dtype=torch.float64, device=device)
+    totals.index_add_(0, torch.tensor(owners, device=device), picked.double())
+    return [float(total) for total in totals.tolist()]
 
 
 def exclusive_scores(logprobs: Sequence[float]) -> list[float]:
