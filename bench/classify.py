@@ -6,7 +6,8 @@ In-process, on the checkpoint of bench/throughput.py (random weights, the real C
 a small LM), one 640x480 image: the model's time (``Runtime.score_labels``; the processor runs once, as in
 the job's own thread) for exclusive classify with 1 vs 100 labels, and multi-label with 1 vs 10 categories.
 Each call tokenizes its labels (the label cache is cleared: a label set's first job, the worst case).
-Same warm-up and repetitions for each; prints medians and ratios; writes JSON to bench/results/.
+One warm-up each, then rounds calling each once, interleaved; prints medians and ratios; writes JSON to
+bench/results/.
 """
 
 from __future__ import annotations
@@ -34,15 +35,18 @@ CATEGORIES = ["nudity", "violence", "weapons", "drugs", "gore", "hate symbols", 
 CATEGORIES += ["gambling", "smoking"]
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> float:
-    """Median milliseconds of ``repeats`` calls after one warm-up call."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+def timed(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median milliseconds of each run: one warm-up call each, then ``repeats`` rounds calling every run
+    once, interleaved (a busy machine slows them alike)."""
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for fn in runs.values():
         fn()
-        samples.append((time.perf_counter() - started) * 1000)
-    return statistics.median(samples)
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            started = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - started) * 1000)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def measure(checkpoint: Path, image: bytes, repeats: int) -> dict[str, Any]:
@@ -69,12 +73,15 @@ def measure(checkpoint: Path, image: bytes, repeats: int) -> dict[str, Any]:
         return lambda: cold(lambda: runtime.score_labels([item], [labels], queries=[query]))
 
     prompt_tokens = runtime.prepare(Prompt(picture, DEFAULT_CLASSIFY_PROMPT)).prompt_tokens
-    runs = {
-        "exclusive_1_ms": timed(exclusive(LABELS[:1]), repeats),
-        "exclusive_100_ms": timed(exclusive(LABELS), repeats),
-        "multi_label_1_ms": timed(multi_label(CATEGORIES[:1]), repeats),
-        "multi_label_10_ms": timed(multi_label(CATEGORIES), repeats),
-    }
+    runs = timed(
+        {
+            "exclusive_1_ms": exclusive(LABELS[:1]),
+            "exclusive_100_ms": exclusive(LABELS),
+            "multi_label_1_ms": multi_label(CATEGORIES[:1]),
+            "multi_label_10_ms": multi_label(CATEGORIES),
+        },
+        repeats,
+    )
     return {
         **runs,
         "exclusive_ratio": runs["exclusive_100_ms"] / runs["exclusive_1_ms"],

@@ -77,7 +77,6 @@ def test_exclusive_logprobs_match_the_reference(runtime: Runtime, labels: list[s
 
 @pytest.mark.parametrize("labels", LABEL_SETS.values(), ids=LABEL_SETS.keys())
 def test_multi_label_yes_no_matches_the_reference(runtime: Runtime, labels: list[str]) -> None:
-    labels = labels[:30] if runtime.settings.model.endswith(("vicuna", "chatml")) else labels
     item = prepared(runtime, QUESTION.replace("{label}", max(labels, key=len)))
     [scores] = runtime.score_labels([item], [labels], queries=[LabelQuery("", QUESTION)])
     assert not isinstance(scores, Exception)
