@@ -67,7 +67,7 @@ def candidates(
         )
     ]
     tokenizer = processor.tokenizer
-    encoded = tokenizer(texts)["input_ids"]  # as the processor tokenizes
+    encoded = _encode(tokenizer, texts, slotted[0].split(_SLOT)[0])
     eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     return tuple(_candidate(encoded[k], encoded[k + 1], eos_ids, eos) for k in range(0, len(encoded), 2))
 
@@ -86,6 +86,27 @@ def _conversations(processor: Any, shapes: list[tuple[str, str]], label: str) ->
 
 def _fill(slotted: list[str], label: str) -> list[str]:
     return [text.replace(_SLOT, label) for text in slotted]
+
+
+def _encode(tokenizer: Any, texts: list[str], head: str) -> list[list[int]]:
+    """Each text's ids as the processor tokenizes it. Texts that start with ``head`` (the prompt the labels
+    share) are tokenized from its last added token on: a tokenizer splits its input at added tokens, so
+    what precedes one tokenizes alike whatever follows (checked on the first such text; if it does not
+    hold, every text is tokenized whole)."""
+    cut = max((head.rfind(token) for token in tokenizer.get_added_vocab()), default=-1)
+    inside = [index for index, text in enumerate(texts) if cut > 0 and text.startswith(head[:cut])]
+    if not inside:
+        return [list(ids) for ids in tokenizer(texts)["input_ids"]]
+    start = list(tokenizer(head[:cut])["input_ids"])
+    windows = tokenizer([texts[index][cut:] for index in inside], add_special_tokens=False)["input_ids"]
+    encoded = {index: start + list(ids) for index, ids in zip(inside, windows, strict=True)}
+    if encoded[inside[0]] != list(tokenizer(texts[inside[0]])["input_ids"]):
+        return [list(ids) for ids in tokenizer(texts)["input_ids"]]
+    outside = [index for index in range(len(texts)) if index not in encoded]
+    if outside:
+        whole = tokenizer([texts[index] for index in outside])["input_ids"]
+        encoded |= {index: list(ids) for index, ids in zip(outside, whole, strict=True)}
+    return [encoded[index] for index in range(len(texts))]
 
 
 def _render(processor: Any, text: str, answer: str | None) -> str:
