@@ -130,13 +130,16 @@ def _candidate(prompt: list[int], full: list[int], eos_ids: frozenset[int], eos:
 
 
 def common_prefix(rows: Sequence[Sequence[int]]) -> int:
-    """Length of the longest prefix all ``rows`` share."""
-    shortest = min(len(row) for row in rows)
-    for index in range(shortest):
-        token = rows[0][index]
-        if any(row[index] != token for row in rows):
-            return index
-    return shortest
+    """Length of the longest prefix all ``rows`` share (a binary search of C-speed slice comparisons)."""
+    first = rows[0]
+    low, high = 0, min(len(row) for row in rows)  # rows share ``low`` tokens; not more than ``high``
+    while low < high:
+        middle = (low + high + 1) // 2
+        if all(row[low:middle] == first[low:middle] for row in rows):
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 @dataclass(frozen=True)
