@@ -1,11 +1,12 @@
 """Label scoring: the model's probability of answering exactly each label, all labels against one prefill.
 
-Each candidate answer is the whole conversation (prompt + answer, through the chat template) tokenized at
-once, so the answer's tokens are the ones the model would produce in context (SentencePiece "▁" prefixes,
-BPE merges across the boundary). Its score is the sum of the log-probabilities of its tokens up to and
-including the first end-of-turn token. The candidates' tokens after their common prefix are packed into ONE
-sequence as a prefix tree (shared tokens once), run against the prefix's KV cache with a 4D attention mask
-(each token sees the prefix and its own ancestors) and per-token position ids: no per-label copy of the KV.
+Each candidate answer is the whole conversation (prompt + answer, through the chat template) tokenized as
+one text, so the answer's tokens are the ones the model would produce in context (SentencePiece "▁"
+prefixes, BPE merges across the boundary). Its score is the sum of the log-probabilities of its tokens up
+to and including the first end-of-turn token. The candidates' tokens after their common prefix are
+packed into ONE sequence as a prefix tree (shared tokens once), run against the prefix's KV cache with a 4D
+attention mask (each token sees the prefix and its own ancestors) and per-token position ids: no per-label
+copy of the KV.
 """
 
 from __future__ import annotations
@@ -123,8 +124,7 @@ def _candidate(prompt: list[int], full: list[int], eos_ids: frozenset[int], eos:
     """The answer starts where the full conversation's tokens leave the prompt's (a BPE merge across the
     boundary moves it back); it ends at its first end-of-turn token (appended if the template writes none)."""
     start = common_prefix([prompt, full])
-    start = min(start, len(full))
-    end = next((k for k in range(start, len(full)) if full[k] in eos_ids), None)
+    end = next((k for k in range(start, len(full)) if full[k] in eos_ids or full[k] == eos), None)
     ids = full[: end + 1] if end is not None else [*full, eos]
     return Candidate(tuple(ids), start)
 
