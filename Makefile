@@ -49,6 +49,7 @@ clean:
 
 bench: install
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/classify.py
 
 # A worker's peak RSS with 8 concurrent 6300x6300 PNGs (see README "Security").
 bench-memory: install

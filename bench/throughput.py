@@ -215,6 +215,7 @@ def classify_bench(checkpoint: Path, image: bytes, repeats: int) -> dict[str, An
     """(e) One classify job's cost (processor + scoring) with 1 vs 10 labels, in-process."""
     from worker.images import decode_image
     from worker.runtime import Prompt, Runtime
+    from worker.runtime.scoring import LabelQuery
     from worker.settings import WorkerSettings
 
     runtime = Runtime(WorkerSettings(model=str(checkpoint), device="cpu", dtype="float32"))
@@ -222,7 +223,10 @@ def classify_bench(checkpoint: Path, image: bytes, repeats: int) -> dict[str, An
 
     def cost(labels: list[str]) -> Callable[[], None]:
         text = f"Classify the object in the image. Answer with one of: {', '.join(labels)}."
-        return lambda: runtime.score_labels([runtime.prepare(Prompt(picture, text))], [labels])
+        query = LabelQuery(text)
+        return lambda: runtime.score_labels(
+            [runtime.prepare(Prompt(picture, text))], [labels], queries=[query]
+        )
 
     def timed(fn: Callable[[], None]) -> float:
         fn()

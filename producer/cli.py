@@ -3,6 +3,7 @@
     llava-queue caption [IMAGE|DIR]... [--from-file F] [--prompt P]
     llava-queue vqa [IMAGE|DIR]... [--from-file F] --question Q
     llava-queue classify [IMAGE|DIR]... [--from-file F] [--labels a,b,c] [--prompt P]
+        [--multi-label [--threshold T|a=T,b=T] [--question "Is there {label}?"]]
     llava-queue status
 
 Common options: --config FILE, --json, --out F.jsonl, --timeout S, --queue Q, --in-flight N, --no-progress.
@@ -85,6 +86,12 @@ def _job_arguments(sub: argparse.ArgumentParser, name: str) -> None:
         sub.add_argument("--question", required=True, help="the question to answer")
     if name == "classify":
         sub.add_argument("--labels", help="comma-separated labels to pick from (default: free-text class)")
+        multi = "score each label on its own (yes/no); the result's labels are those at or above threshold"
+        sub.add_argument("--multi-label", action="store_true", default=None, help=multi)
+        threshold = "--multi-label: a label is given at or above it: 0.5 (default), or per label: a=0.3,b=0.8"
+        sub.add_argument("--threshold", type=_threshold, help=threshold)
+        question = "--multi-label: the per-label question, with {label}"
+        sub.add_argument("--question", help=question)
     sub.add_argument("--max-new-tokens", type=int)
     sub.add_argument("--model", help="send to the workers serving this model (queue llava.<model>)")
     sub.add_argument("--queue", help="queue to send to (default: settings.default_queue)")
@@ -99,6 +106,17 @@ def _job_arguments(sub: argparse.ArgumentParser, name: str) -> None:
     sub.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal)")
 
 
+def _threshold(text: str) -> float | dict[str, float]:
+    """``0.7``, or per label ``nudity=0.3,violence=0.6``."""
+    try:
+        if "=" not in text:
+            return float(text)
+        pairs = (item.rsplit("=", 1) for item in text.split(","))
+        return {label.strip(): float(value) for label, value in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or label=number list: {text!r}") from None
+
+
 def _submitter(client: LlavaClient, args: argparse.Namespace) -> Callable[[str], Job[Any]]:
     """``image -> Job`` with the command's fields (each kind's parser has only its own) and options."""
     labels = getattr(args, "labels", None)
@@ -106,6 +124,8 @@ def _submitter(client: LlavaClient, args: argparse.Namespace) -> Callable[[str],
         "prompt": getattr(args, "prompt", None),
         "question": getattr(args, "question", None),
         "labels": [label.strip() for label in labels.split(",")] if labels else None,
+        "multi_label": getattr(args, "multi_label", None),
+        "threshold": getattr(args, "threshold", None),
     }
     params = {key: given[key] for key in KINDS[args.command][2]}
     options = {
@@ -130,7 +150,9 @@ def _print_human(record: dict[str, Any], stream: TextIO) -> None:
         )
     elif "scores" in record["result"] and record["result"]["scores"]:
         scores = ", ".join(f"{k}={v:.3f}" for k, v in record["result"]["scores"].items())
-        print(f"{record['image']}: {record['result']['label']} ({scores})", file=stream)
+        given = record["result"].get("labels")  # multi-label: those at or above their threshold
+        shown = record["result"]["label"] if given is None else ", ".join(given) or "(none)"
+        print(f"{record['image']}: {shown} ({scores})", file=stream)
     else:
         answer = record["result"].get("text", record["result"].get("label"))
         print(f"{record['image']}: {answer!r}", file=stream)

@@ -61,7 +61,11 @@ CALLBACK_QUEUE = "celery"  # where a callback given by name goes: the queue a pl
 KINDS: dict[str, tuple[str, type[BaseModel], tuple[str, ...]]] = {
     "caption": (TASK_CAPTION, CaptionRequest, ("prompt",)),
     "vqa": (TASK_VQA, VQARequest, ("question",)),
-    "classify": (TASK_CLASSIFY, ClassifyRequest, ("labels", "prompt")),
+    "classify": (
+        TASK_CLASSIFY,
+        ClassifyRequest,
+        ("labels", "prompt", "multi_label", "threshold", "question"),
+    ),
 }
 _MODEL_BY_KIND = {kind: RESULT_MODELS[task] for kind, (task, _, _) in KINDS.items()}
 _ASYNC_SLICE = 1.0  # Job.wait() holds an executor thread at most this long at a time
@@ -298,18 +302,29 @@ class LlavaClient:
         return self._submit(TASK_VQA, VQARequest, image, {"question": question}, options)
 
     def classify(
-        self, image: ImageInput, labels: list[str] | None = None, prompt: str | None = None, **options: Any
+        self,
+        image: ImageInput,
+        labels: list[str] | None = None,
+        prompt: str | None = None,
+        *,
+        multi_label: bool = False,
+        threshold: float | dict[str, float] | None = None,
+        question: str | None = None,
+        **options: Any,
     ) -> Job[ClassifyResult]:
-        """Pick the most likely of ``labels``; without labels, the model's free-text class as ``label``.
-        ``options`` as for :meth:`caption`."""
-        return self._submit(
-            TASK_CLASSIFY, ClassifyRequest, image, {"labels": labels, "prompt": prompt}, options
-        )
+        """Pick the most likely of ``labels`` (``scores``: probabilities over them); without labels, the
+        model's free-text class as ``label``. ``multi_label=True``: each label scored on its own (P(yes) to
+        ``question``, default "Is there {label} in this image? Answer Yes or No."), the result's ``labels``
+        those at or above ``threshold`` (default 0.5; a dict gives one per label). ``options`` as for
+        :meth:`caption`. See :class:`~producer.contract.ClassifyRequest` for the formulas."""
+        fields: dict[str, Any] = {"labels": labels, "prompt": prompt, "multi_label": multi_label or None}
+        fields |= {"threshold": threshold, "question": question}
+        return self._submit(TASK_CLASSIFY, ClassifyRequest, image, fields, options)
 
     def submit(self, kind: str, image: ImageInput, **params: Any) -> Job[Any]:
         """One job of ``kind`` (``caption``, ``vqa``, ``classify`` or its task name ``llava.<kind>``);
-        ``params``: ``prompt``, ``question``, ``labels`` as the kind takes them, and the options of
-        :meth:`caption`."""
+        ``params``: ``prompt``, ``question``, ``labels``, ``multi_label``, ``threshold`` as the kind takes
+        them, and the options of :meth:`caption`."""
         task_name, model, names = _kind(kind)
         fields = {name: params.pop(name, None) for name in names}
         return self._submit(task_name, model, image, fields, params)

@@ -38,6 +38,10 @@ def model_queue(model: str) -> str:
 
 DEFAULT_CAPTION_PROMPT = "What is shown in this image?"
 DEFAULT_CLASSIFY_PROMPT = "Classify the object in the image."
+# Multi-label classify: each label is asked this question (``{label}`` replaced) and scored as the model's
+# P(answer "Yes") / (P("Yes") + P("No")); a label is given when its score is at or above its threshold.
+DEFAULT_LABEL_QUESTION = "Is there {label} in this image? Answer Yes or No."
+DEFAULT_THRESHOLD = 0.5
 
 # Hard limits of the contract; a worker may enforce lower ones from its settings.
 MAX_TEXT_CHARS = 2000
@@ -81,6 +85,7 @@ Label = Annotated[
     StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_LABEL_CHARS),
     AfterValidator(_no_image_placeholder),
 ]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class _Model(BaseModel):
@@ -146,17 +151,55 @@ class VQARequest(_Request):
 
 
 class ClassifyRequest(_Request):
-    """Pick the best of ``labels`` for an image, or (no labels) answer "Classify the object in the image."."""
+    """Score ``labels`` for an image, or (no labels) answer "Classify the object in the image.".
+
+    Exclusive mode (default): the labels are answers to ``prompt`` + "Answer with one of: <labels>.";
+    ``logprob(label)`` = the sum of the log-probabilities of the label's tokens and of the chat template's
+    end-of-turn token, tokenized in context (the whole conversation at once), i.e. log P(the answer is
+    exactly ``label``); ``scores`` = the softmax of those over the labels: P(label | one of the labels).
+
+    Multi-label mode (``multi_label=True``): each label on its own, asked ``question`` (default
+    ``DEFAULT_LABEL_QUESTION``, ``{label}`` replaced); score = P("Yes") / (P("Yes") + P("No")), each answer's
+    probability as above; ``labels`` in the result = those scoring at or above ``threshold`` (one number,
+    or one per label; labels not in the dict use 0.5).
+    """
 
     labels: list[Label] | None = Field(default=None, min_length=1, max_length=MAX_LABELS)
     prompt: Text | None = None
+    multi_label: bool = Field(default=False, description="score each label independently (yes/no)")
+    threshold: Probability | dict[Label, Probability] = Field(
+        default=DEFAULT_THRESHOLD, description="multi-label: a label is given at or above it (0 to 1)"
+    )
+    question: Text | None = Field(default=None, description="multi-label: per-label question with {label}")
     generation: GenerationParams = GenerationParams()
 
     @model_validator(mode="after")
-    def _distinct_labels(self) -> ClassifyRequest:
+    def _consistent(self) -> ClassifyRequest:
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be distinct")
+        if not self.multi_label:
+            given = sorted({"threshold", "question"} & self.model_fields_set)
+            if given:
+                raise ValueError(f"{', '.join(given)}: only with multi_label=true")
+            return self
+        if not self.labels:
+            raise ValueError("multi_label needs labels")
+        if self.prompt is not None:
+            raise ValueError(
+                "multi_label asks a question per label: give question (with {label}), not prompt"
+            )
+        if self.question is not None and "{label}" not in self.question:
+            raise ValueError("question must contain {label}")
+        unknown = sorted(set(self.threshold) - set(self.labels)) if isinstance(self.threshold, dict) else []
+        if unknown:
+            raise ValueError(f"threshold names labels not in labels: {', '.join(unknown)}")
         return self
+
+    def threshold_of(self, label: str) -> float:
+        """The threshold ``label`` is given at (multi-label mode)."""
+        if isinstance(self.threshold, dict):
+            return self.threshold.get(label, DEFAULT_THRESHOLD)
+        return self.threshold
 
 
 class Timings(_Model):
@@ -192,9 +235,19 @@ class VQAResult(_Result):
 
 class ClassifyResult(_Result):
     kind: Literal["classify"] = "classify"
-    label: str
+    label: str = Field(description="the top-scoring label (without labels: the model's free-text answer)")
     scores: dict[str, float] | None = Field(
-        default=None, description="softmax over labels of the mean token log-likelihood; None without labels"
+        default=None,
+        description="exclusive: P(label | one of the labels), summing to 1; multi-label: P(Yes) / (P(Yes) + "
+        "P(No)) per label, in [0, 1]; None without labels",
+    )
+    logprobs: dict[str, float] | None = Field(
+        default=None,
+        description="exclusive: log P(the answer is exactly the label); multi-label: log P(the answer to the "
+        "label's question is exactly Yes); None without labels",
+    )
+    labels: list[str] | None = Field(
+        default=None, description="multi-label: the labels at or above their threshold, in request order"
     )
 
 

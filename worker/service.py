@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
@@ -21,6 +20,7 @@ from producer.client import validation_message
 from producer.contract import (
     DEFAULT_CAPTION_PROMPT,
     DEFAULT_CLASSIFY_PROMPT,
+    DEFAULT_LABEL_QUESTION,
     REQUEST_MODELS,
     RESULT_MODELS,
     TASK_CAPTION,
@@ -35,7 +35,8 @@ from worker.batching import Alone, Done, DynamicBatcher
 from worker.faults import Faults
 from worker.fetch import FetchAborted
 from worker.images import ImageLoader, keep_side_for
-from worker.runtime import Prepared, Prompt, Runtime, Sampling
+from worker.runtime import LabelScores, Prepared, Prompt, Runtime, Sampling
+from worker.runtime.scoring import LabelQuery
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -60,13 +61,6 @@ class _Stats:
     jobs_failed: int = 0
     last_error: dict[str, str] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def softmax(values: list[float]) -> list[float]:
-    top = max(values)
-    exps = [math.exp(v - top) for v in values]
-    total = sum(exps)
-    return [e / total for e in exps]
 
 
 @dataclass
@@ -96,6 +90,7 @@ class _Item:
     marks: frozenset[str] = frozenset()
     job_id: str = ""
     isolated: bool = False
+    query: LabelQuery | None = None  # how to score the labels (with labels)
 
 
 @dataclass(frozen=True)
@@ -105,6 +100,22 @@ class _Work:
     text: str
     labels: list[str] | None
     sampling: Sampling
+    query: LabelQuery | None = None  # with labels: how to score them
+    thresholds: dict[str, float] | None = None  # multi-label: each label's threshold
+
+
+def _label_fields(labels: list[str], output: LabelScores, thresholds: dict[str, float] | None) -> dict:
+    """A classify result's label fields: top label, scores, log-probs; multi-label: labels over threshold."""
+    best = max(range(len(labels)), key=output.scores.__getitem__)
+    fields: dict[str, Any] = {
+        "label": labels[best],
+        "scores": dict(zip(labels, output.scores, strict=True)),
+        "logprobs": dict(zip(labels, output.logprobs, strict=True)),
+    }
+    if thresholds is not None:
+        given = zip(labels, output.scores, strict=True)
+        fields["labels"] = [label for label, score in given if score >= thresholds[label]]
+    return fields
 
 
 class Requeue(Exception):
@@ -223,7 +234,9 @@ class Service:
         if remaining <= 0:
             raise JobTimeout(f"the job used up its {timeout:g} s deadline before reaching the model")
         marks = self.faults.marks(" ".join([work.text, *(work.labels or [])]))
-        item = _Item(prepared, deadline, work.labels, marks, context.job_id, context.isolated)
+        item = _Item(
+            prepared, deadline, work.labels, marks, context.job_id, context.isolated, query=work.query
+        )
         key: Any = ("score",) if work.labels else ("generate", work.sampling)
         if context.isolated:
             key = Alone(context.job_id, key)  # a batch of its own
@@ -240,7 +253,13 @@ class Service:
         prompt = request.prompt or DEFAULT_CLASSIFY_PROMPT
         if not request.labels:
             return _Work(prompt, None, sampling)
-        return _Work(f"{prompt} Answer with one of: {', '.join(request.labels)}.", request.labels, sampling)
+        if request.multi_label:
+            question = request.question or DEFAULT_LABEL_QUESTION
+            longest = question.replace("{label}", max(request.labels, key=len))  # sizes the context check
+            thresholds = {label: request.threshold_of(label) for label in request.labels}
+            return _Work(longest, request.labels, sampling, LabelQuery(longest, question), thresholds)
+        text = f"{prompt} Answer with one of: {', '.join(request.labels)}."
+        return _Work(text, request.labels, sampling, LabelQuery(text))
 
     def _start_batch(self, key: Any, items: list[_Item]) -> list[Any]:
         job_ids = [item.job_id for item in items]
@@ -272,8 +291,12 @@ class Service:
         if isinstance(key, Alone):
             key = key.key
         if key[0] == "score":
+            queries = [i.query for i in items if i.query is not None]
+            if len(queries) != len(items):
+                raise InternalError("a classify job reached the model without its label query")
+            labels = [i.labels or [] for i in items]
             return runtime.score_labels(
-                [i.prepared for i in items], [i.labels or [] for i in items], [i.deadline for i in items]
+                [i.prepared for i in items], labels, [i.deadline for i in items], queries=queries
             )
         hook = self.faults.step_hook(marks)
         return runtime.generate([i.prepared for i in items], key[1], [i.deadline for i in items], hook)
@@ -281,12 +304,7 @@ class Service:
     def _result(self, task_name: str, work: _Work, done: Done, context: JobContext, clock: _Clock) -> dict:
         output = done.output
         if work.labels:
-            probabilities = softmax(output.log_likelihoods)
-            best = max(range(len(probabilities)), key=probabilities.__getitem__)
-            fields = {
-                "label": work.labels[best],
-                "scores": dict(zip(work.labels, probabilities, strict=True)),
-            }
+            fields = _label_fields(work.labels, output, work.thresholds)
         else:
             fields = {"label" if task_name == TASK_CLASSIFY else "text": output.text}
         total_ms = clock.total_ms()

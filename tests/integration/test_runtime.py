@@ -1,4 +1,5 @@
-"""The runtime on the real tiny checkpoint (no queue): loading, token counts, batching, label scoring."""
+"""The runtime on the real tiny checkpoint (no queue): loading, token counts, batching (label scoring:
+test_classify.py)."""
 
 from __future__ import annotations
 
@@ -91,29 +92,6 @@ def test_batched_equals_unbatched_at_the_real_anyres_geometry(tmp_path_factory) 
     assert all(1176 <= item.image_tokens <= 2928 for item in prepared)
     sampling = Sampling(max_new_tokens=6)
     assert real.generate(prepared, sampling) == [real.generate([item], sampling)[0] for item in prepared]
-
-
-def test_label_scores_equal_a_label_by_label_reference(runtime: Runtime) -> None:
-    prompt = sample_prompts()[0]
-    labels = ["stop sign", "cat", "a red street sign", "chart"]
-    prepared = runtime.prepare(prompt)
-    [scores] = runtime.score_labels([prepared], [labels])
-    inputs = runtime.collate([prepared])
-    tokenizer = runtime.processor.tokenizer
-    for label, score in zip(labels, scores.log_likelihoods, strict=True):
-        ids = tokenizer(label, add_special_tokens=False)["input_ids"]
-        full = torch.cat([inputs["input_ids"], torch.tensor([ids])], dim=1)
-        with torch.inference_mode():
-            logits = runtime.model(
-                input_ids=full,
-                attention_mask=torch.ones_like(full),
-                pixel_values=inputs["pixel_values"],
-                image_sizes=inputs["image_sizes"],
-            ).logits
-        logprobs = torch.log_softmax(logits[0].float(), dim=-1)
-        start = inputs["input_ids"].shape[1] - 1
-        reference = sum(logprobs[start + k, ids[k]].item() for k in range(len(ids))) / len(ids)
-        assert score == pytest.approx(reference, abs=1e-4), label
 
 
 def test_flash_attention_on_cpu_is_a_startup_error(tiny_checkpoint: Path) -> None:

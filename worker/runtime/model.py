@@ -5,11 +5,12 @@ Batch-first: lists of prepared inputs in, lists of outputs of the same length ou
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,7 +19,9 @@ from PIL import Image
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from producer.errors import InvalidRequest, JobTimeout
+from worker.runtime import scoring
 from worker.runtime.loading import load_model
+from worker.runtime.scoring import LabelQuery
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -66,9 +69,13 @@ class Generation:
 
 @dataclass(frozen=True)
 class LabelScores:
-    """Mean token log-likelihood of each label's tokens after the prompt, in the labels' order."""
+    """One image's labels, in the labels' order. ``logprobs``: exclusive mode, log P(the answer is exactly
+    the label, end-of-turn token included); multi-label mode, log P(the answer to the label's question is
+    exactly "Yes"). ``scores``: exclusive, the softmax of ``logprobs`` over the labels; multi-label,
+    P(Yes) / (P(Yes) + P(No)) per label."""
 
-    log_likelihoods: list[float]
+    logprobs: list[float]
+    scores: list[float]
     prompt_tokens: int
     image_tokens: int
 
@@ -244,21 +251,28 @@ class Runtime:
         return next((index + 1 for index, token in enumerate(row) if token in eos_ids), len(row))
 
     def score_labels(
-        self, batch: Sequence[Prepared], labels: Sequence[list[str]], deadlines: Sequence[float] | None = None
+        self,
+        batch: Sequence[Prepared],
+        labels: Sequence[list[str]],
+        deadlines: Sequence[float] | None = None,
+        *,
+        queries: Sequence[LabelQuery],
     ) -> list[LabelScores | JobTimeout]:
-        """Mean token log-likelihood of each label after its prompt: per image, one prefill, then all its
-        labels in one forward pass that reuses the prefill's KV cache. A prompt whose deadline has passed
-        when its turn comes gets a :class:`JobTimeout` instead."""
-        if len(batch) != len(labels):
-            raise ValueError(f"{len(batch)} prompts but {len(labels)} label lists")
+        """Score each image's labels (see :mod:`worker.runtime.scoring`): ``queries[i]`` says how (the text
+        the prompt was prepared from; a question template for multi-label mode). Per image, one prefill of
+        the shared prompt, then all its labels in one packed forward pass over that prefill's KV cache;
+        images one after another. A prompt whose deadline has passed when its turn comes gets a
+        :class:`JobTimeout` instead."""
+        if not len(batch) == len(labels) == len(queries):
+            raise ValueError(f"{len(batch)} prompts, {len(labels)} label lists, {len(queries)} queries")
         deadlines = deadlines or [math.inf] * len(batch)
         results: list[LabelScores | JobTimeout] = []
         with torch.inference_mode():
-            for item, options, deadline in zip(batch, labels, deadlines, strict=True):
+            for item, options, deadline, query in zip(batch, labels, deadlines, queries, strict=True):
                 if time.monotonic() >= deadline:
                     results.append(JobTimeout("the job ran past its deadline waiting to be scored"))
                 else:
-                    results.append(self._score_one(item, options))
+                    results.append(self._score_one(item, options, query))
         return _checked(results, batch)
 
     def is_out_of_memory(self, error: BaseException) -> bool:
@@ -280,36 +294,61 @@ class Runtime:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _label_batch(self, labels: list[str]) -> tuple[list[list[int]], torch.Tensor]:
-        tokenizer = self.processor.tokenizer
-        label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
-        width = max(len(ids) for ids in label_ids)
-        batch = torch.full((len(labels), width), self.pad_token_id, dtype=torch.long)
-        for row, ids in enumerate(label_ids):
-            batch[row, : len(ids)] = torch.tensor(ids)
-        return label_ids, batch.to(self.device)
-
-    def _score_one(self, item: Prepared, labels: list[str]) -> LabelScores:
-        prefill = self.model(**self.collate([item]), use_cache=True)
-        label_ids, batch = self._label_batch(labels)
-        count, width = batch.shape
-        first = torch.log_softmax(prefill.logits[0, -1].float(), dim=-1)  # scores each label's first token
-        cache = getattr(prefill, self._cache_kwarg)
-        cache.batch_repeat_interleave(count)
-        start = item.prompt_tokens
-        mask = torch.ones((count, start + width), dtype=torch.long, device=self.device)
-        positions = torch.arange(start, start + width, device=self.device).expand(count, -1)
-        rest = self.model(
-            input_ids=batch, attention_mask=mask, position_ids=positions, **{self._cache_kwarg: cache}
-        )
-        logprobs = torch.log_softmax(rest.logits.float(), dim=-1)
-        scores = []
-        for row, ids in enumerate(label_ids):
-            total = first[ids[0]].item() + sum(
-                logprobs[row, k - 1, ids[k]].item() for k in range(1, len(ids))
+    def _score_one(self, item: Prepared, labels: list[str], query: LabelQuery) -> LabelScores:
+        answers = scoring.candidates(self.processor, query, tuple(labels), frozenset(self._eos_ids()))
+        prefix = min(scoring.common_prefix([a.ids for a in answers]), *(a.start for a in answers))
+        tree = scoring.PackedTree.build([a.ids[prefix:] for a in answers])
+        cache, first = self._prefill_prefix(item, answers[0].ids[:prefix])
+        expanded = prefix + item.image_tokens - 1
+        positions = torch.tensor(tree.depths) + expanded
+        kept = tree.predicting(answers, prefix)
+        with self._attention_for_masks() as attention:
+            output = self.model(
+                input_ids=torch.tensor([tree.tokens], device=self.device),
+                attention_mask=scoring.attention_mask(tree, expanded, attention, self.dtype).to(self.device),
+                position_ids=positions[None].to(self.device),
+                **{self._cache_kwarg: cache},
+                logits_to_keep=torch.tensor(kept, device=self.device),
             )
-            scores.append(total / len(ids))
-        return LabelScores(scores, item.prompt_tokens, item.image_tokens)
+        rows = torch.cat([first[None], output.logits[0].float()]).log_softmax(dim=-1)
+        logprobs = scoring.answer_logprobs(answers, prefix, tree, rows)
+        if query.question is None:
+            scores = scoring.exclusive_scores(logprobs)
+        else:
+            logprobs, no = logprobs[0::2], logprobs[1::2]
+            scores = scoring.yes_no_scores(logprobs, no)
+        return LabelScores(logprobs, scores, item.prompt_tokens, item.image_tokens)
+
+    @contextlib.contextmanager
+    def _attention_for_masks(self) -> Iterator[str]:
+        """The language model's attention for a custom 4D mask: SDPA or eager as loaded; any other
+        (FlashAttention-2 takes no such mask) is switched to SDPA for the call."""
+        loaded = str(self.model.config.text_config._attn_implementation)
+        if loaded in ("sdpa", "eager"):
+            yield loaded
+            return
+        self.model.set_attn_implementation({"text_config": "sdpa"})
+        try:
+            yield "sdpa"
+        finally:
+            self.model.set_attn_implementation({"text_config": loaded})
+
+    def _prefill_prefix(self, item: Prepared, ids: Sequence[int]) -> tuple[DynamicCache, torch.Tensor]:
+        """Prefill the labels' shared prefix (its one image token expanded to the prompt's), keeping the
+        logits of its last position only; the cache and those logits."""
+        image = ids.index(self.image_token_id)
+        expanded = [*ids[:image], *[self.image_token_id] * item.image_tokens, *ids[image + 1 :]]
+        if item.input_ids[: image + item.image_tokens].tolist() != expanded[: image + item.image_tokens]:
+            raise RuntimeError("the labels' prompt does not start as the prepared prompt does")
+        single = self.collate([item])
+        output = self.model(
+            input_ids=torch.tensor([expanded], device=self.device),
+            pixel_values=single["pixel_values"],
+            image_sizes=single["image_sizes"],
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return getattr(output, self._cache_kwarg), output.logits[0, -1].float()
 
 
 class _StopAtDeadlines(StoppingCriteria):
