@@ -98,7 +98,6 @@ def test_cli_multi_label_per_label_thresholds(client_settings, cache_dir, shared
     [
         (["classify", "x.png", "--labels", "a,b", "--threshold", "0.3"], "only with multi_label"),
         (["classify", "x.png", "--labels", "a,b", "--multi-label", "--threshold", "c=0.3"], "not in labels"),
-        (["caption", "x.png", "--multi-label"], "caption does not take --multi-label"),
     ],
 )
 def test_bad_threshold_usage_exits_two(argv, says, client_settings, monkeypatch, capsys) -> None:
@@ -106,6 +105,13 @@ def test_bad_threshold_usage_exits_two(argv, says, client_settings, monkeypatch,
     monkeypatch.setenv("LLAVA_RESULT_BACKEND", client_settings.result_backend)
     assert main(argv) == 2
     assert says in capsys.readouterr().err
+
+
+def test_caption_takes_no_multi_label(capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["caption", "x.png", "--multi-label"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --multi-label" in capsys.readouterr().err
 
 
 def test_threshold_that_is_no_number_is_a_usage_error(capsys) -> None:
