@@ -30,10 +30,12 @@ from producer.contract import (
 )
 from producer.errors import InternalError, InvalidRequest, JobTimeout, LlavaError, ResourceExhausted
 from worker.batching import Done, DynamicBatcher
+from worker.engine import ContinuousEngine
 from worker.faults import Faults
 from worker.images import load_image
 from worker.runtime import Prepared, Prompt, Runtime, Sampling
 from worker.settings import WorkerSettings
+from worker.steps import RuntimeSteps
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +111,22 @@ class Service:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.runtime: Runtime | None = None
-        self.batcher: DynamicBatcher | None = None
+        self.batcher: DynamicBatcher | ContinuousEngine | None = None
         self.faults = Faults.from_settings(settings)
         self._stats = _Stats()
 
     def start(self) -> Runtime:
-        """Load the model (once per process) and start the model thread."""
+        """Load the model (once per process) and start the model thread (``scheduler``: the continuous
+        engine, or the static batcher)."""
         if self.runtime is None:
-            self.runtime = Runtime(self.settings)
-            wait = self.settings.max_batch_wait_ms / 1000
-            self.batcher = DynamicBatcher(self._run_batch, self.settings.max_batch_size, wait).start()
+            self.runtime = runtime = Runtime(self.settings)
+            if self.settings.scheduler == "static":
+                wait = self.settings.max_batch_wait_ms / 1000
+                self.batcher = DynamicBatcher(self._run_batch, self.settings.max_batch_size, wait).start()
+            else:
+                steps = RuntimeSteps(runtime, self.faults, self._classify_one)
+                budget, rows = runtime.kv_budget_tokens(), self.settings.max_running_rows
+                self.batcher = ContinuousEngine(steps, budget, rows).start()
         return self.runtime
 
     def stop(self) -> None:
@@ -165,9 +173,12 @@ class Service:
                 "jobs_failed": self._stats.jobs_failed,
                 "last_error": self._stats.last_error,
             }
-        batching = {"max_batch_size": self.settings.max_batch_size}
-        if batcher is not None:
+        batching: dict[str, Any] = {"scheduler": self.settings.scheduler}
+        if isinstance(batcher, ContinuousEngine):
+            batching |= {"jobs_batched": batcher.jobs_run, "in_flight": batcher.in_flight, **batcher.status()}
+        elif batcher is not None:
             batching |= {
+                "max_batch_size": self.settings.max_batch_size,
                 "batches_run": batcher.batches_run,
                 "jobs_batched": batcher.jobs_run,
                 "in_flight": batcher.in_flight,
@@ -218,20 +229,26 @@ class Service:
         return _Work(f"{prompt} Answer with one of: {', '.join(request.labels)}.", request.labels, sampling)
 
     def _run_batch(self, key: tuple[Any, ...], items: list[_Item]) -> list[Any]:
-        """The model thread's work for one batch. Out of memory: free the cache, split the batch in halves
-        and retry each; a single job that still does not fit fails alone with ``ResourceExhausted``."""
+        """The static batcher's work for one batch. Out of memory: free the failed attempt's tensors (after
+        leaving the ``except`` block, so nothing of it is still referenced), split the batch in halves and
+        retry each; a single job that still does not fit fails alone with ``ResourceExhausted``."""
         runtime = self._started()[0]
         try:
             return self._call_model(runtime, key, items)
         except Exception as exc:
             if not runtime.is_out_of_memory(exc):
                 raise
-            runtime.free_memory()
-            if len(items) == 1:
-                return [ResourceExhausted(f"out of memory even alone ({type(exc).__name__})")]
-            log.warning("out of memory with a batch of %d: splitting it in halves", len(items))
-            half = len(items) // 2
-            return self._run_batch(key, items[:half]) + self._run_batch(key, items[half:])
+            failure = type(exc).__name__
+        runtime.free_memory()
+        if len(items) == 1:
+            return [ResourceExhausted(f"out of memory even alone ({failure})")]
+        log.warning("out of memory with a batch of %d: splitting it in halves", len(items))
+        half = len(items) // 2
+        return self._run_batch(key, items[:half]) + self._run_batch(key, items[half:])
+
+    def _classify_one(self, item: _Item) -> Any:
+        """The continuous engine's classify: one job through the runtime's public scoring call."""
+        return self._call_model(self._started()[0], ("score",), [item])[0]
 
     def _call_model(self, runtime: Runtime, key: tuple[Any, ...], items: list[_Item]) -> list[Any]:
         marks = [item.marks for item in items]
@@ -322,7 +339,7 @@ class Service:
             )
         return Sampling(max_new_tokens=wanted, temperature=params.temperature, top_p=params.top_p)
 
-    def _started(self) -> tuple[Runtime, DynamicBatcher]:
+    def _started(self) -> tuple[Runtime, DynamicBatcher | ContinuousEngine]:
         if self.runtime is None or self.batcher is None:
             raise InternalError("the model is not loaded (Service.start() was not called)")
         return self.runtime, self.batcher

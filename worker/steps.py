@@ -1,0 +1,80 @@
+"""The continuous engine's model side: :class:`RuntimeSteps` runs :class:`worker.engine.Steps` on a
+:class:`Runtime` (prefill a row, one decode step, rows leaving), with the fault injection of tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+from worker.faults import Faults
+from worker.runtime import Runtime
+from worker.runtime.decoding import DecodeBatch, Row
+
+
+class RuntimeSteps:
+    """Engine steps over a runtime. ``payload`` has ``prepared`` and ``marks`` (the service's item); a
+    classify payload goes as is to ``classify`` (the service's call of ``Runtime.score_labels``)."""
+
+    def __init__(self, runtime: Runtime, faults: Faults, classify: Callable[[Any], Any]) -> None:
+        self.runtime = runtime
+        self.faults = faults
+        self._classify = classify
+        self.batch = DecodeBatch()
+        self._ids: list[int] = []  # the engine's id of each row of ``batch``, in order
+        self._marks: list[frozenset[str]] = []
+
+    def cost(self, key: Hashable, payload: Any) -> int:
+        """KV tokens a job needs: a generating row holds prompt + max_new_tokens; a classify job's peak is
+        its prompt once per label plus once for the prefill."""
+        prompt = payload.prepared.prompt_tokens
+        if key == ("score",):
+            return prompt * (1 + len(getattr(payload, "labels", None) or []))
+        return prompt + key[1].max_new_tokens  # type: ignore[index]
+
+    def classify(self, payload: Any) -> Any:
+        return self._classify(payload)
+
+    def join(self, row_id: int, key: Hashable, payload: Any) -> None:
+        marks = getattr(payload, "marks", frozenset())
+        self.faults.before_model_call([marks])
+        row, cache = self.runtime.start_row(payload.prepared, key[1])  # type: ignore[index]
+        self.batch.join(row, cache)
+        self._ids.append(row_id)
+        self._marks.append(marks)
+
+    def step(self) -> None:
+        self.faults.before_model_call(self._marks)
+        hook = self.faults.step_hook(self._marks)
+        if hook is not None:
+            hook()
+        self.runtime.decode_step(self.batch)
+
+    def undo_step(self) -> None:
+        self.batch.undo_step()
+
+    def ended(self) -> list[int]:
+        return [row_id for row_id, row in zip(self._ids, self.batch.rows, strict=True) if row.ended]
+
+    def leave(self, row_ids: Sequence[int]) -> dict[int, Any]:
+        """Drop rows (their KV freed now); the answers of those that ended."""
+        gone = set(row_ids) & set(self._ids)
+        rows: dict[int, Row] = dict(zip(self._ids, self.batch.rows, strict=True))
+        keep = [index for index, row_id in enumerate(self._ids) if row_id not in gone]
+        self.batch.keep(keep)
+        self._ids = [self._ids[index] for index in keep]
+        self._marks = [self._marks[index] for index in keep]
+        return {row_id: self.runtime.finish_row(rows[row_id]) for row_id in gone if rows[row_id].ended}
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.batch.kv_tokens
+
+    @property
+    def rows(self) -> int:
+        return len(self.batch.rows)
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        return self.runtime.is_out_of_memory(error)
+
+    def free_memory(self) -> None:
+        self.runtime.free_memory()
