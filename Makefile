@@ -42,8 +42,11 @@ images: install
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
 
+# Caption throughput (seed loop / static batcher, through Redis), then the serving scenario (seed / static /
+# continuous, Poisson arrivals) priced on an H100 roofline. BENCH_ARGS=--quick while developing.
 bench: install
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/serving.py $(BENCH_ARGS)
 
 # Repeat the fault tests (worker killed, poison job, SIGTERM mid-batch, Redis restarted); SOAK_ROUNDS=5.
 SOAK_ROUNDS ?= 5

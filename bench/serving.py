@@ -125,6 +125,15 @@ class Meter:
         runtime.generate, runtime.start_row, runtime.decode_step = static_generate, engine_start, engine_step
 
 
+def _ms_since(started: float) -> float:
+    """Milliseconds since ``started`` (after the device has finished the work queued so far)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
 def run_service(service: Any, jobs: list[Job], images: list[str]) -> list[dict[str, Any]]:
     """Each job on its own thread at its arrival time, through ``Service.run``; arrival-to-result times."""
     from worker.service import JobContext
@@ -204,20 +213,23 @@ def variant(
     data: list[bytes],
     uris: list[str],
     repeats: int,
+    **overrides: Any,
 ) -> dict[str, Any]:
-    """Load, warm up, run ``repeats`` times; medians of every figure."""
+    """Load, warm up, run ``repeats`` times; medians of every figure. ``overrides``: worker settings."""
     from worker.service import Service
     from worker.settings import WorkerSettings
 
+    options: dict[str, Any] = {"device": "cpu", "dtype": "float32", "attn_implementation": "sdpa"}
     settings = WorkerSettings(
-        model=str(checkpoint),
-        device="cpu",
-        dtype="float32",
-        attn_implementation="sdpa",
-        scheduler="static" if name == "static" else "continuous",
-        max_new_tokens_cap=4096,
-        concurrency=64,
-        loglevel="WARNING",
+        **options
+        | {
+            "model": str(checkpoint),
+            "scheduler": "static" if name == "static" else "continuous",
+            "max_new_tokens_cap": 4096,
+            "concurrency": 64,
+            "loglevel": "WARNING",
+        }
+        | overrides
     )
     service = Service(settings)
     runtime = service.start()
@@ -267,14 +279,19 @@ def report(results: dict[str, dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=48)
-    parser.add_argument("--rate", type=float, default=6.0, help="offered jobs per second")
+    parser.add_argument("--rate", type=float, default=1.0, help="offered jobs per second")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="16 jobs, 1 repetition (while developing)")
     parser.add_argument("--variants", default="seed,static,continuous")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     if args.quick:
         args.jobs, args.repeats = 16, 1
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     checkpoint = build_checkpoint(Path(os.environ.get("LLAVA_BENCH_CACHE", ROOT / ".cache")))
     data = make_images(8)
     uris = ["data:image/png;base64," + base64.b64encode(d).decode() for d in data]
@@ -302,8 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"serving-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
     path.write_text(json.dumps({"meta": meta, **results}, indent=1) + "\n")
-    print(f"\nJSON: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
-    return 0
+    print(f"\nJSON: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}\n")
+    from bench.roofline import main as roofline
+
+    return roofline(["--serving", str(path)])
 
 
 if __name__ == "__main__":
