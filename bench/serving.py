@@ -279,11 +279,13 @@ def report(results: dict[str, dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=48)
-    parser.add_argument("--rate", type=float, default=1.0, help="offered jobs per second")
+    parser.add_argument("--rate", type=float, default=4.0, help="offered jobs per second")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="16 jobs, 1 repetition (while developing)")
     parser.add_argument("--variants", default="seed,static,continuous")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads for every variant (0: torch's default)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     if args.quick:

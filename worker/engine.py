@@ -51,6 +51,7 @@ class Ticket:
     deadline: float
     classify: bool = False
     isolated: bool = False
+    prefill: int = 0  # prompt tokens its prefill computes
 
 
 @dataclass(frozen=True)
@@ -78,14 +79,21 @@ def footprint(tokens: Sequence[int]) -> int:
 
 
 def schedule(
-    waiting: Sequence[Ticket], running: Sequence[Ticket], now: float, budget: int, max_rows: int
+    waiting: Sequence[Ticket],
+    running: Sequence[Ticket],
+    now: float,
+    budget: int,
+    max_rows: int,
+    prefill_tokens: int | None = None,
 ) -> Step:
     """The next step for ``waiting`` jobs (arrival order) and ``running`` rows. Pure: no clocks, no locks.
 
-    Generate jobs join in arrival order while ``footprint`` stays within ``budget`` and rows within
-    ``max_rows``; the first that does not fit stops later generate jobs (no starvation), but a classify job
-    behind it runs if its transient peak fits beside the running rows. An isolated job waits until no row
-    runs, then runs alone; nothing is admitted beside it or behind it meanwhile.
+    Generate jobs join in arrival order while ``footprint`` stays within ``budget``, rows within
+    ``max_rows`` and their prefills within ``prefill_tokens`` (the first one always: a step of big prefills
+    would stall the running rows and any classify job behind them); the first that does not fit stops later
+    generate jobs (no starvation), but a classify job behind it runs if its transient peak fits beside the
+    running rows. An isolated job waits until no row runs, then runs alone; nothing is admitted beside it
+    or behind it meanwhile.
     """
     timed_out = [row.id for row in running if row.deadline <= now]
     rows = [row for row in running if row.deadline > now]
@@ -97,6 +105,7 @@ def schedule(
         return _with(step, decode=True)
     held = [row.tokens for row in rows]
     blocked = False
+    prefill_left = prefill_tokens if prefill_tokens is not None else sum(job.prefill for job in live)
     for job in live:
         if job.isolated:
             if not held and not step.classify and not step.admit:
@@ -105,12 +114,18 @@ def schedule(
         if job.classify:
             if footprint(held) + job.tokens <= budget:
                 step.classify.append(job.id)
-        elif not blocked and len(held) < max_rows and footprint([*held, job.tokens]) <= budget:
+        elif not blocked and _fits(job, held, budget, max_rows, prefill_left, first=not step.admit):
             held.append(job.tokens)
             step.admit.append(job.id)
+            prefill_left -= job.prefill
         else:
             blocked = True
     return _with(step, decode=bool(held))  # with nothing held, every live job was admitted or scored
+
+
+def _fits(job: Ticket, held: list[int], budget: int, max_rows: int, prefill_left: int, first: bool) -> bool:
+    room = len(held) < max_rows and footprint([*held, job.tokens]) <= budget
+    return room and (first or job.prefill <= prefill_left)
 
 
 def _with(step: Step, **changes: Any) -> Step:
@@ -124,6 +139,7 @@ class Steps(Protocol):
     """What the engine needs of the model (one thread calls it). Row ids are the engine's."""
 
     def cost(self, key: Hashable, payload: Any) -> int: ...
+    def prefill(self, payload: Any) -> int: ...
     def classify(self, payload: Any) -> Any: ...
     def join(self, row_id: int, key: Hashable, payload: Any) -> None: ...
     def step(self) -> None: ...
@@ -153,10 +169,18 @@ class ContinuousEngine:
     """Runs jobs on one model thread, step by step as :func:`schedule` decides. Same surface as
     :class:`worker.batching.DynamicBatcher` (``submit``/``run``/``abandon``/``stop``/``in_flight``)."""
 
-    def __init__(self, steps: Steps, budget: int, max_rows: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        steps: Steps,
+        budget: int,
+        max_rows: int,
+        prefill_tokens: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._steps = steps
         self.budget = budget
         self.max_rows = max_rows
+        self.prefill_tokens = prefill_tokens
         self._clock = clock
         self._ids = itertools.count()
         self._waiting: list[_Job] = []
@@ -188,6 +212,7 @@ class ContinuousEngine:
             now + timeout,
             classify=key == ("score",),
             isolated=bool(getattr(payload, "isolated", False)),
+            prefill=self._steps.prefill(payload),
         )
         job = _Job(ticket, key, payload, now)
         with self._cond:
@@ -254,7 +279,7 @@ class ContinuousEngine:
     def _plan(self) -> Step:
         running = [job.ticket for job in self._running.values()]
         waiting = [job.ticket for job in self._waiting]
-        return schedule(waiting, running, self._clock(), self.budget, self.max_rows)
+        return schedule(waiting, running, self._clock(), self.budget, self.max_rows, self.prefill_tokens)
 
     def _take(self, ids: Sequence[int]) -> list[_Job]:
         wanted = set(ids)
@@ -386,7 +411,7 @@ class ContinuousEngine:
 
 
 def _isolated(ticket: Ticket) -> Ticket:
-    return Ticket(ticket.id, ticket.tokens, ticket.deadline, ticket.classify, isolated=True)
+    return Ticket(ticket.id, ticket.tokens, ticket.deadline, ticket.classify, True, ticket.prefill)
 
 
 def _too_big(tokens: int, budget: int) -> str:

@@ -126,7 +126,8 @@ class Service:
             else:
                 steps = RuntimeSteps(runtime, self.faults, self._classify_one)
                 budget, rows = runtime.kv_budget_tokens(), self.settings.max_running_rows
-                self.batcher = ContinuousEngine(steps, budget, rows).start()
+                prefill = self.settings.max_prefill_tokens
+                self.batcher = ContinuousEngine(steps, budget, rows, prefill).start()
         return self.runtime
 
     def stop(self) -> None:

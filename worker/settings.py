@@ -101,6 +101,11 @@ class WorkerSettings(QueueSettings):
     max_running_rows: int = Field(
         default=64, ge=1, le=1024, description="continuous: most rows decoding together"
     )
+    max_prefill_tokens: int = Field(
+        default=4096,
+        ge=1,
+        description="continuous: prompt tokens prefilled between two decode steps (one job always fits)",
+    )
     job_timeout: float = Field(
         default=600.0, gt=0, description="seconds a job may take on the worker before JobTimeout"
     )

@@ -31,6 +31,10 @@ class RuntimeSteps:
             return prompt * (1 + len(getattr(payload, "labels", None) or []))
         return prompt + key[1].max_new_tokens  # type: ignore[index]
 
+    def prefill(self, payload: Any) -> int:
+        """Prompt tokens a job's prefill computes."""
+        return int(payload.prepared.prompt_tokens)
+
     def classify(self, payload: Any) -> Any:
         return self._classify(payload)
 

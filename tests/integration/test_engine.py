@@ -4,6 +4,7 @@ steps, isolated jobs, and out-of-memory paths (the static batcher's frees the fa
 
 from __future__ import annotations
 
+import base64
 import inspect
 import math
 import threading
@@ -55,6 +56,7 @@ class ObservedSteps(RuntimeSteps):
         self.count = 0
         self.peak_kv = 0
         self.rows_per_step: list[tuple[int, ...]] = []
+        self.after_step: dict[int, Callable[[], object]] = {}  # step count -> action (on the engine's thread)
 
     def join(self, row_id: int, key: Any, payload: Any) -> None:
         super().join(row_id, key, payload)
@@ -65,6 +67,8 @@ class ObservedSteps(RuntimeSteps):
         self.count += 1
         self.peak_kv = max(self.peak_kv, self.batch.kv_tokens)
         self.rows_per_step.append(tuple(self._ids))
+        if self.count in self.after_step:
+            self.after_step.pop(self.count)()
 
 
 @pytest.fixture
@@ -112,10 +116,13 @@ def test_greedy_rows_are_token_identical_to_one_by_one_generate(runtime: Runtime
     steps = ObservedSteps(runtime)
     engine = make_engine(steps)
     first = [generate(engine, Item(p), n) for p, n in zip(prepared[:2], limits[:2], strict=True)]
-    wait_for(lambda: steps.count >= 3, WAIT, "three decode steps")
-    later = [
-        generate(engine, Item(p), n) for p, n in zip(prepared[2:], limits[2:], strict=True)
-    ]  # join mid-decode
+    later: list[Future] = []
+    steps.after_step[3] = (
+        lambda: later.extend(  # they join mid-decode, after the third step
+            generate(engine, Item(p), n) for p, n in zip(prepared[2:], limits[2:], strict=True)
+        )
+    )
+    wait_for(lambda: len(later) == 2, WAIT, "the later jobs")
     outputs = [future.result(WAIT).output for future in first + later]
     assert outputs == [one_by_one(runtime, p, n) for p, n in zip(prepared, limits, strict=True)]
     assert len({p.prompt_tokens for p in prepared}) == 4  # mixed image sizes: the cache really was padded
@@ -155,13 +162,13 @@ def test_one_row_timing_out_or_cancelled_leaves_the_others_tokens_unchanged(
     engine = make_engine(steps, clock=lambda: float(steps.count))  # time counted in decode steps
     late = generate(engine, Item(prepared[0]), 30, timeout=4)  # its deadline strikes after 4 steps
     cancelled = generate(engine, Item(prepared[1]), 30)
+    steps.after_step[2] = cancelled.cancel  # the engine's thread cancels it after its second step
     kept = generate(engine, Item(prepared[2]), 20)
-    wait_for(lambda: steps.count >= 2, WAIT, "two decode steps")
-    assert cancelled.cancel()
     assert kept.result(WAIT).output == one_by_one(runtime, prepared[2], 20)
     with pytest.raises(JobTimeout):
         late.result(WAIT)
-    assert not any(len(rows) > 1 for rows in steps.rows_per_step[6:])  # the other two left early
+    assert cancelled.cancelled()
+    assert all(rows == (2,) for rows in steps.rows_per_step[4:])  # the other two left early
 
 
 def test_classify_between_decode_steps_finishes_before_long_captions(runtime: Runtime, make_engine) -> None:
@@ -174,11 +181,13 @@ def test_classify_between_decode_steps_finishes_before_long_captions(runtime: Ru
     def note(name: str) -> Callable[[Future], None]:
         return lambda _: (lock.acquire(), finished.append(name), lock.release())
 
+    labels = ["cat", "dog", "stop sign"]
+    classify: list[Future] = []
+    steps.after_step[2] = lambda: classify.append(engine.submit(("score",), Item(prepared[3], labels), WAIT))
     for index, item in enumerate(prepared[:3]):
         generate(engine, Item(item), 60).add_done_callback(note(f"caption{index}"))
-    wait_for(lambda: steps.count >= 2, WAIT, "two decode steps")
-    labels = ["cat", "dog", "stop sign"]
-    scored = engine.submit(("score",), Item(prepared[3], labels), WAIT)
+    wait_for(lambda: classify, WAIT, "the classify job")
+    scored = classify[0]
     scored.add_done_callback(note("classify"))
     assert scored.result(WAIT).output == runtime.score_labels([prepared[3]], [labels])[0]
     wait_for(lambda: len(finished) == 4, WAIT, "every job")
@@ -189,10 +198,13 @@ def test_an_isolated_job_runs_with_no_other_row_in_flight(runtime: Runtime, make
     prepared = [runtime.prepare(p) for p in prompts()]
     steps = ObservedSteps(runtime)
     engine = make_engine(steps)
+    later: list[Future] = []
+    steps.after_step[1] = lambda: later.extend(
+        [generate(engine, Item(prepared[1], isolated=True), 10), generate(engine, Item(prepared[2]), 6)]
+    )
     before = generate(engine, Item(prepared[0]), 12)
-    wait_for(lambda: steps.count >= 1, WAIT, "a decode step")
-    suspect = generate(engine, Item(prepared[1], isolated=True), 10)
-    after = generate(engine, Item(prepared[2]), 6)
+    wait_for(lambda: later, WAIT, "the later jobs")
+    suspect, after = later
     results = [f.result(WAIT).output for f in (before, suspect, after)]
     assert results == [one_by_one(runtime, p, n) for p, n in zip(prepared, (12, 10, 6), strict=False)]
     suspect_row = next(rows for rows in steps.rows_per_step if len(rows) == 1 and rows[0] == 1)
@@ -247,3 +259,26 @@ def test_static_out_of_memory_frees_the_failed_attempt_before_retrying(tiny_chec
         assert faults.failed is not None and faults.alive_at_retry[0] is False
     finally:
         service.stop()
+
+
+def test_service_serves_through_the_engine_and_health_reports_the_kv_budget(tiny_checkpoint: Path) -> None:
+    from worker.service import JobContext
+
+    settings = WorkerSettings(model=str(tiny_checkpoint), device="cpu", dtype="float32", kv_cache_tokens=9000)
+    service = Service(settings)
+    service.start()
+    try:
+        image = (
+            "data:image/png;base64," + base64.b64encode((IMAGES / "radar_chart.png").read_bytes()).decode()
+        )
+        caption = service.run("llava.caption", {"image": image}, JobContext("job-1", "test"))
+        scored = service.run(
+            "llava.classify", {"image": image, "labels": ["a", "b"]}, JobContext("job-2", "test")
+        )
+        batching = service.health()["batching"]
+    finally:
+        service.stop()
+    assert caption["text"] is not None and set(scored["scores"]) == {"a", "b"}
+    assert batching["scheduler"] == "continuous" and batching["kv_tokens_budget"] == 9000
+    assert batching["running_rows"] == 0 and batching["kv_tokens_used"] == 0
+    assert batching["kv_tokens_free"] == 9000 and batching["jobs_batched"] == 2

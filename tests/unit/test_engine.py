@@ -90,3 +90,10 @@ def test_classify_runs_between_decode_steps_when_its_peak_fits_beside_the_rows()
     running = [job(0, 40), job(9, 40)]
     assert schedule([job(1, 30, classify=True)], running, NOW, budget=100, max_rows=8).classify == []
     assert schedule([job(1, 20, classify=True)], running, NOW, budget=100, max_rows=8).classify == [1]
+
+
+def test_prefills_per_step_are_capped_but_one_job_always_joins() -> None:
+    waiting = [Ticket(i, 30, 1e9, prefill=20) for i in range(1, 5)]
+    assert schedule(waiting, [], NOW, 1000, 8, prefill_tokens=45).admit == [1, 2]
+    assert schedule(waiting, [], NOW, 1000, 8, prefill_tokens=5).admit == [1]
+    assert schedule(waiting, [], NOW, 1000, 8).admit == [1, 2, 3, 4]
