@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
+from transformers import DynamicCache
 
 from producer.errors import JobTimeout, ResourceExhausted
 from tests.integration.conftest import IMAGES, wait_for
@@ -282,3 +283,51 @@ def test_service_serves_through_the_engine_and_health_reports_the_kv_budget(tiny
     assert batching["scheduler"] == "continuous" and batching["kv_tokens_budget"] == 9000
     assert batching["running_rows"] == 0 and batching["kv_tokens_used"] == 0
     assert batching["kv_tokens_free"] == 9000 and batching["jobs_batched"] == 2
+
+
+class _PrefillOomOnce:
+    """A forward hook on the LM's last layer: the first armed prefill runs out of memory with its new KV
+    cache alive; the next prefill records whether that cache was already gone."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.failed: weakref.ref | None = None
+        self.alive_at_retry: list[bool] = []
+
+    def __call__(self, module: Any, args: Any, output: Any) -> None:
+        if args[0].shape[1] == 1 or not (self.armed or self.failed):
+            return  # a decode step, or not armed yet
+        if self.failed is not None:
+            self.alive_at_retry.append(self.failed() is not None)
+            self.failed, self.armed = None, False
+            return
+        frame = inspect.currentframe()
+        while frame is not None and not isinstance(frame.f_locals.get("cache"), DynamicCache):
+            frame = frame.f_back
+        assert frame is not None
+        self.failed = weakref.ref(frame.f_locals["cache"])
+        del frame
+        raise torch.OutOfMemoryError("simulated out of memory mid-prefill")
+
+
+def test_engine_out_of_memory_frees_the_failed_prefill_before_its_retry(
+    runtime: Runtime, make_engine
+) -> None:
+    prepared = [runtime.prepare(p) for p in prompts()[:2]]
+    steps = ObservedSteps(runtime)
+    engine = make_engine(steps)
+    fault = _PrefillOomOnce()
+    handle = runtime.model.model.language_model.layers[-1].register_forward_hook(fault)
+    try:
+        later: list[Future] = []
+        steps.after_step[2] = lambda: (
+            setattr(fault, "armed", True),
+            later.append(generate(engine, Item(prepared[1]), 5)),
+        )
+        first = generate(engine, Item(prepared[0]), 12)
+        wait_for(lambda: later, WAIT, "the second job")
+        outputs = [first.result(WAIT).output, later[0].result(WAIT).output]
+    finally:
+        handle.remove()
+    assert outputs == [one_by_one(runtime, p, n) for p, n in zip(prepared, (12, 5), strict=True)]
+    assert fault.alive_at_retry == [False]  # freed before the retry, which ran alone after the first job
