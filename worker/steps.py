@@ -8,7 +8,7 @@ from typing import Any
 
 from worker.faults import Faults
 from worker.runtime import Runtime
-from worker.runtime.decoding import DecodeBatch, Row
+from worker.runtime.decoding import DecodeBatch, GrowingLayer, Row
 
 
 class RuntimeSteps:
@@ -24,12 +24,12 @@ class RuntimeSteps:
         self._marks: list[frozenset[str]] = []
 
     def cost(self, key: Hashable, payload: Any) -> int:
-        """KV tokens a job needs: a generating row holds prompt + max_new_tokens; a classify job's peak is
-        its prompt once per label plus once for the prefill."""
+        """KV tokens a job needs: a generating row holds prompt + max_new_tokens (+ the cache's spare
+        columns); a classify job's peak is its prompt once per label plus once for the prefill."""
         prompt = payload.prepared.prompt_tokens
         if key == ("score",):
             return prompt * (1 + len(getattr(payload, "labels", None) or []))
-        return prompt + key[1].max_new_tokens  # type: ignore[index]
+        return prompt + key[1].max_new_tokens + GrowingLayer.SPARE  # type: ignore[index]
 
     def prefill(self, payload: Any) -> int:
         """Prompt tokens a job's prefill computes."""

@@ -25,6 +25,7 @@ from tests.integration.conftest import IMAGES, wait_for
 from worker.engine import ContinuousEngine
 from worker.faults import Faults
 from worker.runtime import Generation, Prepared, Prompt, Runtime, Sampling
+from worker.runtime.decoding import GrowingLayer
 from worker.service import Service, _Item
 from worker.settings import WorkerSettings
 from worker.steps import RuntimeSteps
@@ -133,7 +134,7 @@ def test_greedy_rows_are_token_identical_to_one_by_one_generate(runtime: Runtime
 
 def test_admission_never_exceeds_the_kv_budget(runtime: Runtime, make_engine) -> None:
     prepared = [runtime.prepare(p) for p in prompts()]
-    costs = [p.prompt_tokens + 8 for p in prepared]
+    costs = [p.prompt_tokens + 8 + GrowingLayer.SPARE for p in prepared]
     budget = 2 * max(costs)  # room for two rows of the widest kind, not four
     steps = ObservedSteps(runtime)
     engine = make_engine(steps, budget=budget)
@@ -147,7 +148,7 @@ def test_admission_never_exceeds_the_kv_budget(runtime: Runtime, make_engine) ->
 
 def test_a_job_larger_than_the_budget_fails_alone(runtime: Runtime, make_engine) -> None:
     small, big = (runtime.prepare(p) for p in prompts()[1:3])
-    engine = make_engine(ObservedSteps(runtime), budget=small.prompt_tokens + 4)
+    engine = make_engine(ObservedSteps(runtime), budget=small.prompt_tokens + 4 + GrowingLayer.SPARE)
     too_big = generate(engine, Item(big), 4)
     fits = generate(engine, Item(small), 4)
     with pytest.raises(ResourceExhausted, match="kv_cache_tokens"):

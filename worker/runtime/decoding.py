@@ -4,7 +4,9 @@ A new row is prefilled alone (no padding, pixels included), then joins the runni
 the two caches is left-padded to the other's width and the two are concatenated along the batch. Each
 decode step feeds every row's last token with its own position (the count of its real tokens) and a mask
 that hides the padding. A row that ends leaves at once: its cache rows are dropped by index and the columns
-that only held padding are cut, so its KV memory is given back before the next step.
+that only held padding are cut, so its KV memory is given back before the next step. Decode steps write
+into spare columns (:class:`GrowingLayer`, 32 at a time) instead of concatenating the whole cache each step
+as ``DynamicLayer`` does: a decode step of 8 rows x ~2.5k tokens went from ~17.5 to ~8-11 ms on this CPU.
 
 Why this and not a preallocated static cache with per-row positions: with the same padded footprint it needs
 no scatter kernels and keeps transformers' fast causal SDPA path for the prefill; the decode step's cost on
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 if TYPE_CHECKING:
     from worker.runtime.model import Prepared, Sampling
@@ -38,6 +41,44 @@ class Row:
     def length(self) -> int:
         """Tokens this row holds in the KV cache (its prompt and every generated token but the last)."""
         return self.prepared.prompt_tokens + len(self.tokens) - 1
+
+
+class GrowingLayer(DynamicLayer):
+    """A cache layer whose decode steps write into spare columns of a buffer (reallocated ``SPARE``
+    columns at a time) instead of concatenating the whole cache every step as ``DynamicLayer`` does."""
+
+    SPARE = 32
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            return super().update(key_states, value_states, *args, **kwargs)
+        used, adding = self.keys.shape[-2], key_states.shape[-2]
+        buffers: tuple[torch.Tensor, torch.Tensor] | None = getattr(self, "_buffers", None)
+        if buffers is None or not _prefix_of(self.keys, buffers[0]) or used + adding > buffers[0].shape[-2]:
+            buffers = self._buffers = (_grown(self.keys, used + adding), _grown(self.values, used + adding))
+        buffers[0][:, :, used : used + adding] = key_states
+        buffers[1][:, :, used : used + adding] = value_states
+        self.keys, self.values = buffers[0][:, :, : used + adding], buffers[1][:, :, : used + adding]
+        return self.keys, self.values
+
+
+def _prefix_of(view: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """Whether ``view`` is ``buffer[:, :, :n]`` (so the next columns of ``buffer`` are free to write)."""
+    return (
+        view.data_ptr() == buffer.data_ptr()
+        and view.shape[:2] == buffer.shape[:2]
+        and view.stride() == buffer.stride()
+    )
+
+
+def _grown(tensor: torch.Tensor, needed: int) -> torch.Tensor:
+    shape = list(tensor.shape)
+    shape[-2] = needed + GrowingLayer.SPARE
+    buffer = tensor.new_empty(shape)
+    buffer[:, :, : tensor.shape[-2]] = tensor
+    return buffer
 
 
 class DecodeBatch:
@@ -61,10 +102,13 @@ class DecodeBatch:
         """Append a row prefilled alone (its cache: batch 1, no padding)."""
         mask = torch.ones((1, _cache_width(cache)), dtype=torch.long, device=_cache_device(cache))
         if self.cache is None or self.mask is None:
+            for layer in cache.layers:
+                layer.__class__ = GrowingLayer  # same state; only ``update`` differs
             self.rows, self.cache, self.mask = [row], cache, mask
             return
         width = max(self.width, mask.shape[1])
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine._buffers = None  # the old buffers go now, not at the next step
             mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
             mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
         self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
@@ -82,6 +126,7 @@ class DecodeBatch:
         cut = int((mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # leading all-padding columns
         self.mask = mask[:, cut:]
         for layer in self.cache.layers:
+            layer._buffers = None  # the departed rows' KV is freed now
             layer.keys = layer.keys.index_select(0, index)[:, :, cut:]
             layer.values = layer.values.index_select(0, index)[:, :, cut:]
 
