@@ -112,15 +112,17 @@ class Meter:
 
         def engine_start(prepared: Any, sampling: Any) -> Any:
             self.slots += 1
-            self.steps.append({"prefill": prepared.prompt_tokens})
-            return start_row(prepared, sampling)
+            started = time.perf_counter()
+            row = start_row(prepared, sampling)
+            self.steps.append({"prefill": prepared.prompt_tokens, "ms": _ms_since(started)})
+            return row
 
         def engine_step(batch: Any) -> None:
             self.slots += len(batch.rows)
-            self.steps.append(
-                {"rows": len(batch.rows), "kv": sum(r.length for r in batch.rows), "width": batch.width}
-            )
+            entry = {"rows": len(batch.rows), "kv": sum(r.length for r in batch.rows), "width": batch.width}
+            started = time.perf_counter()
             decode_step(batch)
+            self.steps.append({**entry, "ms": _ms_since(started)})
 
         runtime.generate, runtime.start_row, runtime.decode_step = static_generate, engine_start, engine_step
 
@@ -279,7 +281,7 @@ def report(results: dict[str, dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=48)
-    parser.add_argument("--rate", type=float, default=4.0, help="offered jobs per second")
+    parser.add_argument("--rate", type=float, default=12.0, help="offered jobs per second")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="16 jobs, 1 repetition (while developing)")
     parser.add_argument("--variants", default="seed,static,continuous")
