@@ -73,10 +73,6 @@ class RuntimeSteps:
     def kv_tokens(self) -> int:
         return self.batch.kv_tokens
 
-    @property
-    def rows(self) -> int:
-        return len(self.batch.rows)
-
     def is_out_of_memory(self, error: BaseException) -> bool:
         return self.runtime.is_out_of_memory(error)
 
