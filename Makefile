@@ -47,9 +47,12 @@ images: install
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
 
+# Caption throughput (seed loop / static batcher, through Redis), then the serving scenario (seed / static /
+# continuous, Poisson arrivals) priced on an H100 roofline. BENCH_ARGS=--quick while developing.
 bench: install
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/classify.py
+	$(BIN)/python bench/serving.py $(BENCH_ARGS)
 
 # A worker's peak RSS with 8 concurrent 6300x6300 PNGs (see README "Security").
 bench-memory: install

@@ -32,12 +32,14 @@ from producer.contract import (
 from producer.errors import InternalError, InvalidRequest, JobTimeout, LlavaError, ResourceExhausted
 from worker import metrics
 from worker.batching import Alone, Done, DynamicBatcher
+from worker.engine import ContinuousEngine
 from worker.faults import Faults
 from worker.fetch import FetchAborted
 from worker.images import ImageLoader, keep_side_for
 from worker.runtime import LabelScores, Prepared, Prompt, Runtime, Sampling
 from worker.runtime.scoring import LabelQuery
 from worker.settings import WorkerSettings
+from worker.steps import RuntimeSteps
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +131,7 @@ class Service:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.runtime: Runtime | None = None
-        self.batcher: DynamicBatcher | None = None
+        self.batcher: DynamicBatcher | ContinuousEngine | None = None
         self.faults = Faults.from_settings(settings)
         self.images = ImageLoader(settings)
         self._stats = _Stats()
@@ -139,12 +141,19 @@ class Service:
         self.on_model_end: Callable[[list[str]], None] = lambda job_ids: None
 
     def start(self) -> Runtime:
-        """Load the model (once per process) and start the model thread."""
+        """Load the model (once per process) and start the model thread (``scheduler``: the continuous
+        engine, or the static batcher)."""
         if self.runtime is None:
-            self.runtime = Runtime(self.settings)
-            self.images.keep_side = keep_side_for(self.runtime.processor.image_processor)
-            wait = self.settings.max_batch_wait_ms / 1000
-            self.batcher = DynamicBatcher(self._start_batch, self.settings.max_batch_size, wait).start()
+            self.runtime = runtime = Runtime(self.settings)
+            self.images.keep_side = keep_side_for(runtime.processor.image_processor)
+            if self.settings.scheduler == "static":
+                wait = self.settings.max_batch_wait_ms / 1000
+                self.batcher = DynamicBatcher(self._start_batch, self.settings.max_batch_size, wait).start()
+            else:
+                steps = RuntimeSteps(runtime, self.faults, self._classify_one, self._on_row)
+                budget, rows = runtime.kv_budget_tokens(), self.settings.max_running_rows
+                prefill = self.settings.max_prefill_tokens
+                self.batcher = ContinuousEngine(steps, budget, rows, prefill).start()
         return self.runtime
 
     def stop(self) -> None:
@@ -195,9 +204,12 @@ class Service:
                 "jobs_failed": self._stats.jobs_failed,
                 "last_error": self._stats.last_error,
             }
-        batching = {"max_batch_size": self.settings.max_batch_size}
-        if batcher is not None:
+        batching: dict[str, Any] = {"scheduler": self.settings.scheduler}
+        if isinstance(batcher, ContinuousEngine):
+            batching |= {"jobs_batched": batcher.jobs_run, "in_flight": batcher.in_flight, **batcher.status()}
+        elif batcher is not None:
             batching |= {
+                "max_batch_size": self.settings.max_batch_size,
                 "batches_run": batcher.batches_run,
                 "jobs_batched": batcher.jobs_run,
                 "in_flight": batcher.in_flight,
@@ -238,8 +250,8 @@ class Service:
             prepared, deadline, work.labels, marks, context.job_id, context.isolated, query=work.query
         )
         key: Any = ("score",) if work.labels else ("generate", work.sampling)
-        if context.isolated:
-            key = Alone(context.job_id, key)  # a batch of its own
+        if context.isolated and self.settings.scheduler == "static":
+            key = Alone(context.job_id, key)  # a batch of its own (the engine reads item.isolated)
         done = batcher.run(key, item, timeout=remaining)
         clock.lap("model")
         return self._result(task_name, work, done, context, clock)
@@ -270,20 +282,34 @@ class Service:
             self.on_model_end(job_ids)
 
     def _run_batch(self, key: Any, items: list[_Item]) -> list[Any]:
-        """The model thread's work for one batch. Out of memory: free the cache, split the batch in halves
-        and retry each; a single job that still does not fit fails alone with ``ResourceExhausted``."""
+        """The static batcher's work for one batch. Out of memory: free the failed attempt's tensors (after
+        leaving the ``except`` block, so nothing of it is still referenced), split the batch in halves and
+        retry each; a single job that still does not fit fails alone with ``ResourceExhausted``."""
         runtime = self._started()[0]
         try:
             return self._call_model(runtime, key, items)
         except Exception as exc:
             if not runtime.is_out_of_memory(exc):
                 raise
-            runtime.free_memory()
-            if len(items) == 1:
-                return [ResourceExhausted(f"out of memory even alone ({type(exc).__name__})")]
-            log.warning("out of memory with a batch of %d: splitting it in halves", len(items))
-            half = len(items) // 2
-            return self._run_batch(key, items[:half]) + self._run_batch(key, items[half:])
+            failure = type(exc).__name__
+        runtime.free_memory()
+        if len(items) == 1:
+            return [ResourceExhausted(f"out of memory even alone ({failure})")]
+        log.warning("out of memory with a batch of %d: splitting it in halves", len(items))
+        half = len(items) // 2
+        return self._run_batch(key, items[:half]) + self._run_batch(key, items[half:])
+
+    def _classify_one(self, item: _Item) -> Any:
+        """The continuous engine's classify: one job through the runtime's public scoring call."""
+        self.on_model_start([item.job_id])
+        try:
+            return self._call_model(self._started()[0], ("score",), [item])[0]
+        finally:
+            self.on_model_end([item.job_id])
+
+    def _on_row(self, item: _Item, joined: bool) -> None:
+        """The engine's rows joining and leaving the decode batch: the delivery ledger's attempts."""
+        (self.on_model_start if joined else self.on_model_end)([item.job_id])
 
     def _call_model(self, runtime: Runtime, key: Any, items: list[_Item]) -> list[Any]:
         marks = [item.marks for item in items]
@@ -376,7 +402,7 @@ class Service:
             )
         return Sampling(max_new_tokens=wanted, temperature=params.temperature, top_p=params.top_p)
 
-    def _started(self) -> tuple[Runtime, DynamicBatcher]:
+    def _started(self) -> tuple[Runtime, DynamicBatcher | ContinuousEngine]:
         if self.runtime is None or self.batcher is None:
             raise InternalError("the model is not loaded (Service.start() was not called)")
         return self.runtime, self.batcher

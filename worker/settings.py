@@ -105,6 +105,28 @@ class WorkerSettings(QueueSettings):
     max_batch_wait_ms: float = Field(
         default=10.0, ge=0, description="longest a partial batch waits for more compatible jobs"
     )
+    scheduler: Literal["continuous", "static"] = Field(
+        default="continuous",
+        description="continuous: jobs join the running decode step by step, KV tokens as the budget; "
+        "static: batches of max_batch_size run to their longest row",
+    )
+    kv_cache_tokens: int | None = Field(
+        default=None, ge=1, description="continuous: KV cache budget in tokens; default: from memory"
+    )
+    gpu_memory_fraction: float = Field(
+        default=0.9, gt=0, le=1, description="continuous, CUDA: share of free memory after loading for KV"
+    )
+    cpu_kv_cache_tokens: int = Field(
+        default=65536, ge=1, description="continuous, CPU: KV budget when kv_cache_tokens is unset"
+    )
+    max_running_rows: int = Field(
+        default=64, ge=1, le=1024, description="continuous: most rows decoding together"
+    )
+    max_prefill_tokens: int = Field(
+        default=4096,
+        ge=1,
+        description="continuous: prompt tokens prefilled between two decode steps (one job always fits)",
+    )
     job_timeout: float = Field(
         default=600.0, gt=0, description="seconds a job may take on the worker before JobTimeout"
     )

@@ -11,6 +11,7 @@ from producer import JobTimeout, LlavaClient, ResourceExhausted
 from tests.integration.conftest import IMAGES
 
 WORKER_ENV = {
+    "LLAVA_SCHEDULER": "static",  # the static batcher (the engine: tests/integration/test_engine.py)
     "LLAVA_MAX_BATCH_SIZE": "4",
     "LLAVA_MAX_BATCH_WAIT_MS": "300",
     "LLAVA_FAULT_OOM_ABOVE_BATCH": "2",  # batches of 3-4 run out of memory and are split

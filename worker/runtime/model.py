@@ -6,6 +6,7 @@ Batch-first: lists of prepared inputs in, lists of outputs of the same length ou
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import logging
 import math
@@ -20,6 +21,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from producer.errors import InvalidRequest, JobTimeout
 from worker.runtime import scoring
+from worker.runtime.decoding import DecodeBatch, Row, pick
 from worker.runtime.loading import load_model
 from worker.runtime.scoring import LabelQuery
 from worker.settings import WorkerSettings
@@ -43,6 +45,7 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     min_new_tokens: int = 0  # benchmarks force a length with it; jobs leave it at 0
+    seed: int | None = None  # sampled rows of the continuous engine: None draws one from torch's RNG
 
 
 @dataclass(frozen=True, eq=False)
@@ -241,6 +244,58 @@ class Runtime:
             merged.update(torch.cat(keys), torch.cat(values), layer)
         return merged
 
+    # -- step-level API of the continuous-batching engine (worker/engine.py); the model thread only
+
+    def start_row(self, prepared: Prepared, sampling: Sampling) -> tuple[Row, DynamicCache]:
+        """Prefill one prompt alone (pixels included, no padding) and pick its first token. The row joins
+        a :class:`DecodeBatch` with ``batch.join(row, cache)``."""
+        with torch.inference_mode():
+            output = self.model(**self.collate([prepared]), use_cache=True, logits_to_keep=1)
+        row = Row(prepared, sampling, generator=self._generator(sampling))
+        self._append(row, output.logits[0, -1])
+        return row, getattr(output, self._cache_kwarg)
+
+    def decode_step(self, batch: DecodeBatch) -> None:
+        """One decoding step: every row of ``batch`` gets its next token (``row.ended`` tells who is done)."""
+        inputs = batch.step_inputs()
+        with torch.inference_mode():
+            output = self.model(**inputs, **{self._cache_kwarg: batch.cache}, use_cache=True)
+        for row, logits in zip(batch.rows, output.logits[:, -1], strict=True):
+            self._append(row, logits)
+
+    def finish_row(self, row: Row) -> Generation:
+        """A finished row's answer."""
+        length = self._generated_length(row.tokens)
+        text = self.processor.decode(row.tokens[:length], skip_special_tokens=True).strip()
+        return Generation(text, row.prepared.prompt_tokens, row.prepared.image_tokens, length)
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token takes in the KV cache (keys and values of every layer)."""
+        text = self.model.config.text_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        return 2 * text.num_hidden_layers * heads * head_dim * torch.finfo(self.dtype).bits // 8
+
+    def kv_budget_tokens(self) -> int:
+        """The engine's admission budget in KV tokens: ``kv_cache_tokens``, else on CUDA
+        ``gpu_memory_fraction`` of the free memory after loading, else (CPU) ``cpu_kv_cache_tokens``."""
+        if self.settings.kv_cache_tokens:
+            return self.settings.kv_cache_tokens
+        if self.device.type != "cuda":
+            return self.settings.cpu_kv_cache_tokens
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(free * self.settings.gpu_memory_fraction) // self.kv_bytes_per_token()
+
+    def _append(self, row: Row, logits: torch.Tensor) -> None:
+        row.tokens.append(pick(row, logits, self._eos_ids()))
+        row.ended = row.tokens[-1] in self._eos_ids() or len(row.tokens) >= row.sampling.max_new_tokens
+
+    def _generator(self, sampling: Sampling) -> torch.Generator | None:
+        if sampling.temperature <= 0:
+            return None
+        seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()).item())
+        return torch.Generator(device=self.device).manual_seed(seed)
+
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
         return {eos} if isinstance(eos, int) else set(eos or [])
@@ -290,7 +345,10 @@ class Runtime:
         }
 
     def free_memory(self) -> None:
-        """Give cached device memory back after an out-of-memory error."""
+        """Give memory back after an out-of-memory error: collect unreachable tensors, then (CUDA) return
+        the allocator's cache. Call it after leaving the ``except`` block, or the failed attempt's tensors
+        are still alive through the traceback."""
+        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -1,0 +1,334 @@
+"""The continuous-batching engine on the real tiny checkpoint (no queue, no fake model): token identity with
+one-by-one ``generate``, per-row limits and deadlines, the KV budget, cancellation, classify between decode
+steps, isolated jobs, and out-of-memory paths (the static batcher's frees the failed attempt first)."""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import math
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from producer.errors import JobTimeout, ResourceExhausted
+from tests.integration.conftest import IMAGES, wait_for
+from worker.engine import ContinuousEngine
+from worker.faults import Faults
+from worker.runtime import Generation, Prepared, Prompt, Runtime, Sampling
+from worker.runtime.decoding import GrowingLayer
+from worker.service import Service, _Item
+from worker.settings import WorkerSettings
+from worker.steps import RuntimeSteps
+
+WAIT = 120  # seconds: a generous bound on any wait
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_checkpoint: Path) -> Runtime:
+    return Runtime(WorkerSettings(model=str(tiny_checkpoint), device="cpu", dtype="float32"))
+
+
+@dataclass(frozen=True, eq=False)
+class Item:
+    """A job's payload as the service builds it (prepared prompt, labels for classify, fault marks)."""
+
+    prepared: Prepared
+    labels: list[str] | None = None
+    isolated: bool = False
+    marks: frozenset[str] = frozenset()
+
+
+class ObservedSteps(RuntimeSteps):
+    """The real steps, counting decode steps and recording the KV held and the rows of each step."""
+
+    def __init__(self, runtime: Runtime, faults: Faults | None = None) -> None:
+        super().__init__(
+            runtime, faults or Faults(), lambda item: runtime.score_labels([item.prepared], [item.labels])[0]
+        )
+        self.count = 0
+        self.peak_kv = 0
+        self.rows_per_step: list[tuple[int, ...]] = []
+        self.after_step: dict[int, Callable[[], object]] = {}  # step count -> action (on the engine's thread)
+
+    def join(self, row_id: int, key: Any, payload: Any) -> None:
+        super().join(row_id, key, payload)
+        self.peak_kv = max(self.peak_kv, self.batch.kv_tokens)
+
+    def step(self) -> None:
+        super().step()
+        self.count += 1
+        self.peak_kv = max(self.peak_kv, self.batch.kv_tokens)
+        self.rows_per_step.append(tuple(self._ids))
+        if self.count in self.after_step:
+            self.after_step.pop(self.count)()
+
+
+@pytest.fixture
+def make_engine() -> Iterator[Callable[..., ContinuousEngine]]:
+    engines: list[ContinuousEngine] = []
+
+    def make(steps: RuntimeSteps, budget: int = 100_000, max_rows: int = 16, **kw: Any) -> ContinuousEngine:
+        engines.append(ContinuousEngine(steps, budget, max_rows, **kw).start())
+        return engines[-1]
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+def prompts() -> list[Prompt]:
+    return [
+        Prompt(Image.open(IMAGES / "stop_sign.jpg").convert("RGB"), "What does the sign say?"),
+        Prompt(Image.new("RGB", (100, 300), (10, 200, 10)), "What colour is this?"),
+        Prompt(
+            Image.open(IMAGES / "radar_chart.png").convert("RGB"), "Describe the chart in detail, please."
+        ),
+        Prompt(Image.new("RGB", (700, 200), (200, 10, 10)), "Caption it."),
+    ]
+
+
+def one_by_one(runtime: Runtime, prepared: Prepared, max_new_tokens: int) -> Generation:
+    """The seed's way: ``model.generate`` on one prompt, greedy."""
+    inputs = runtime.collate([prepared])
+    with torch.inference_mode():
+        output = runtime.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    tokens = output[0, inputs["input_ids"].shape[1] :].tolist()
+    length = runtime._generated_length(tokens)
+    text = runtime.processor.decode(tokens[:length], skip_special_tokens=True).strip()
+    return Generation(text, prepared.prompt_tokens, prepared.image_tokens, length)
+
+
+def generate(engine: ContinuousEngine, item: Item, max_new_tokens: int, timeout: float = WAIT) -> Future:
+    return engine.submit(("generate", Sampling(max_new_tokens=max_new_tokens)), item, timeout)
+
+
+def test_greedy_rows_are_token_identical_to_one_by_one_generate(runtime: Runtime, make_engine) -> None:
+    prepared = [runtime.prepare(p) for p in prompts()]
+    limits = [24, 5, 17, 9]  # mixed lengths: rows end early and leave while others go on
+    steps = ObservedSteps(runtime)
+    engine = make_engine(steps)
+    first = [generate(engine, Item(p), n) for p, n in zip(prepared[:2], limits[:2], strict=True)]
+    later: list[Future] = []
+    steps.after_step[3] = (
+        lambda: later.extend(  # they join mid-decode, after the third step
+            generate(engine, Item(p), n) for p, n in zip(prepared[2:], limits[2:], strict=True)
+        )
+    )
+    wait_for(lambda: len(later) == 2, WAIT, "the later jobs")
+    outputs = [future.result(WAIT).output for future in first + later]
+    assert outputs == [one_by_one(runtime, p, n) for p, n in zip(prepared, limits, strict=True)]
+    assert len({p.prompt_tokens for p in prepared}) == 4  # mixed image sizes: the cache really was padded
+    assert max(len(rows) for rows in steps.rows_per_step) >= 3  # they did decode together
+    assert [o.generated_tokens for o in outputs] == limits  # each row stopped at its own max_new_tokens
+
+
+def test_admission_never_exceeds_the_kv_budget(runtime: Runtime, make_engine) -> None:
+    prepared = [runtime.prepare(p) for p in prompts()]
+    costs = [p.prompt_tokens + 8 + GrowingLayer.SPARE for p in prepared]
+    budget = 2 * max(costs)  # room for two rows of the widest kind, not four
+    steps = ObservedSteps(runtime)
+    engine = make_engine(steps, budget=budget)
+    futures = [generate(engine, Item(p), 8) for p in prepared]
+    outputs = [future.result(WAIT).output for future in futures]
+    assert outputs == [one_by_one(runtime, p, 8) for p in prepared]
+    assert 0 < steps.peak_kv <= budget
+    assert max(len(rows) for rows in steps.rows_per_step) == 2
+    assert engine.status()["kv_tokens_used"] == 0  # every row's KV freed when it left
+
+
+def test_a_job_larger_than_the_budget_fails_alone(runtime: Runtime, make_engine) -> None:
+    small, big = (runtime.prepare(p) for p in prompts()[1:3])
+    engine = make_engine(ObservedSteps(runtime), budget=small.prompt_tokens + 4 + GrowingLayer.SPARE)
+    too_big = generate(engine, Item(big), 4)
+    fits = generate(engine, Item(small), 4)
+    with pytest.raises(ResourceExhausted, match="kv_cache_tokens"):
+        too_big.result(WAIT)
+    assert fits.result(WAIT).output == one_by_one(runtime, small, 4)
+
+
+def test_one_row_timing_out_or_cancelled_leaves_the_others_tokens_unchanged(
+    runtime: Runtime, make_engine
+) -> None:
+    prepared = [runtime.prepare(p) for p in prompts()[:3]]
+    steps = ObservedSteps(runtime)
+    engine = make_engine(steps, clock=lambda: float(steps.count))  # time counted in decode steps
+    late = generate(engine, Item(prepared[0]), 30, timeout=4)  # its deadline strikes after 4 steps
+    cancelled = generate(engine, Item(prepared[1]), 30)
+    steps.after_step[2] = cancelled.cancel  # the engine's thread cancels it after its second step
+    kept = generate(engine, Item(prepared[2]), 20)
+    assert kept.result(WAIT).output == one_by_one(runtime, prepared[2], 20)
+    with pytest.raises(JobTimeout):
+        late.result(WAIT)
+    assert cancelled.cancelled()
+    assert all(rows == (2,) for rows in steps.rows_per_step[4:])  # the other two left early
+
+
+def test_classify_between_decode_steps_finishes_before_long_captions(runtime: Runtime, make_engine) -> None:
+    prepared = [runtime.prepare(p) for p in prompts()]
+    steps = ObservedSteps(runtime)
+    engine = make_engine(steps)
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def note(name: str) -> Callable[[Future], None]:
+        return lambda _: (lock.acquire(), finished.append(name), lock.release())
+
+    labels = ["cat", "dog", "stop sign"]
+    classify: list[Future] = []
+    steps.after_step[2] = lambda: classify.append(engine.submit(("score",), Item(prepared[3], labels), WAIT))
+    for index, item in enumerate(prepared[:3]):
+        generate(engine, Item(item), 60).add_done_callback(note(f"caption{index}"))
+    wait_for(lambda: classify, WAIT, "the classify job")
+    scored = classify[0]
+    scored.add_done_callback(note("classify"))
+    assert scored.result(WAIT).output == runtime.score_labels([prepared[3]], [labels])[0]
+    wait_for(lambda: len(finished) == 4, WAIT, "every job")
+    assert finished[0] == "classify"
+
+
+def test_an_isolated_job_runs_with_no_other_row_in_flight(runtime: Runtime, make_engine) -> None:
+    prepared = [runtime.prepare(p) for p in prompts()]
+    steps = ObservedSteps(runtime)
+    engine = make_engine(steps)
+    later: list[Future] = []
+    steps.after_step[1] = lambda: later.extend(
+        [generate(engine, Item(prepared[1], isolated=True), 10), generate(engine, Item(prepared[2]), 6)]
+    )
+    before = generate(engine, Item(prepared[0]), 12)
+    wait_for(lambda: later, WAIT, "the later jobs")
+    suspect, after = later
+    results = [f.result(WAIT).output for f in (before, suspect, after)]
+    assert results == [one_by_one(runtime, p, n) for p, n in zip(prepared, (12, 10, 6), strict=False)]
+    suspect_row = next(rows for rows in steps.rows_per_step if len(rows) == 1 and rows[0] == 1)
+    assert all(rows == suspect_row for rows in steps.rows_per_step if 1 in rows)  # alone every step
+
+
+def test_out_of_memory_beside_others_retries_the_row_alone(runtime: Runtime, make_engine) -> None:
+    prepared = [runtime.prepare(p) for p in prompts()[:3]]
+    steps = ObservedSteps(runtime, Faults(oom_above_batch=1))  # any step with two rows runs out of memory
+    engine = make_engine(steps)
+    futures = [generate(engine, Item(p), 6) for p in prepared]
+    assert [f.result(WAIT).output for f in futures] == [one_by_one(runtime, p, 6) for p in prepared]
+    assert max(len(rows) for rows in steps.rows_per_step) == 1
+
+
+class _OomOnce(Faults):
+    """Raises out-of-memory in the first decoding step, mid-``generate``, with its KV cache alive; records
+    whether that cache is gone when the retry's first step runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed: weakref.ref | None = None
+        self.alive_at_retry: list[bool] = []
+
+    def step_hook(self, marks: Any) -> Callable[[], None]:
+        return self._hook
+
+    def _hook(self) -> None:
+        if self.failed is None:
+            frame = inspect.currentframe()
+            while frame is not None and not (
+                frame.f_code.co_name == "generate" and "cache" in frame.f_locals
+            ):
+                frame = frame.f_back
+            assert frame is not None
+            self.failed = weakref.ref(frame.f_locals["cache"])
+            del frame
+            raise torch.OutOfMemoryError("simulated out of memory mid-generate")
+        self.alive_at_retry.append(self.failed() is not None)
+
+
+def test_static_out_of_memory_frees_the_failed_attempt_before_retrying(tiny_checkpoint: Path) -> None:
+    settings = WorkerSettings(model=str(tiny_checkpoint), device="cpu", dtype="float32", scheduler="static")
+    service = Service(settings)
+    runtime = service.start()
+    try:
+        service.faults = faults = _OomOnce()
+        items = [runtime.prepare(p) for p in prompts()[:2]]
+        key = ("generate", Sampling(max_new_tokens=3))
+        outputs = service._run_batch(key, [_Item(p, deadline=math.inf) for p in items])
+        assert outputs == [one_by_one(runtime, p, 3) for p in items]
+        assert faults.failed is not None and faults.alive_at_retry[0] is False
+    finally:
+        service.stop()
+
+
+def test_service_serves_through_the_engine_and_health_reports_the_kv_budget(tiny_checkpoint: Path) -> None:
+    from worker.service import JobContext
+
+    settings = WorkerSettings(model=str(tiny_checkpoint), device="cpu", dtype="float32", kv_cache_tokens=9000)
+    service = Service(settings)
+    service.start()
+    try:
+        image = (
+            "data:image/png;base64," + base64.b64encode((IMAGES / "radar_chart.png").read_bytes()).decode()
+        )
+        caption = service.run("llava.caption", {"image": image}, JobContext("job-1", "test"))
+        scored = service.run(
+            "llava.classify", {"image": image, "labels": ["a", "b"]}, JobContext("job-2", "test")
+        )
+        batching = service.health()["batching"]
+    finally:
+        service.stop()
+    assert caption["text"] is not None and set(scored["scores"]) == {"a", "b"}
+    assert batching["scheduler"] == "continuous" and batching["kv_tokens_budget"] == 9000
+    assert batching["running_rows"] == 0 and batching["kv_tokens_used"] == 0
+    assert batching["kv_tokens_free"] == 9000 and batching["jobs_batched"] == 2
+
+
+class _PrefillOomOnce:
+    """A forward hook on the LM's last layer: the first armed prefill runs out of memory with its new KV
+    cache alive; the next prefill records whether that cache was already gone."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.failed: weakref.ref | None = None
+        self.alive_at_retry: list[bool] = []
+
+    def __call__(self, module: Any, args: Any, output: Any) -> None:
+        if args[0].shape[1] == 1 or not (self.armed or self.failed):
+            return  # a decode step, or not armed yet
+        if self.failed is not None:
+            self.alive_at_retry.append(self.failed() is not None)
+            self.failed, self.armed = None, False
+            return
+        frame = inspect.currentframe()
+        while frame is not None and not isinstance(frame.f_locals.get("cache"), DynamicCache):
+            frame = frame.f_back
+        assert frame is not None
+        self.failed = weakref.ref(frame.f_locals["cache"])
+        del frame
+        raise torch.OutOfMemoryError("simulated out of memory mid-prefill")
+
+
+def test_engine_out_of_memory_frees_the_failed_prefill_before_its_retry(
+    runtime: Runtime, make_engine
+) -> None:
+    prepared = [runtime.prepare(p) for p in prompts()[:2]]
+    steps = ObservedSteps(runtime)
+    engine = make_engine(steps)
+    fault = _PrefillOomOnce()
+    handle = runtime.model.model.language_model.layers[-1].register_forward_hook(fault)
+    try:
+        later: list[Future] = []
+        steps.after_step[2] = lambda: (
+            setattr(fault, "armed", True),
+            later.append(generate(engine, Item(prepared[1]), 5)),
+        )
+        first = generate(engine, Item(prepared[0]), 12)
+        wait_for(lambda: later, WAIT, "the second job")
+        outputs = [first.result(WAIT).output, later[0].result(WAIT).output]
+    finally:
+        handle.remove()
+    assert outputs == [one_by_one(runtime, p, n) for p, n in zip(prepared, (12, 5), strict=True)]
+    assert fault.alive_at_retry == [False]  # freed before the retry, which ran alone after the first job

@@ -1,0 +1,102 @@
+"""The continuous engine's model side: :class:`RuntimeSteps` runs :class:`worker.engine.Steps` on a
+:class:`Runtime` (prefill a row, one decode step, rows leaving), with the fault injection of tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+from worker.faults import Faults
+from worker.runtime import Runtime
+from worker.runtime.decoding import DecodeBatch, GrowingLayer, Row
+
+
+class RuntimeSteps:
+    """Engine steps over a runtime. ``payload`` has ``prepared`` and ``marks`` (the service's item); a
+    classify payload goes as is to ``classify`` (the service's call of ``Runtime.score_labels``)."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        faults: Faults,
+        classify: Callable[[Any], Any],
+        on_row: Callable[[Any, bool], None] = lambda payload, joined: None,
+    ) -> None:
+        self.runtime = runtime
+        self.faults = faults
+        self._classify = classify
+        self._on_row = on_row  # told of each payload joining (True) and leaving (False) the decode batch
+        self.batch = DecodeBatch()
+        self._ids: list[int] = []  # the engine's id of each row of ``batch``, in order
+        self._marks: list[frozenset[str]] = []
+        self._payloads: list[Any] = []
+
+    def cost(self, key: Hashable, payload: Any) -> int:
+        """KV tokens a job needs: a generating row holds prompt + max_new_tokens (+ the cache's spare
+        columns); a classify job holds its prompt once and every label's answer packed after it (no copy
+        per label), bounded here by characters (a token is at least one character) plus end tokens."""
+        prompt = payload.prepared.prompt_tokens
+        if key == ("score",):
+            query = getattr(payload, "query", None)
+            question = len(getattr(query, "question", None) or "")
+            labels = getattr(payload, "labels", None) or []
+            return int(prompt + sum(len(label) + question + 4 for label in labels))
+        return prompt + key[1].max_new_tokens + GrowingLayer.SPARE  # type: ignore[index]
+
+    def prefill(self, payload: Any) -> int:
+        """Prompt tokens a job's prefill computes."""
+        return int(payload.prepared.prompt_tokens)
+
+    def classify(self, payload: Any) -> Any:
+        return self._classify(payload)
+
+    def join(self, row_id: int, key: Hashable, payload: Any) -> None:
+        marks = getattr(payload, "marks", frozenset())
+        self._on_row(payload, True)
+        try:
+            self.faults.before_model_call([marks])
+            row, cache = self.runtime.start_row(payload.prepared, key[1])  # type: ignore[index]
+        except BaseException:
+            self._on_row(payload, False)
+            raise
+        self.batch.join(row, cache)
+        self._ids.append(row_id)
+        self._marks.append(marks)
+        self._payloads.append(payload)
+
+    def step(self) -> None:
+        self.faults.before_model_call(self._marks)
+        hook = self.faults.step_hook(self._marks)
+        if hook is not None:
+            hook()
+        self.runtime.decode_step(self.batch)
+
+    def undo_step(self) -> None:
+        self.batch.undo_step()
+
+    def ended(self) -> list[int]:
+        return [row_id for row_id, row in zip(self._ids, self.batch.rows, strict=True) if row.ended]
+
+    def leave(self, row_ids: Sequence[int]) -> dict[int, Any]:
+        """Drop rows (their KV freed now); the answers of those that ended."""
+        gone = set(row_ids) & set(self._ids)
+        rows: dict[int, Row] = dict(zip(self._ids, self.batch.rows, strict=True))
+        keep = [index for index, row_id in enumerate(self._ids) if row_id not in gone]
+        self.batch.keep(keep)
+        for index, row_id in enumerate(self._ids):
+            if row_id in gone:
+                self._on_row(self._payloads[index], False)
+        self._ids = [self._ids[index] for index in keep]
+        self._marks = [self._marks[index] for index in keep]
+        self._payloads = [self._payloads[index] for index in keep]
+        return {row_id: self.runtime.finish_row(rows[row_id]) for row_id in gone if rows[row_id].ended}
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.batch.kv_tokens
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        return self.runtime.is_out_of_memory(error)
+
+    def free_memory(self) -> None:
+        self.runtime.free_memory()
