@@ -98,6 +98,7 @@ class RedisBlobStore:
                 "already ended): send the image again"
             )
         if hashlib.sha256(data).hexdigest() != digest:
+            self.client.delete(blob)  # a resend of the real bytes stores them again
             raise InvalidImage(f"blob {digest[:12]}… does not match its sha256 (tampered or corrupted)")
         return data
 

@@ -33,7 +33,9 @@ def create_app(settings: WorkerSettings, service: Service, app: Celery | None = 
     service.on_model_start, service.on_model_end = ledger.model_started, ledger.model_finished
     service.images.blobs = ledger.blobs
     for name in TASKS:
-        app.task(name=name, bind=True, throws=(LlavaError,))(_task_function(name, service, ledger))
+        app.task(name=name, bind=True, throws=(LlavaError,), after_return=_release_blob(ledger))(
+            _task_function(name, service, ledger)
+        )
 
     def on_shutting_down(**_: Any) -> None:
         service.begin_shutdown(settings.shutdown_grace)
@@ -55,19 +57,25 @@ def _task_function(task_name: str, service: Service, ledger: DeliveryLedger) -> 
             worker=str(task.request.hostname),
             sent_at=_float_or_none(getattr(task.request, SENT_AT_HEADER, None)),
         )
-        ended = True
         try:
             return _deliver(task_name, service, ledger, context, args, kwargs)
         except Requeue as exc:
-            ended = False
             ledger.undeliver(context.job_id)
             raise Reject(str(exc), requeue=True) from None
-        finally:
-            if ended:  # success or a coded failure: the job needs its image no more
-                ledger.release_blob(kwargs.get("request"), context.job_id)
 
     run.__name__ = task_name.replace(".", "_")
     return run
+
+
+def _release_blob(ledger: DeliveryLedger) -> Any:
+    """A task's ``after_return``: Celery calls it once the outcome (success or failure, not a requeue) is
+    stored, before the message is acknowledged, so a worker dying in between finds the stored result on
+    redelivery instead of a released image."""
+
+    def after_return(task: Task, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, *_: Any):
+        ledger.release_blob((kwargs or {}).get("request"), task_id)
+
+    return after_return
 
 
 def _deliver(

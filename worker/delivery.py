@@ -17,7 +17,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 from celery import Celery, states
 from celery.worker.consumer import Consumer
 
@@ -55,7 +54,7 @@ class DeliveryLedger:
         self.max_deliveries = settings.max_deliveries
         self.expires = settings.result_expires
         self.client = getattr(self.backend, "client", None)  # redis.Redis for the Redis backend
-        self.blobs = None if self.client is None else _blob_store(settings)
+        self.blobs = None if self.client is None else _blob_store(self.backend, settings)
         if self.client is None:
             log.warning(
                 "result backend %s has no Redis client: the redelivery cap and blob images are off",
@@ -134,13 +133,14 @@ class DeliveryLedger:
 BLOB_READ_TIMEOUT = 5.0  # seconds per Redis operation on a blob: a hung store is a retryable fetch_failed
 
 
-def _blob_store(settings: WorkerSettings) -> RedisBlobStore:
-    """The blob store on the result-backend Redis, with its own bounded socket timeouts (Celery's backend
-    client waits up to two minutes per read)."""
-    client = redis.Redis.from_url(
-        settings.result_backend, socket_timeout=BLOB_READ_TIMEOUT, socket_connect_timeout=BLOB_READ_TIMEOUT
+def _blob_store(backend: Any, settings: WorkerSettings) -> RedisBlobStore:
+    """The blob store on the result backend's Redis (the app's effective backend: ``CELERY_RESULT_BACKEND``
+    may override ``LLAVA_RESULT_BACKEND``; Sentinel and TLS as the backend has them), with its own bounded
+    socket timeouts (Celery's backend client waits up to two minutes per read)."""
+    timeouts = {"socket_timeout": BLOB_READ_TIMEOUT, "socket_connect_timeout": BLOB_READ_TIMEOUT}
+    return RedisBlobStore(
+        backend._create_client(**{**backend.connparams, **timeouts}), settings.result_expires
     )
-    return RedisBlobStore(client, settings.result_expires)
 
 
 class LlavaConsumer(Consumer):
@@ -156,6 +156,18 @@ class LlavaConsumer(Consumer):
         self._refuse(message, exc)
         message.reject_log_error(log, self.connection_errors)
 
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        """An unknown ``llava.*`` task (a typo, a newer client) ends ``invalid_request``; others as Celery."""
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        task = headers.get("task")
+        if not (isinstance(task, str) and task.startswith("llava.")):
+            super().on_unknown_task(body, message, exc)
+            return
+        log.error("refused a job for unknown task %r (id %r)", task, headers.get("id"))
+        error = InvalidRequest(f"unknown task {task[:80]!r}: this worker serves {', '.join(TASKS)}")
+        self._store_refusal(headers.get("id"), error)
+        message.reject_log_error(log, self.connection_errors)
+
     def _refuse(self, message: Any, exc: Exception) -> None:
         headers = message.headers if isinstance(message.headers, dict) else {}
         job_id, task = headers.get("id"), headers.get("task")
@@ -169,7 +181,16 @@ class LlavaConsumer(Consumer):
             f"the message could not be decoded ({type(exc).__name__}; content type "
             f"{message.content_type!r}): send JSON (see the wire contract)"
         )
+        self._store_refusal(job_id, error)
+
+    def _store_refusal(self, job_id: Any, error: InvalidRequest) -> None:
+        """Store ``error`` as the job's outcome, unless the id already succeeded (a malformed duplicate of a
+        done job must not overwrite its result)."""
+        if not isinstance(job_id, str):
+            return
         try:
+            if self.app.backend.get_task_meta(job_id).get("status") == states.SUCCESS:
+                return
             self.app.backend.mark_as_failure(job_id, error)
         except Exception as store_error:
             log.warning("could not store the refusal of job %s: %s", job_id, store_error)

@@ -21,7 +21,7 @@ Send = Callable[[LlavaClient, str], Job[Any]]
 
 def task(kwargs: dict[str, Any], args: tuple[Any, ...] = (), name: str = TASK_CAPTION) -> Send:
     def send(client: LlavaClient, queue: str) -> Job[Any]:
-        return client.job(client.app.send_task(name, args=args, kwargs=kwargs, queue=queue).id, name)
+        return client.job(client.app.send_task(name, args=args, kwargs=kwargs, queue=queue).id)
 
     return send
 
@@ -66,6 +66,7 @@ CASES: dict[str, Send] = {
     ),
     "temperature as a string": task({"request": {"image": PNG_URI, "generation": {"temperature": "0.5"}}}),
     "labels as a string": task({"request": {"image": PNG_URI, "labels": "cat,dog"}}, name=TASK_CLASSIFY),
+    "unknown llava task": task({"request": {"image": PNG_URI}}, name="llava.captoin"),
     "pickle body": raw(
         pickle.dumps(((), {"request": {"image": PNG_URI}}, {})), "application/x-python-serialize"
     ),
