@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -152,6 +153,36 @@ def silent_server() -> Iterator[int]:
 def test_a_stalled_tls_handshake_ends_at_the_budget(silent_server: int) -> None:
     policy = FetchPolicy.from_allow_list(["127.0.0.1"], max_bytes=10**6, timeout=30, deadline=1.0)
     error, took = timed_error(f"https://127.0.0.1:{silent_server}/x.png", policy)
+    assert isinstance(error, FetchFailed) and "fetch_deadline" in error.message
+    assert took < 1.0 + MARGIN
+
+
+@pytest.fixture
+def dripping_handshake_server() -> Iterator[int]:
+    """A TCP server that reads the client's hello, then answers with a TLS record one byte every 0.2 s."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError), listener.accept()[0] as client:
+            client.recv(65536)
+            for byte in b"\x16\x03\x03\x40\x00" + b"\x02" * 16000:  # a handshake record, never complete
+                if stop.wait(0.2):
+                    return
+                client.sendall(bytes([byte]))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    listener.close()
+    thread.join(5)
+
+
+def test_a_dripped_tls_handshake_ends_at_the_budget(dripping_handshake_server: int) -> None:
+    # every byte comes well within the per-read timeout; the handshake as a whole is what is bounded
+    policy = FetchPolicy.from_allow_list(["127.0.0.1"], max_bytes=10**6, timeout=30, deadline=1.0, retries=0)
+    error, took = timed_error(f"https://127.0.0.1:{dripping_handshake_server}/x.png", policy)
     assert isinstance(error, FetchFailed) and "fetch_deadline" in error.message
     assert took < 1.0 + MARGIN
 
