@@ -158,9 +158,10 @@ class FetchBudget:
     Why a watchdog and not per-recv timeouts: http.client reads the status line and headers with one socket
     timeout per ``recv``, so a server sending a byte every few seconds is never cut off by it, and urllib3
     cannot re-arm it between header bytes. When the budget ends (or the worker aborts its fetches), a timer
-    shuts down every socket of this fetch (``shutdown(SHUT_RDWR)``): whatever blocks on it (connect's TLS
-    handshake, headers, body, plain or TLS) returns at once; the fetch then sees :meth:`check` fail. Per-read
-    and connect timeouts are still set, to the smaller of ``fetch_timeout`` and what is left.
+    shuts down every socket of this fetch (``shutdown(SHUT_RDWR)``): whatever blocks on it (headers, body,
+    plain or TLS) returns at once; the fetch then sees :meth:`check` fail. Per-read and connect timeouts are
+    still set, to the smaller of ``fetch_timeout`` and what is left (the TLS handshake is bounded by the
+    connect timeout as a whole, see ``_WatchedHTTPSConnection``).
     """
 
     def __init__(self, seconds: float, limit: str = "fetch_deadline") -> None:
@@ -363,7 +364,15 @@ class _WatchedHTTPConnection(HTTPConnection):
 
 
 class _WatchedHTTPSConnection(_WatchedHTTPConnection, HTTPSConnection):
-    """The same for https (the TLS handshake happens on the watched socket)."""
+    """The same for https, where two sockets are watched: ``ssl`` *detaches* the raw socket tracked by
+    ``_new_conn`` when it wraps it (its ``shutdown`` then fails with EBADF, which :meth:`FetchBudget.end`
+    ignores), so the TLS socket is tracked too once connected: headers and body read from it. The handshake in
+    between is one ``ssl`` call that CPython bounds as a whole by the connect timeout (at most what is left
+    of the budget), so a server dripping it cannot outlast the budget either."""
+
+    def connect(self) -> None:
+        super().connect()
+        self._budget.track(self.sock)  # shut down at once if the budget ended during the handshake
 
 
 def _pool(

@@ -39,7 +39,7 @@ from producer.errors import (
     JobTimeout,
     LlavaError,
 )
-from worker.fetch import FetchPolicy, FetchRegistry, Resolver, fetch, system_resolver
+from worker.fetch import FetchAborted, FetchPolicy, FetchRegistry, Resolver, fetch, system_resolver
 from worker.settings import WorkerSettings
 
 # Until the processor is known (keep_side_for): LLaVA-NeXT's largest anyres grid side at 336 px is 1008 in the
@@ -56,21 +56,38 @@ class PixelBudget:
     """Pixels being decoded at full size at once in one worker: a semaphore weighted by pixels.
 
     A job takes ``min(pixels, total)`` (one image at the pixel cap always fits) and waits, at most until its
-    deadline, while other jobs' decodes hold the rest.
+    deadline or the worker's :meth:`abort`, while other jobs' decodes hold the rest.
     """
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.free = total
+        self.waiting = 0
+        self._aborted = False
         self._changed = threading.Condition()
+
+    def abort(self) -> int:
+        """Warm shutdown: end every wait (and every later one) with :class:`~worker.fetch.FetchAborted`, so
+        its job goes back to the queue; decodes already holding pixels finish. Returns how many waited."""
+        with self._changed:
+            self._aborted = True
+            self._changed.notify_all()
+            return self.waiting
 
     @contextmanager
     def hold(self, pixels: int, deadline: float) -> Iterator[None]:
         weight = min(pixels, self.total)
         with self._changed:
-            enough = self._changed.wait_for(
-                lambda: self.free >= weight, timeout=max(0.0, deadline - time.monotonic())
-            )
+            self.waiting += 1
+            try:
+                enough = self._changed.wait_for(
+                    lambda: self._aborted or self.free >= weight,
+                    timeout=max(0.0, deadline - time.monotonic()),
+                )
+            finally:
+                self.waiting -= 1
+            if self._aborted:
+                raise FetchAborted("the worker shut down while the job waited to decode its image")
             if not enough:
                 raise JobTimeout("the job's deadline passed while it waited to decode its image")
             self.free -= weight
@@ -99,7 +116,7 @@ class ImageLoader:
     def load(self, reference: str, deadline: float) -> Image.Image:
         """Fetch or decode ``reference`` (all waits end by ``deadline``, ``time.monotonic()``): an RGB image
         within every cap, shrunk to what the processor keeps. Raises a coded error, or
-        :class:`~worker.fetch.FetchAborted` when the worker aborts its fetches."""
+        :class:`~worker.fetch.FetchAborted` when the worker aborts its fetches and decode waits."""
         data = read_image_bytes(reference, self.settings, self.resolve, deadline, self.fetches, self.blobs)
         return decode_image(
             data,
@@ -111,8 +128,9 @@ class ImageLoader:
         )
 
     def abort_fetches(self) -> int:
-        """Warm shutdown: end running fetches (and refuse new ones); returns how many were running."""
-        return self.fetches.abort()
+        """Warm shutdown: end running fetches and waits for decode capacity (and refuse new ones), so their
+        jobs go back to the queue; returns how many were running or waiting."""
+        return self.fetches.abort() + self.decoding.abort()
 
 
 def _pool_freed_blocks(pixels: int) -> None:

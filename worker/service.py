@@ -166,7 +166,9 @@ class Service:
 
         def requeue_rest() -> None:
             if fetching := self.images.abort_fetches():
-                log.warning("grace period over: %d image fetch(es) aborted, their jobs go back", fetching)
+                log.warning(
+                    "grace period over: %d image fetch(es) aborted (or decode waits), jobs go back", fetching
+                )
             if self.batcher is not None:
                 count = self.batcher.abandon(Requeue("the worker shut down before the job finished"))
                 log.warning("grace period over: %d job(s) go back to the queue", count)

@@ -1,13 +1,18 @@
-"""A hostile little HTTP server on loopback for the image-fetching tests (threaded, counts hits per path)."""
+"""A hostile little HTTP(S) server on loopback for the image-fetching tests (threaded, counts hits)."""
 
 from __future__ import annotations
 
 import contextlib
+import socket
+import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 GOOD_PNG = (Path(__file__).resolve().parents[2] / "examples" / "images" / "radar_chart.png").read_bytes()
@@ -104,18 +109,40 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(301, b"", "text/plain", Location="/good.png")
 
 
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for ``127.0.0.1`` (and ``localhost``) and its key, made by ``openssl``."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    request = "req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost".split()
+    names = "subjectAltName=IP:127.0.0.1,DNS:localhost"
+    command = ["openssl", *request, "-addext", names, "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(command, check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
 class ImageServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
+        self.tls = tls  # https: each connection's handshake runs in its handler thread, not in accept
         self.hits: Counter[str] = Counter()
         self.drip_pause = 0.3  # under every test's fetch_timeout: only a wall-clock budget stops it
         self.stopping = threading.Event()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ssl.SSLError | ConnectionError):  # a client refusing our TLS
+            super().handle_error(request, client_address)
+
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}{path}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.server_address[1]}{path}"
 
     def start(self) -> ImageServer:
         self._thread.start()

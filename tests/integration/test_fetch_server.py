@@ -1,11 +1,14 @@
-"""worker.fetch against a hostile HTTP server on loopback (allowed with 127.0.0.1/32, as operators would)."""
+"""worker.fetch against a hostile HTTP(S) server on loopback (allowed with 127.0.0.1/32, as operators do)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +20,7 @@ from producer.errors import (
     JobTimeout,
     LlavaError,
 )
-from tests.integration.image_server import GOOD_PNG, ImageServer
+from tests.integration.image_server import GOOD_PNG, ImageServer, self_signed_certificate
 from worker.fetch import FetchAborted, FetchPolicy, FetchRegistry, fetch
 
 POLICY = FetchPolicy.from_allow_list(
@@ -154,6 +157,36 @@ def test_a_stalled_tls_handshake_ends_at_the_budget(silent_server: int) -> None:
     assert took < 1.0 + MARGIN
 
 
+@pytest.fixture
+def dripping_handshake_server() -> Iterator[int]:
+    """A TCP server that reads the client's hello, then answers with a TLS record one byte every 0.2 s."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError), listener.accept()[0] as client:
+            client.recv(65536)
+            for byte in b"\x16\x03\x03\x40\x00" + b"\x02" * 16000:  # a handshake record, never complete
+                if stop.wait(0.2):
+                    return
+                client.sendall(bytes([byte]))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    listener.close()
+    thread.join(5)
+
+
+def test_a_dripped_tls_handshake_ends_at_the_budget(dripping_handshake_server: int) -> None:
+    # every byte comes well within the per-read timeout; the handshake as a whole is what is bounded
+    policy = FetchPolicy.from_allow_list(["127.0.0.1"], max_bytes=10**6, timeout=30, deadline=1.0, retries=0)
+    error, took = timed_error(f"https://127.0.0.1:{dripping_handshake_server}/x.png", policy)
+    assert isinstance(error, FetchFailed) and "fetch_deadline" in error.message
+    assert took < 1.0 + MARGIN
+
+
 def test_abort_ends_running_fetches_at_once_and_refuses_new_ones(image_server: ImageServer) -> None:
     registry = FetchRegistry()
     policy = FetchPolicy.from_allow_list(["127.0.0.1"], max_bytes=10**6, timeout=5, deadline=60)
@@ -178,6 +211,68 @@ def test_abort_ends_running_fetches_at_once_and_refuses_new_ones(image_server: I
     assert len(errors) == 3 and all(isinstance(error, FetchAborted) for error in errors)
     with pytest.raises(FetchAborted):
         fetch(image_server.url("/good.png"), policy, registry=registry)
+
+
+# -- https: the same budget and abort once the TLS socket carries the response ------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ImageServer, Path]]:
+    """The hostile server over TLS, with its self-signed certificate (the CA file a fetch must trust)."""
+    cert, key = self_signed_certificate(tmp_path_factory.mktemp("tls"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = ImageServer(tls=context).start()
+    yield server, cert
+    server.stop()
+
+
+@pytest.fixture
+def https_server(tls_server: tuple[ImageServer, Path], monkeypatch: pytest.MonkeyPatch) -> ImageServer:
+    """The TLS server, its certificate trusted the way operators add a CA: ``SSL_CERT_FILE`` (fetch keeps
+    its production TLS settings: certificate and host name required)."""
+    server, cert = tls_server
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    return server
+
+
+def test_https_fetch_verifies_the_certificate(
+    https_server: ImageServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert fetch(https_server.url("/good.png"), POLICY) == GOOD_PNG
+    monkeypatch.delenv("SSL_CERT_FILE")
+    error = fetch_error(https_server.url("/good.png"))  # an untrusted certificate is refused
+    assert isinstance(error, FetchFailed) and "TLS error" in error.message
+
+
+def test_https_headers_dripped_byte_by_byte_end_at_the_fetch_deadline(https_server: ImageServer) -> None:
+    policy = FetchPolicy.from_allow_list(["127.0.0.1"], max_bytes=10**6, timeout=5, deadline=1.5, retries=3)
+    error, took = timed_error(https_server.url("/drip-headers"), policy)
+    assert isinstance(error, FetchFailed) and "1.5 s (fetch_deadline)" in error.message
+    assert 1.5 <= took < 1.5 + MARGIN
+
+
+def test_abort_ends_a_running_https_fetch_at_once(https_server: ImageServer) -> None:
+    registry = FetchRegistry()
+    policy = FetchPolicy.from_allow_list(["127.0.0.1"], max_bytes=10**6, timeout=5, deadline=60)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fetch(https_server.url("/drip-headers"), policy, registry=registry)
+        except BaseException as exc:
+            errors.append(exc)
+
+    before = https_server.hits["/drip-headers"]
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while https_server.hits["/drip-headers"] == before and time.monotonic() < deadline:
+        time.sleep(0.05)  # wait for the request to reach the server (TLS handshake done)
+    assert registry.abort() == 1
+    thread.join(MARGIN)
+    assert not thread.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], FetchAborted)
 
 
 @pytest.mark.parametrize("url", ["http://[::1", "http://[::1]:99999/x.png", "http:///x.png"])

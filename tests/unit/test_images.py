@@ -22,7 +22,9 @@ from producer.errors import (
     LlavaError,
 )
 from producer.images import data_uri, redact, sniff_mime, to_wire
+from worker.fetch import FetchAborted
 from worker.images import (
+    ImageLoader,
     PixelBudget,
     _draft,
     decode_image,
@@ -593,6 +595,55 @@ def test_pixel_budget_wait_ends_at_the_deadline_with_a_timeout() -> None:
         pass
     assert_code(exc, "timeout")
     assert budget.free == 100
+
+
+def test_abort_wakes_decode_waiters_and_refuses_later_ones_as_aborted() -> None:
+    budget = PixelBudget(100)
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            with budget.hold(60, time.monotonic() + 600):  # would wait up to the job's deadline
+                pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    with budget.hold(60, time.monotonic() + 30):
+        waiters = [threading.Thread(target=wait, daemon=True) for _ in range(2)]
+        for waiter in waiters:
+            waiter.start()
+        deadline = time.monotonic() + 30
+        while budget.waiting < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # wait for both to block on the budget
+        assert budget.abort() == 2
+        for waiter in waiters:
+            waiter.join(30)
+        assert not any(waiter.is_alive() for waiter in waiters)
+        assert len(errors) == 2 and all(isinstance(error, FetchAborted) for error in errors)
+    assert budget.free == 100 and budget.waiting == 0  # the running decode gave its pixels back
+    with pytest.raises(FetchAborted), budget.hold(1, time.monotonic() + 30):
+        pass
+
+
+def test_the_loaders_shutdown_abort_ends_a_job_waiting_to_decode(tmp_path: Path) -> None:
+    loader = ImageLoader(settings_for(tmp_path))
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            loader.load(data_uri(png_bytes((20, 20))), time.monotonic() + 600)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with loader.decoding.hold(loader.decoding.total, time.monotonic() + 30):
+        job = threading.Thread(target=load, daemon=True)
+        job.start()
+        deadline = time.monotonic() + 30
+        while loader.decoding.waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert loader.abort_fetches() == 1  # no fetch running, one decode waiting
+        job.join(30)
+    assert not job.is_alive() and len(errors) == 1 and isinstance(errors[0], FetchAborted)
 
 
 def test_one_image_larger_than_the_budget_still_decodes_alone() -> None:
