@@ -53,6 +53,8 @@ bench: install
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/classify.py
 	$(BIN)/python bench/serving.py $(BENCH_ARGS)
+	$(BIN)/python bench/claim_check.py
+	$(BIN)/python bench/claim_check.py --image-kb 8
 
 # A worker's peak RSS with 8 concurrent 6300x6300 PNGs (see README "Security").
 bench-memory: install

@@ -108,10 +108,19 @@ class HealthCollector:
         yield _gauge(
             "llava_jobs_in_flight", "Jobs handed to the model thread, not finished", batching.get("in_flight")
         )
+        # Static batcher: batches and their jobs; continuous engine: decode steps, rows, KV tokens.
         yield _counter("llava_batches", "Model calls (batches) run", batching.get("batches_run"))
         yield _counter(
             "llava_batch_rows", "Jobs (rows) run through the model in batches", batching.get("jobs_batched")
         )
+        yield _counter("llava_decode_steps", "Decode steps run by the engine", batching.get("steps_run"))
+        yield _gauge("llava_running_rows", "Rows in the engine's decode batch", batching.get("running_rows"))
+        for key, help_text in (
+            ("kv_tokens_budget", "KV cache budget in tokens"),
+            ("kv_tokens_reserved", "KV tokens reserved by admitted jobs"),
+            ("kv_tokens_used", "KV tokens held by the decode batch"),
+        ):
+            yield _gauge(f"llava_{key}", help_text, batching.get(key))
         megabytes = {
             "llava_memory_rss_bytes": ("rss_mb", "Resident memory of the worker process"),
             "llava_cuda_memory_allocated_bytes": ("cuda_allocated_mb", "CUDA memory allocated by tensors"),

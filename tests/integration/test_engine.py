@@ -26,6 +26,7 @@ from worker.engine import ContinuousEngine
 from worker.faults import Faults
 from worker.runtime import Generation, Prepared, Prompt, Runtime, Sampling
 from worker.runtime.decoding import GrowingLayer
+from worker.runtime.scoring import LabelQuery
 from worker.service import Service, _Item
 from worker.settings import WorkerSettings
 from worker.steps import RuntimeSteps
@@ -46,6 +47,7 @@ class Item:
     labels: list[str] | None = None
     isolated: bool = False
     marks: frozenset[str] = frozenset()
+    query: LabelQuery | None = None
 
 
 class ObservedSteps(RuntimeSteps):
@@ -53,7 +55,9 @@ class ObservedSteps(RuntimeSteps):
 
     def __init__(self, runtime: Runtime, faults: Faults | None = None) -> None:
         super().__init__(
-            runtime, faults or Faults(), lambda item: runtime.score_labels([item.prepared], [item.labels])[0]
+            runtime,
+            faults or Faults(),
+            lambda item: runtime.score_labels([item.prepared], [item.labels], queries=[item.query])[0],
         )
         self.count = 0
         self.peak_kv = 0
@@ -185,13 +189,15 @@ def test_classify_between_decode_steps_finishes_before_long_captions(runtime: Ru
 
     labels = ["cat", "dog", "stop sign"]
     classify: list[Future] = []
-    steps.after_step[2] = lambda: classify.append(engine.submit(("score",), Item(prepared[3], labels), WAIT))
+    query = LabelQuery(prompts()[3].text)
+    job = Item(prepared[3], labels, query=query)
+    steps.after_step[2] = lambda: classify.append(engine.submit(("score",), job, WAIT))
     for index, item in enumerate(prepared[:3]):
         generate(engine, Item(item), 60).add_done_callback(note(f"caption{index}"))
     wait_for(lambda: classify, WAIT, "the classify job")
     scored = classify[0]
     scored.add_done_callback(note("classify"))
-    assert scored.result(WAIT).output == runtime.score_labels([prepared[3]], [labels])[0]
+    assert scored.result(WAIT).output == runtime.score_labels([prepared[3]], [labels], queries=[query])[0]
     wait_for(lambda: len(finished) == 4, WAIT, "every job")
     assert finished[0] == "classify"
 

@@ -67,7 +67,10 @@ def test_a_worker_exports_jobs_latencies_tokens_batches_and_fetch_failures(
     assert value(samples, "llava_generated_tokens_total", kind="caption") == caption.generated_tokens > 0
     assert value(samples, "llava_prompt_tokens_total", kind="caption") == caption.prompt_tokens
     assert value(samples, "llava_job_batch_size_count") == 2
-    assert value(samples, "llava_batch_rows_total") == 2 and value(samples, "llava_batches_total") == 2
+    # The default continuous engine: decode steps, rows, KV tokens (the static batcher: batches and rows).
+    assert value(samples, "llava_decode_steps_total") >= caption.generated_tokens - 1
+    assert value(samples, "llava_running_rows") == 0 and value(samples, "llava_kv_tokens_reserved") == 0
+    assert value(samples, "llava_kv_tokens_budget") > 0
     assert value(samples, "llava_jobs_in_flight") == 0
     assert value(samples, "llava_model_loaded") == 1 and value(samples, "llava_model_loads_total") == 1
     assert value(samples, "llava_memory_rss_bytes") > 10e6
