@@ -438,7 +438,7 @@ class LlavaClient:
         effort, never raising: with Redis down the release fails too, and the blob's TTL cleans it up)."""
         try:
             yield
-        except BaseException:
+        except Exception:  # an interrupt leaves the claim to the TTL rather than wait on Redis
             store = self.blob_store
             if store is not None and wire_image.startswith(BLOB_PREFIX):
                 with contextlib.suppress(Exception):  # Redis down: the blob's TTL deletes it
