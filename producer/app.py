@@ -10,6 +10,8 @@ from producer.contract import DEFAULT_PRIORITY
 from producer.settings import QueueSettings
 
 Role = Literal["worker", "producer"]
+ATTEMPT_MAX = 1.0  # seconds: the longest a producer's single attempt on Redis may take
+PAUSE_MAX = 0.25  # seconds: the longest pause between a producer's reconnects
 
 
 def celery_config(settings: QueueSettings) -> dict[str, Any]:
@@ -58,23 +60,42 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
     }
 
 
-def fail_fast_config(settings: QueueSettings, broker_timeout: float) -> dict[str, Any]:
-    """Overrides for a producer: an unreachable Redis fails a send or a result read within about
-    ``broker_timeout`` seconds instead of being waited out as a worker does.
+def attempt_timeout(broker_timeout: float) -> float:
+    """Seconds one producer attempt on Redis (a connect, a command) may take: a quarter of
+    ``broker_timeout``, at most a second (a live Redis answers in milliseconds)."""
+    return round(min(ATTEMPT_MAX, broker_timeout / 4), 3)
 
-    Each connection attempt (broker or result backend, connect or command) is bounded by a third of it. A
-    send subscribes to the job's result channel (one reconnect if that fails), then publishes (one retry); a
-    result read makes one attempt. A wait for results (``get``, ``as_completed``) whose subscription drops
-    reconnects for up to ``broker_timeout`` seconds, so it rides out a Redis restart shorter than that. A
-    pooled connection left dead by a Redis restart is replaced on the next call, so nothing needs
-    restarting. ``result_extended`` and the rest stay as the worker has them.
+
+def fail_fast_config(settings: QueueSettings, broker_timeout: float) -> dict[str, Any]:
+    """Overrides for a producer: every call on an unreachable Redis (a dead port, or a server that accepts
+    and never answers) raises within ``broker_timeout`` (+ one short pause), instead of being waited out as a
+    worker does. The arithmetic, with ``a`` = :func:`attempt_timeout` (``broker_timeout / 4``, at most 1 s):
+
+    - Each attempt (a connect or a command, broker or result backend) is bounded by ``a``.
+    - A single read (``state``, ``ready``, a ``job_id``'s existence check) is one attempt: ``a``
+      (``result_backend_always_retry`` off). A publish, a control broadcast or a status scan on a broker that
+      is down: one connect or command and one retry, ``2a``.
+    - A result subscription that fails (a send subscribes to its job's channel before publishing; ``get``,
+      ``wait``, ``as_completed`` subscribe and wait) reconnects for one window, kombu's ``retry_over_time``
+      with ``timeout = broker_timeout - 2a`` and pauses of at most ``PAUSE_MAX``: the first try (``a``), the
+      window, then at most one pause and one try past its end: ``broker_timeout + PAUSE_MAX`` in all. So a
+      waiting read rides out a Redis restart of up to ``broker_timeout - 2a`` seconds, and a pooled connection
+      left dead by a restart is replaced on the next call (nothing needs restarting).
+    - The inline-image blob store (``LlavaClient.blob_store``) has its own client, bounded the same way.
+
+    ``result_extended`` and the rest stay as the worker has them.
     """
-    attempt = round(broker_timeout / 3, 3)
+    attempt = attempt_timeout(broker_timeout)
     one_retry = {"max_retries": 1, "interval_start": 0, "interval_step": 0.1, "interval_max": 0.1}
-    # The backend's retry policy also drives the result subscription's reconnects (kombu's retry_over_time:
-    # ``timeout`` bounds them all); single reads are not retried (result_backend_always_retry off).
-    reconnects = {"max_retries": 100, "interval_start": 0, "interval_step": 0.25, "interval_max": 0.5}
+    # The backend's retry policy drives the result subscription's reconnects (kombu's retry_over_time:
+    # ``timeout`` bounds the window, ``max_retries`` is only a backstop).
+    window = broker_timeout - 2 * attempt  # > 0: never 0, which retry_over_time reads as no limit
+    reconnects = {"max_retries": 100, "interval_start": 0, "interval_step": 0.1, "interval_max": PAUSE_MAX}
     transport = dict(celery_config(settings)["broker_transport_options"], socket_timeout=attempt)
+    # kombu's connection failover options (used where a connection is made outside a publish: control
+    # broadcasts, status scans): one retry without its default 2 s pause, both tries within the window.
+    transport |= {"socket_connect_timeout": attempt, "max_retries": 1, "interval_start": 0}
+    transport |= {"interval_step": 0.1, "interval_max": PAUSE_MAX, "connect_retries_timeout": 2 * attempt}
     return {
         "broker_connection_timeout": attempt,
         "broker_connection_max_retries": 1,
@@ -85,7 +106,7 @@ def fail_fast_config(settings: QueueSettings, broker_timeout: float) -> dict[str
         "result_backend_always_retry": False,
         "result_backend_transport_options": {
             "visibility_timeout": settings.visibility_timeout,
-            "retry_policy": {**reconnects, "timeout": broker_timeout},
+            "retry_policy": {**reconnects, "timeout": window},
         },
     }
 

@@ -21,12 +21,15 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.exceptions import WorkerLostError
 from celery.result import AsyncResult
 from pydantic import BaseModel, ValidationError
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from producer.app import create_celery_app
+from producer.app import attempt_timeout, create_celery_app
 from producer.blobs import BlobStore, RedisBlobStore
 from producer.broker import broker_guard
 from producer.collector import aiter_completed, iter_completed
 from producer.contract import (
+    BLOB_PREFIX,
     DEFAULT_PRIORITY,
     RESULT_MODELS,
     TASK_CAPTION,
@@ -398,7 +401,7 @@ class LlavaClient:
         wire_image, shown_image = self._wire_image(source, job_id)
         payload = request.model_dump(mode="json", exclude_defaults=True) | {"image": wire_image}
         shown = {**payload, "image": shown_image}
-        with broker_guard(f"sending a {task_name} job"):
+        with self._release_blob_on_failure(wire_image, job_id), broker_guard(f"sending a {task_name} job"):
             async_result = self.app.send_task(
                 task_name,
                 task_id=job_id,
@@ -429,6 +432,19 @@ class LlavaClient:
         with broker_guard("storing the image in the blob store"):
             return store.put(source, job_id), shown
 
+    @contextlib.contextmanager
+    def _release_blob_on_failure(self, wire_image: str, job_id: str) -> Iterator[None]:
+        """If the block raises after the image was stored for ``job_id``, drop the job's claim on it (best
+        effort, never raising: with Redis down the release fails too, and the blob's TTL cleans it up)."""
+        try:
+            yield
+        except Exception:  # an interrupt leaves the claim to the TTL rather than wait on Redis
+            store = self.blob_store
+            if store is not None and wire_image.startswith(BLOB_PREFIX):
+                with contextlib.suppress(Exception):  # Redis down: the blob's TTL deletes it
+                    store.release(wire_image, job_id)
+            raise
+
     @functools.cached_property
     def blob_store(self) -> BlobStore | None:
         """Where inline images wait for their jobs: the result-backend Redis, or None (``blob_store: off``,
@@ -436,8 +452,16 @@ class LlavaClient:
         url = self.settings.result_backend
         if self.settings.blob_store == "off" or not url.startswith(("redis://", "rediss://", "unix://")):
             return None
-        attempt = self.settings.broker_timeout / 3
-        client = redis.Redis.from_url(url, socket_timeout=attempt, socket_connect_timeout=attempt)
+        # One attempt, no retries: a connect of at most ``a`` (producer.app.attempt_timeout), then commands
+        # of at most ``broker_timeout - a`` (the time a large image may need to be written), so a put on a
+        # dead or hung Redis ends within broker_timeout.
+        attempt = attempt_timeout(self.settings.broker_timeout)
+        client = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=attempt,
+            socket_timeout=self.settings.broker_timeout - attempt,
+            retry=Retry(NoBackoff(), 0),
+        )
         return RedisBlobStore(client, ttl=self.settings.result_expires)
 
     def _succeeded(self, job_id: str, task_name: str) -> Job[Any] | None:

@@ -1,9 +1,13 @@
-"""Redis down: sending and reading results raise BrokerUnavailable within the client's broker_timeout (a
-generous bound on the wait), and the same client works again once Redis is back on the same port."""
+"""Redis down: every producer call (send, with a URL or an inline image through the blob store, a result read,
+a wait, ``llava-queue status``) raises BrokerUnavailable within the client's broker_timeout + 1 s, both on a
+dead port and on a server that accepts connections and never answers; the same client works again once
+Redis is back on the same port."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,11 +17,15 @@ import pytest
 import redis
 
 from producer import BrokerUnavailable, ClientSettings, LlavaClient
+from producer.cli import EXIT_BROKER_UNAVAILABLE
+from producer.cli import main as cli_main
+from tests.integration.conftest import IMAGES
 from worker.devstack import RedisServer
 
-BROKER_TIMEOUT = 2.0
-BOUND = 4 * BROKER_TIMEOUT  # generous: before the fix these waits took 19 s and 368 s
+BROKER_TIMEOUT = 3.0  # above 2 s, so that the old per-attempt arithmetic (1.5 x broker_timeout) fails BOUND
+BOUND = BROKER_TIMEOUT + 1.0  # the documented bound (broker_timeout) and a margin for one more attempt
 URL = "https://images.example/cat.png"  # never fetched: no worker runs here
+IMAGE = IMAGES / "stop_sign.jpg"  # sent inline: stored in the blob store first
 
 
 def failure_within(bound: float, call: Callable[[], Any]) -> BaseException | None:
@@ -37,6 +45,30 @@ def failure_within(bound: float, call: Callable[[], Any]) -> BaseException | Non
     return raised[0] if raised else None
 
 
+@contextlib.contextmanager
+def hung_redis() -> Iterator[str]:
+    """The URL of a server that accepts connections and never answers (a hung or blackholed Redis)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                accepted.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    listener.settimeout(0.1)
+    thread.start()
+    try:
+        yield f"redis://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in [*accepted, listener]:
+            conn.close()
+
+
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A Redis of this test's own, stopped and restarted by it (the session's Redis stays up)."""
@@ -45,27 +77,27 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-@pytest.fixture
-def fast_client(own_redis: RedisServer) -> Iterator[LlavaClient]:
+def client_for(broker_url: str, result_backend: str) -> LlavaClient:
     settings = ClientSettings(
-        broker_url=own_redis.url(0), result_backend=own_redis.url(1), broker_timeout=BROKER_TIMEOUT
+        broker_url=broker_url, result_backend=result_backend, broker_timeout=BROKER_TIMEOUT
     )
-    client = LlavaClient(settings)
-    yield client
-    client.close()
+    return LlavaClient(settings)
 
 
 async def _collect_async(client: LlavaClient, jobs: list[Any]) -> list[Any]:
     return [job async for job in client.as_completed_async(jobs, timeout=60)]
 
 
-def test_redis_down_fails_fast_and_typed_then_recovers(own_redis, fast_client) -> None:
-    client = fast_client
-    sent = client.caption(URL, queue="down-test")
-    own_redis.stop()
+def assert_every_call_fails_fast(client: LlavaClient, sent: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each producer call on a Redis that does not answer raises BrokerUnavailable within BOUND."""
+    monkeypatch.setenv("LLAVA_BROKER_URL", client.settings.broker_url)
+    monkeypatch.setenv("LLAVA_RESULT_BACKEND", client.settings.result_backend)
+    monkeypatch.setenv("LLAVA_BROKER_TIMEOUT", str(BROKER_TIMEOUT))
     calls: dict[str, Callable[[], Any]] = {
         "send": lambda: client.caption(URL, queue="down-test"),
         "send with job_id": lambda: client.caption(URL, queue="down-test", job_id="down-1"),
+        "send inline": lambda: client.caption(IMAGE, queue="down-test"),
+        "send inline with job_id": lambda: client.caption(IMAGE, queue="down-test", job_id="down-2"),
         "state": lambda: sent.state,
         "ready": sent.ready,
         "job(id).ready": lambda: client.job(sent.id).ready(),
@@ -78,15 +110,55 @@ def test_redis_down_fails_fast_and_typed_then_recovers(own_redis, fast_client) -
         error = failure_within(BOUND, call)
         assert isinstance(error, BrokerUnavailable), f"{name}: {error!r}"
         assert error.code == "broker_unavailable" and error.retryable
+    exit_code: list[int] = []
+    assert failure_within(BOUND, lambda: exit_code.append(cli_main(["status"]))) is None
+    assert exit_code == [EXIT_BROKER_UNAVAILABLE]
 
-    own_redis.start()  # same port, same data (AOF)
-    again = client.caption(URL, queue="down-test", job_id="after-restart")
-    assert again.id == "after-restart" and client.job(sent.id).state == "PENDING"
-    # The failed waits left no subscription behind (one would be unsubscribed from a dead Redis in __del__).
-    assert not sent.async_result.backend.result_consumer.subscribed_to
-    waiting = redis.Redis.from_url(own_redis.url(0))
+
+def test_dead_redis_fails_fast_and_typed_then_recovers(own_redis, monkeypatch) -> None:
+    client = client_for(own_redis.url(0), own_redis.url(1))
     try:
-        queued = sum(waiting.llen(key) for key in waiting.scan_iter(match="down-test*"))
-        assert queued == 2  # the send before the stop and the one after the restart
+        sent = client.caption(URL, queue="down-test")
+        own_redis.stop()
+        assert_every_call_fails_fast(client, sent, monkeypatch)
+
+        own_redis.start()  # same port, same data (AOF)
+        again = client.caption(URL, queue="down-test", job_id="after-restart")
+        assert again.id == "after-restart" and client.job(sent.id).state == "PENDING"
+        # The failed waits left no subscription behind (one would be unsubscribed from a dead Redis in
+        # __del__).
+        assert not sent.async_result.backend.result_consumer.subscribed_to
+        waiting = redis.Redis.from_url(own_redis.url(0))
+        try:
+            queued = sum(waiting.llen(key) for key in waiting.scan_iter(match="down-test*"))
+            assert queued == 2  # the send before the stop and the one after the restart
+        finally:
+            waiting.close()
     finally:
-        waiting.close()
+        client.close()
+
+
+def test_hung_redis_fails_fast_and_typed(monkeypatch) -> None:
+    with hung_redis() as url:
+        client = client_for(f"{url}/0", f"{url}/1")
+        try:
+            assert_every_call_fails_fast(client, client.job("never-sent", "llava.caption"), monkeypatch)
+        finally:
+            client.close()
+
+
+def test_a_failed_send_releases_its_stored_image(own_redis) -> None:
+    """Broker down, result backend (and blob store) up: the image is stored, the send fails, and the job's
+    claim on the image is dropped at once (not left for the TTL)."""
+    with hung_redis() as broker:
+        client = client_for(f"{broker}/0", own_redis.url(1))
+        try:
+            error = failure_within(BOUND, lambda: client.caption(IMAGE, queue="down-test", job_id="j-1"))
+            assert isinstance(error, BrokerUnavailable), repr(error)
+        finally:
+            client.close()
+    backend = redis.Redis.from_url(own_redis.url(1))
+    try:
+        assert not list(backend.scan_iter(match="llava-blob-*"))
+    finally:
+        backend.close()

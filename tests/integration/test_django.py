@@ -3,13 +3,15 @@ enqueue (upload or URL) -> 202 with the job id -> poll the status view until SUC
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -139,21 +141,32 @@ def test_upload_limits_and_methods(web, client_settings, queue) -> None:
     assert big.status_code == 413 and big.json()["error"]["code"] == "image_too_large"
 
 
-def test_redis_down_is_503_within_the_broker_timeout(web, queue) -> None:
+@pytest.mark.parametrize("down", ["dead port", "hung server"])
+def test_redis_down_is_503_within_the_broker_timeout(web, queue, down) -> None:
     from django.test import override_settings
 
-    from tests.integration.test_broker_down import BOUND, BROKER_TIMEOUT, failure_within
+    from tests.integration.test_broker_down import BOUND, BROKER_TIMEOUT, failure_within, hung_redis
     from worker.devstack import free_port
 
-    dead = f"redis://127.0.0.1:{free_port()}"
-    llava = {"broker_url": f"{dead}/0", "result_backend": f"{dead}/1", "default_queue": queue}
-    answers: dict[str, Any] = {}
-    with override_settings(LLAVA={**llava, "broker_timeout": BROKER_TIMEOUT}):
-        form = {"kind": "caption", "url": "http://127.0.0.1/x.png"}
-        assert failure_within(BOUND, lambda: answers.update(post=web.post("/jobs/", form))) is None
-        assert failure_within(BOUND, lambda: answers.update(get=web.get(f"/jobs/{uuid.uuid4()}/"))) is None
-    for response in answers.values():
-        assert response.status_code == 503
+    with contextlib.ExitStack() as stack:
+        url = (
+            stack.enter_context(hung_redis()) if down == "hung server" else f"redis://127.0.0.1:{free_port()}"
+        )
+        llava = {"broker_url": f"{url}/0", "result_backend": f"{url}/1", "default_queue": queue}
+        stack.enter_context(override_settings(LLAVA={**llava, "broker_timeout": BROKER_TIMEOUT}))
+        requests: dict[str, Callable[[], Any]] = {
+            "url": lambda: web.post("/jobs/", {"kind": "caption", "url": "http://127.0.0.1/x.png"}),
+            "upload": lambda: web.post(
+                "/jobs/", {"kind": "caption", "image": _upload((IMAGES / "stop_sign.jpg").read_bytes())}
+            ),
+            "status": lambda: web.get(f"/jobs/{uuid.uuid4()}/"),
+        }
+        answers: dict[str, Any] = {}
+        for name, request in requests.items():
+            answer = functools.partial(lambda key, send: answers.update({key: send()}), name, request)
+            assert failure_within(BOUND, answer) is None, name
+    for name, response in answers.items():
+        assert response.status_code == 503, name
         assert response.json()["error"]["code"] == "broker_unavailable"
 
 
