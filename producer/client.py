@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any, Generic, TypeVar
 
-import redis
 from celery import Celery, states
 from celery.canvas import Signature
 from celery.exceptions import TimeoutError as CeleryTimeoutError
@@ -449,20 +448,20 @@ class LlavaClient:
     def blob_store(self) -> BlobStore | None:
         """Where inline images wait for their jobs: the result-backend Redis, or None (``blob_store: off``,
         or a result backend that is not Redis: images then travel in the message)."""
-        url = self.settings.result_backend
-        if self.settings.blob_store == "off" or not url.startswith(("redis://", "rediss://", "unix://")):
+        backend = self.app.backend  # the effective one: CELERY_RESULT_BACKEND may override our setting
+        if self.settings.blob_store == "off" or not hasattr(backend, "connparams"):
             return None
         # One attempt, no retries: a connect of at most ``a`` (producer.app.attempt_timeout), then commands
         # of at most ``broker_timeout - a`` (the time a large image may need to be written), so a put on a
-        # dead or hung Redis ends within broker_timeout.
+        # dead or hung Redis ends within broker_timeout. Sentinel and TLS as the backend has them.
         attempt = attempt_timeout(self.settings.broker_timeout)
-        client = redis.Redis.from_url(
-            url,
-            socket_connect_timeout=attempt,
-            socket_timeout=self.settings.broker_timeout - attempt,
-            retry=Retry(NoBackoff(), 0),
-        )
-        return RedisBlobStore(client, ttl=self.settings.result_expires)
+        params = {
+            **backend.connparams,
+            "socket_connect_timeout": attempt,
+            "socket_timeout": self.settings.broker_timeout - attempt,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        return RedisBlobStore(backend._create_client(**params), ttl=self.settings.result_expires)
 
     def _succeeded(self, job_id: str, task_name: str) -> Job[Any] | None:
         """The handle of job ``job_id`` if it already succeeded. A stored failure is forgotten: the job runs
