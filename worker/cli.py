@@ -128,7 +128,7 @@ def start_service(settings: WorkerSettings, service: Service, app: Celery) -> bo
         if settings.metrics_port is not None:
             from worker.metrics import serve_metrics
 
-            serve_metrics(settings.metrics_port, service)
+            serve_metrics(settings.metrics_port, service, settings.metrics_address)
     except (StartupError, OSError, ValueError) as exc:
         print(f"llava-worker: cannot start: {exc}", file=sys.stderr)
         return False

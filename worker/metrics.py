@@ -156,9 +156,9 @@ def _counter(name: str, help_text: str, value: float | None) -> Metric:
     return family
 
 
-def serve_metrics(port: int, service: Service) -> None:
-    """Serve ``/metrics`` on ``port`` (all interfaces) from a daemon thread."""
+def serve_metrics(port: int, service: Service, address: str = "127.0.0.1") -> None:
+    """Serve ``/metrics`` on ``address:port`` from a daemon thread."""
     _prime()
     REGISTRY.register(HealthCollector(service))  # type: ignore[arg-type]
-    start_http_server(port)
-    log.info("Prometheus metrics on port %d (/metrics)", port)
+    start_http_server(port, addr=address)
+    log.info("Prometheus metrics on %s:%d (/metrics)", address, port)

@@ -185,6 +185,11 @@ class WorkerSettings(QueueSettings):
         le=65535,
         description="Prometheus metrics port (off when unset; + GPU index per GPU)",
     )
+    metrics_address: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="address the metrics port binds (0.0.0.0 for a scraper on another host or container)",
+    )
     loglevel: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level")
 
     @field_validator("queues", "local_image_roots", "fetch_allow", "image_formats", mode="before")
