@@ -31,6 +31,7 @@ from producer.contract import (
     BLOB_PREFIX,
     DEFAULT_PRIORITY,
     RESULT_MODELS,
+    SENT_AT_HEADER,
     TASK_CAPTION,
     TASK_CLASSIFY,
     TASK_VQA,
@@ -42,6 +43,7 @@ from producer.contract import (
     VQARequest,
     VQAResult,
     model_queue,
+    validation_message,
 )
 from producer.errors import (
     BrokerUnavailable,
@@ -56,7 +58,6 @@ from producer.settings import ClientSettings, load_settings
 
 R = TypeVar("R", CaptionResult, VQAResult, ClassifyResult)
 
-SENT_AT_HEADER = "llava_sent_at"
 CALLBACK_QUEUE = "celery"  # where a callback given by name goes: the queue a plain Celery worker consumes
 
 # kind -> (task name, request model, the request fields passed by name)
@@ -71,15 +72,6 @@ KINDS: dict[str, tuple[str, type[BaseModel], tuple[str, ...]]] = {
 }
 _MODEL_BY_KIND = {kind: RESULT_MODELS[task] for kind, (task, _, _) in KINDS.items()}
 _ASYNC_SLICE = 1.0  # Job.wait() holds an executor thread at most this long at a time
-
-
-def validation_message(exc: ValidationError) -> str:
-    """One line per problem: ``field: what is wrong``."""
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"]) or "request"
-        parts.append(f"{where}: {error['msg']}")
-    return "; ".join(parts)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -25,6 +26,8 @@ TASK_VQA = "llava.vqa"
 TASK_CLASSIFY = "llava.classify"
 TASKS = (TASK_CAPTION, TASK_VQA, TASK_CLASSIFY)
 TASK_NOOP = "llava.noop"
+# Message header: when the producer sent the job (epoch seconds); the worker derives queued_ms from it.
+SENT_AT_HEADER = "llava_sent_at"
 QUEUE_PREFIX = "llava."
 DEFAULT_PRIORITY = 4  # 0..9, 9 most urgent (LlavaClient); on Redis sent as 9 - priority (0 is served first)
 
@@ -264,3 +267,12 @@ RESULT_MODELS: dict[str, type[CaptionResult] | type[VQAResult] | type[ClassifyRe
     TASK_VQA: VQAResult,
     TASK_CLASSIFY: ClassifyResult,
 }
+
+
+def validation_message(exc: ValidationError) -> str:
+    """A request's validation errors, one per problem: ``field: what is wrong`` (never the input value)."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "request"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)

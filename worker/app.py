@@ -11,8 +11,7 @@ from celery.signals import worker_shutting_down
 from kombu import Queue
 
 from producer.app import create_celery_app
-from producer.client import SENT_AT_HEADER
-from producer.contract import TASK_NOOP, TASKS
+from producer.contract import SENT_AT_HEADER, TASK_NOOP, TASKS
 from producer.errors import InvalidRequest, LlavaError
 from worker import control  # noqa: F401  # registers the llava_health inspect command
 from worker.delivery import DeliveryLedger

@@ -16,7 +16,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from producer.client import validation_message
 from producer.contract import (
     DEFAULT_CAPTION_PROMPT,
     DEFAULT_CLASSIFY_PROMPT,
@@ -28,6 +27,7 @@ from producer.contract import (
     TASK_VQA,
     GenerationParams,
     Timings,
+    validation_message,
 )
 from producer.errors import InternalError, InvalidRequest, JobTimeout, LlavaError, ResourceExhausted
 from worker import metrics
