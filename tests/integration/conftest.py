@@ -145,16 +145,17 @@ def start_worker(workers: Workers) -> Iterator[StartWorker]:
     workers.stop_since(mark)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_worker(workers: Workers) -> tuple[WorkerProcess, str, str]:
     """The session's worker with the default settings, on its own queue: (process, node name, queue)."""
     return workers.shared()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def fetching_worker(workers: Workers) -> tuple[WorkerProcess, str, str]:
-    """The session's worker that may fetch from the loopback image server: (process, node name, queue)."""
-    return workers.shared(LLAVA_FETCH_ALLOW="127.0.0.1/32")
+    """The session's worker that may fetch from the loopback image server and does not retry a failed fetch:
+    (process, node name, queue)."""
+    return workers.shared(LLAVA_FETCH_ALLOW="127.0.0.1/32", LLAVA_FETCH_RETRIES="0")
 
 
 WorkerCli = Callable[..., tuple[int, str]]

@@ -38,7 +38,7 @@ def django_site() -> Iterator[None]:
     sys.path.remove(str(SITE))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def queue(fetching_worker) -> str:
     return str(fetching_worker[2])
 
