@@ -54,6 +54,16 @@ def flower(client_settings: ClientSettings, cache_dir, tmp_path_factory) -> Iter
     log.close()
 
 
+def listening(flower: str, hostname: str) -> None:
+    """Wait until Flower receives ``hostname``'s events (heartbeats): a job's events sent before are lost."""
+
+    def alive() -> bool:
+        answer = requests.get(f"{flower}/api/workers", params={"status": 1}, auth=AUTH, timeout=15)
+        return answer.json().get(hostname) is True
+
+    wait_for(alive, 30, f"flower to receive the events of {hostname}")
+
+
 def test_flower_refuses_an_open_address_without_auth(client_settings, monkeypatch, capsys) -> None:
     """``llava-queue flower`` in-process: a refusal returns before it would exec Flower."""
     from producer import cli
@@ -72,6 +82,7 @@ def test_metrics_and_healthcheck_show_no_job_arguments(
 ) -> None:
     """What the README says: /healthcheck and /metrics answer without auth, with names and counts only."""
     _, hostname, queue = shared_worker
+    listening(flower, hostname)
     secret = "https://user:hunter2@images.example/private.png?X-Amz-Signature=abc"
     job = client.caption(secret, queue=queue)
     with pytest.raises(LlavaError):
@@ -94,6 +105,7 @@ def test_flower_sees_workers_and_task_states_without_image_bytes(
     flower: str, client: LlavaClient, shared_worker
 ) -> None:
     _, hostname, queue = shared_worker
+    listening(flower, hostname)
     data = (IMAGES / "stop_sign.jpg").read_bytes()
     good = client.caption(data, queue=queue)
     bad = client.caption(b"definitely not an image", queue=queue)
