@@ -13,7 +13,7 @@ export LLAVA_BROKER_URL ?= redis://localhost:6379/0
 export LLAVA_RESULT_BACKEND ?= redis://localhost:6379/1
 DEVSTACK := $(BIN)/python -m worker.devstack --
 
-.PHONY: demo test lint unit integration images install clean bench bench-memory soak flower
+.PHONY: demo test coverage lint unit integration images install clean bench bench-memory soak flower
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ demo: install
 
 test: install lint
 	$(DEVSTACK) $(BIN)/python -m pytest -q
+
+# Line coverage of producer/ and worker/, the worker subprocesses included (see pyproject.toml).
+coverage: install
+	$(DEVSTACK) $(BIN)/python -m pytest -q --cov --cov-report=term
 
 lint: install
 	$(BIN)/ruff check .

@@ -201,7 +201,8 @@ def open_output(path: str) -> IO[str]:
 
 class BulkRun:
     """Sends images through ``submit`` keeping at most ``in_flight`` jobs out, and hands each outcome to
-    ``done(index, image, job, result_or_error)`` as the jobs finish."""
+    ``done(index, image, job, result_or_error)`` as the jobs finish; ``collector`` (default: a new
+    :class:`ResultCollector`) tells which job finished next and is closed when the run ends."""
 
     def __init__(
         self,
@@ -209,12 +210,13 @@ class BulkRun:
         done: Callable[[int, str, Job[Any] | None, Any], None],
         in_flight: int,
         timeout: float,
+        collector: ResultCollector | None = None,
     ) -> None:
         if in_flight < 1:
             raise InvalidRequest(f"in_flight must be at least 1, not {in_flight}")
         self._submit, self._done = submit, done
         self._in_flight, self._timeout = in_flight, timeout
-        self._collector = ResultCollector()
+        self._collector = collector if collector is not None else ResultCollector()
         self._flying: dict[Job[Any], tuple[int, str, float]] = {}  # in sending order: oldest first
 
     def run(self, images: Iterable[str]) -> None:

@@ -114,7 +114,13 @@ class WorkerProcess:
                 return
         raise RuntimeError(f"worker {hostname} not ready after {timeout} s:\n{self.log_tail()}")
 
+    def send_signal(self, sig: int = signal.SIGTERM) -> None:
+        """Send ``sig`` if the process still runs (``stop`` then waits for it)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """Send ``sig`` and wait up to ``timeout`` seconds (then SIGKILL); returns the exit status."""
         if self.process is None:
             return None
         if self.process.poll() is None:
@@ -127,6 +133,14 @@ class WorkerProcess:
         if self._log is not None:
             self._log.close()
         return self.process.returncode
+
+
+def stop_all(workers: list[WorkerProcess], sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+    """Stop ``workers`` together: signal them all first, then wait for each (their shutdowns overlap)."""
+    for worker in workers:
+        worker.send_signal(sig)
+    for worker in workers:
+        worker.stop(sig, timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

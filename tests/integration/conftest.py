@@ -17,7 +17,7 @@ import pytest
 from producer import LlavaClient
 from producer.settings import ClientSettings
 from tests.integration.image_server import ImageServer
-from worker.devstack import RedisServer, WorkerProcess
+from worker.devstack import RedisServer, WorkerProcess, stop_all
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
@@ -74,6 +74,7 @@ def worker_env(client_settings: ClientSettings, cache_dir: Path, **extra: str) -
         LLAVA_RESULT_BACKEND=client_settings.result_backend,
         LLAVA_CACHE_DIR=str(cache_dir),
         LLAVA_PEER_CHECK_TIMEOUT="0.3",  # local replies come in milliseconds
+        LLAVA_SHUTDOWN_GRACE="1",  # test workers stop in a second (tests of the grace set their own)
         PYTHONPATH=str(ROOT),
     )
     env.update(extra)
@@ -83,43 +84,106 @@ def worker_env(client_settings: ClientSettings, cache_dir: Path, **extra: str) -
 StartWorker = Callable[..., tuple[WorkerProcess, str]]
 
 
+@dataclass
+class Workers:
+    """The worker subprocesses of the session: those a module started stop with it, the pool's at the end."""
+
+    client: LlavaClient
+    settings: ClientSettings
+    cache_dir: Path
+    logs: Path
+    started: list[WorkerProcess] = field(default_factory=list)
+    pooled: dict[tuple[tuple[str, str], ...], tuple[WorkerProcess, str, str]] = field(default_factory=dict)
+
+    def start(
+        self, queue: str | None, *extra_args: str, wait: bool = True, **env: str
+    ) -> tuple[WorkerProcess, str]:
+        """``llava-worker`` on the tiny config; ``queue=None``: it picks its queues from its settings."""
+        hostname = f"t{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+        queues = ["--queues", queue] if queue else []
+        args = ["--config", str(TINY_CONFIG), *queues, "--hostname", hostname, *extra_args]
+        environment = worker_env(self.settings, self.cache_dir, **env)
+        worker = WorkerProcess(args, environment, self.logs / f"{hostname}.log")
+        self.started.append(worker.start())
+        if wait:
+            worker.wait_ready(self.client.app, hostname)
+        return worker, hostname
+
+    def shared(self, **env: str) -> tuple[WorkerProcess, str, str]:
+        """One worker per distinct ``env`` for the whole session, on a queue of its own."""
+        key = tuple(sorted(env.items()))
+        if key not in self.pooled:
+            queue = f"it-{uuid.uuid4().hex[:8]}"
+            self.pooled[key] = (*self.start(queue, **env), queue)
+        return self.pooled[key]
+
+    def stop_since(self, mark: int) -> None:
+        """Stop, together, the workers started after ``mark`` that are not in the pool."""
+        pooled = {id(worker) for worker, _, _ in self.pooled.values()}
+        stop_all([worker for worker in self.started[mark:] if id(worker) not in pooled])
+
+
 @pytest.fixture(scope="session")
-def start_worker(
+def workers(
     client: LlavaClient,
     client_settings: ClientSettings,
     cache_dir: Path,
     tiny_checkpoint: Path,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[StartWorker]:
-    """Factory: start ``llava-worker`` on the tiny config consuming ``queue``; returns (process, node)."""
-    started: list[WorkerProcess] = []
-    logs = tmp_path_factory.mktemp("worker-logs")
-
-    def start(
-        queue: str | None, *extra_args: str, wait: bool = True, **env: str
-    ) -> tuple[WorkerProcess, str]:
-        """``queue=None``: the worker picks its queues from its settings (routing by model)."""
-        hostname = f"t{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
-        queues = ["--queues", queue] if queue else []
-        args = ["--config", str(TINY_CONFIG), *queues, "--hostname", hostname, *extra_args]
-        environment = worker_env(client_settings, cache_dir, **env)
-        worker = WorkerProcess(args, environment, logs / f"{hostname}.log")
-        started.append(worker.start())
-        if wait:
-            worker.wait_ready(client.app, hostname)
-        return worker, hostname
-
-    yield start
-    for worker in started:
-        worker.stop()
+) -> Iterator[Workers]:
+    every = Workers(client, client_settings, cache_dir, tmp_path_factory.mktemp("worker-logs"))
+    yield every
+    stop_all(every.started)
 
 
 @pytest.fixture(scope="module")
-def shared_worker(start_worker: StartWorker) -> tuple[WorkerProcess, str, str]:
-    """One worker per test module on its own queue: (process, node name, queue)."""
-    queue = f"it-{uuid.uuid4().hex[:8]}"
-    worker, hostname = start_worker(queue)
-    return worker, hostname, queue
+def start_worker(workers: Workers) -> Iterator[StartWorker]:
+    """Factory: start ``llava-worker`` on the tiny config consuming ``queue``; returns (process, node).
+    The workers a module starts are stopped together when the module ends."""
+    mark = len(workers.started)
+    yield workers.start
+    workers.stop_since(mark)
+
+
+@pytest.fixture(scope="session")
+def shared_worker(workers: Workers) -> tuple[WorkerProcess, str, str]:
+    """The session's worker with the default settings, on its own queue: (process, node name, queue)."""
+    return workers.shared()
+
+
+@pytest.fixture(scope="session")
+def fetching_worker(workers: Workers) -> tuple[WorkerProcess, str, str]:
+    """The session's worker that may fetch from the loopback image server and does not retry a failed fetch:
+    (process, node name, queue)."""
+    return workers.shared(LLAVA_FETCH_ALLOW="127.0.0.1/32", LLAVA_FETCH_RETRIES="0")
+
+
+WorkerCli = Callable[..., tuple[int, str]]
+
+
+@pytest.fixture
+def worker_cli(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    client_settings: ClientSettings,
+    cache_dir: Path,
+) -> WorkerCli:
+    """``llava-worker --config tiny.yaml ARGS`` run in this process with the test workers' environment plus
+    ``env``: (exit status, what it printed and logged). For start-up refusals, which end before it serves."""
+    from worker.cli import main
+
+    def run(*args: str, **env: str) -> tuple[int, str]:
+        for key in [key for key in os.environ if key.startswith("LLAVA_")]:
+            monkeypatch.delenv(key)
+        for key, value in worker_env(client_settings, cache_dir, **env).items():
+            monkeypatch.setenv(key, value)
+        hostname = f"refused-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+        status = main(["--config", str(TINY_CONFIG), "--hostname", hostname, *args])
+        printed = capsys.readouterr()
+        return status, printed.out + printed.err + caplog.text
+
+    return run
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
@@ -165,7 +229,6 @@ def stack(tmp_path: Path, start_worker) -> Iterator[Stack]:
     try:
         yield own
     finally:
-        for worker in own.workers:
-            worker.stop(signal.SIGKILL)
+        stop_all(own.workers, signal.SIGKILL)
         own.client.close()
         server.stop()

@@ -20,14 +20,6 @@ from producer.status import HEALTH_COMMAND
 from tests.integration.conftest import IMAGES, wait_for, worker_env
 
 
-@pytest.fixture(scope="module")
-def fetching_worker(start_worker) -> tuple[str, str]:
-    """(node, queue) of a worker that may fetch from the loopback image server."""
-    queue = f"bulk-{uuid.uuid4().hex[:8]}"
-    _, node = start_worker(queue, LLAVA_FETCH_ALLOW="127.0.0.1/32")
-    return node, queue
-
-
 @pytest.fixture
 def env(client_settings, cache_dir) -> dict[str, str]:
     return worker_env(client_settings, cache_dir)
@@ -72,7 +64,7 @@ def jobs_done(client, node: str) -> int:
 def test_folder_tagging_resumes_without_redoing_images(
     client, env, fetching_worker, photos, tmp_path
 ) -> None:
-    node, queue = fetching_worker
+    _, node, queue = fetching_worker
     out = tmp_path / "tags.jsonl"
     args = ["classify", "--labels", "safe,nsfw,violence", str(photos), "--out", str(out), "--queue", queue]
     before = jobs_done(client, node)
@@ -109,7 +101,7 @@ def test_folder_tagging_resumes_without_redoing_images(
 
 
 def test_url_list_with_vqa_and_transient_failures(env, fetching_worker, image_server, tmp_path) -> None:
-    _, queue = fetching_worker
+    queue = fetching_worker[2]
     good, broken = image_server.url("/good.png"), image_server.url("/status-500")
     listing = tmp_path / "urls.txt"
     listing.write_text(f"# images to check\n\n{good}\n  {IMAGES / 'stop_sign.jpg'}  \n{broken}\n{good}\n")
@@ -125,7 +117,7 @@ def test_url_list_with_vqa_and_transient_failures(env, fetching_worker, image_se
 
 
 def test_all_succeeded_exits_zero_and_prints_to_stdout(env, fetching_worker, photos) -> None:
-    _, queue = fetching_worker
+    queue = fetching_worker[2]
     (photos / "bad.png").unlink()
     run = run_cli(["caption", str(photos), "--queue", queue, "--json", "--max-new-tokens", "1"], env)
     assert run.returncode == 0, run.stderr

@@ -13,7 +13,7 @@ import pytest
 
 from producer import CaptionResult, LlavaClient
 from producer.settings import ClientSettings
-from tests.integration.conftest import IMAGES, TINY_CONFIG, StartWorker, worker_env
+from tests.integration.conftest import IMAGES, TINY_CONFIG, worker_env
 from worker.devstack import WorkerProcess
 from worker.settings import WorkerSettings, load_settings
 
@@ -36,9 +36,9 @@ class CeleryWorker(WorkerProcess):
 
 
 def test_celery_inspect_llava_health_answers_for_a_llava_worker(
-    start_worker: StartWorker, client_settings: ClientSettings, cache_dir: Path
+    shared_worker: tuple[WorkerProcess, str, str], client_settings: ClientSettings, cache_dir: Path
 ) -> None:
-    worker, hostname = start_worker(f"it-{uuid.uuid4().hex[:8]}")
+    worker, hostname, _ = shared_worker
     env = worker_env(client_settings, cache_dir)
     answer = celery(env, "inspect", "llava_health", "--destination", hostname, "--timeout", "10", "--json")
     assert answer.returncode == 0, answer.stderr

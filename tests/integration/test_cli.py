@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from tests.integration.conftest import IMAGES, ROOT, worker_env
+from tests.integration.conftest import IMAGES, WorkerCli, worker_env
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -71,21 +71,13 @@ def test_one_refused_image_prints_its_line_only(client_settings, cache_dir, tmp_
     assert version.returncode == 0 and version.stdout.startswith("llava-queue ")
 
 
-def test_llava_worker_refuses_flash_attention_on_cpu(client_settings, cache_dir, tiny_checkpoint) -> None:
-    env = worker_env(client_settings, cache_dir, LLAVA_ATTN_IMPLEMENTATION="flash_attention_2")
-    result = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "--config", str(ROOT / "configs" / "tiny.yaml")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1
-    assert "flash_attention_2 needs a CUDA GPU" in result.stderr
+def test_llava_worker_refuses_flash_attention_on_cpu(worker_cli: WorkerCli, tiny_checkpoint) -> None:
+    status, output = worker_cli(LLAVA_ATTN_IMPLEMENTATION="flash_attention_2")
+    assert status == 1
+    assert "flash_attention_2 needs a CUDA GPU" in output
 
 
-def test_llava_worker_rejects_bad_settings(client_settings, cache_dir) -> None:
-    env = worker_env(client_settings, cache_dir, LLAVA_CONCURRENCY="0")
-    result = subprocess.run([sys.executable, "-m", "worker.cli"], env=env, capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "concurrency" in result.stderr
+def test_llava_worker_rejects_bad_settings(worker_cli: WorkerCli) -> None:
+    status, output = worker_cli(LLAVA_CONCURRENCY="0")
+    assert status == 2
+    assert "llava-worker: invalid settings" in output and "concurrency" in output

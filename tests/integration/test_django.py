@@ -41,10 +41,8 @@ def django_site() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def queue(start_worker) -> str:
-    name = f"django-{uuid.uuid4().hex[:8]}"
-    start_worker(name, LLAVA_FETCH_ALLOW="127.0.0.1/32")
-    return name
+def queue(fetching_worker) -> str:
+    return str(fetching_worker[2])
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from producer import ClientSettings
-from tests.integration.conftest import IMAGES, ROOT, StartWorker
+from tests.integration.conftest import IMAGES, ROOT
 from tests.integration.image_server import ImageServer
 
 pytestmark = pytest.mark.integration
@@ -35,10 +34,8 @@ def example() -> ModuleType:
 
 
 @pytest.fixture(scope="module")
-def queue(start_worker: StartWorker) -> str:
-    name = f"fastapi-{uuid.uuid4().hex[:8]}"
-    start_worker(name, LLAVA_FETCH_ALLOW="127.0.0.1/32", LLAVA_FETCH_RETRIES="0")
-    return name
+def queue(fetching_worker) -> str:
+    return str(fetching_worker[2])
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import redis
 
 from producer import ClientSettings, LlavaClient, WorkerLost
 from producer.status import worker_health
-from tests.integration.conftest import IMAGES, Stack, wait_for
+from tests.integration.conftest import IMAGES, Stack, WorkerCli, wait_for
 from worker.delivery import DeliveryLedger
 from worker.devstack import RedisServer
 
@@ -45,9 +45,8 @@ def test_sigkill_mid_jobs_then_another_worker_finishes_all(stack: Stack) -> None
     first.process.send_signal(signal.SIGKILL)
     first.process.wait(10)
     assert [job.state for job in jobs] == ["PENDING"] * 4
-    stack.start(queue, **env)  # without the slow fault
-    results = [job.get(timeout=60) for job in jobs]
-    assert all(result.text is not None for result in results)
+    _, second = stack.start(queue, **env)  # without the slow fault
+    assert all(job.get(timeout=60).worker == second for job in jobs)
 
 
 def test_poison_job_fails_with_worker_lost_after_the_cap(stack: Stack) -> None:
@@ -76,7 +75,7 @@ def test_poison_job_fails_with_worker_lost_after_the_cap(stack: Stack) -> None:
         poison.get()
     assert error.value.code == "worker_lost" and "max_deliveries 2" in error.value.message
     assert crashes == 2
-    assert all(job.get(timeout=60).text is not None for job in others)
+    assert all(job.get(timeout=60).generated_tokens >= 1 for job in others)
 
 
 @pytest.mark.parametrize("scheduler", ["static", "continuous"])
@@ -117,12 +116,15 @@ def test_poison_job_fails_alone_and_its_batch_mates_succeed(stack: Stack, schedu
     wait_for(lambda: not list(ledger.scan_iter("llava-blob-*")), 10, "the blobs to be released")
 
 
-def test_a_worker_with_another_visibility_timeout_refuses_to_start(stack: Stack) -> None:
-    queue = queue_name("vt")
-    stack.start(queue, LLAVA_VISIBILITY_TIMEOUT="3600")
-    other, _ = stack.start(queue, wait=False, LLAVA_VISIBILITY_TIMEOUT="7200")
-    assert other.process is not None and other.process.wait(60) == 1
-    assert "another visibility timeout" in other.log_tail() and "3600" in other.log_tail()
+def test_a_worker_with_another_visibility_timeout_refuses_to_start(
+    worker_cli: WorkerCli, shared_worker
+) -> None:
+    """Refused before it loads a model or consumes: the CLI runs in-process next to the session's workers."""
+    _, peer, _ = shared_worker  # the default visibility timeout: 3600 s
+    status, output = worker_cli("--queues", queue_name("vt"), LLAVA_VISIBILITY_TIMEOUT="7200")
+    assert status == 1, output
+    assert "another visibility timeout" in output and f"{peer}: 3600" in output
+    assert output.count("llava-worker: cannot start") == 1
 
 
 def test_sigterm_mid_batch_requeues_and_exits_zero(stack: Stack) -> None:
@@ -149,7 +151,10 @@ def test_sigterm_mid_batch_requeues_and_exits_zero(stack: Stack) -> None:
 
 def test_redis_restart_loses_nothing(tmp_path: Path, start_worker, cache_dir) -> None:
     server = RedisServer(data_dir=tmp_path / "redis").start()
-    settings = ClientSettings(broker_url=server.url(0), result_backend=server.url(1), result_timeout=90)
+    # A waiting get() reconnects for about LLAVA_BROKER_TIMEOUT: give it more than this restart takes.
+    settings = ClientSettings(
+        broker_url=server.url(0), result_backend=server.url(1), result_timeout=90, broker_timeout=30
+    )
     own = LlavaClient(settings)
     try:
         queue = queue_name("restart")
@@ -161,15 +166,16 @@ def test_redis_restart_loses_nothing(tmp_path: Path, start_worker, cache_dir) ->
         worker, hostname = start_worker(queue, wait=False, **env, **SLOW)
         worker.wait_ready(own.app, hostname)
         jobs = [
-            own.caption(IMAGES / "radar_chart.png", f"[slow] {i}", queue=queue, max_new_tokens=8)
-            for i in range(6)
+            own.caption(IMAGES / "radar_chart.png", f"[slow] {i}", queue=queue, max_new_tokens=30)
+            for i in range(6)  # 30 steps x 0.2 s: still decoding while Redis is away
         ]
         blocked: dict[str, object] = {}
         waiter = threading.Thread(target=lambda: blocked.update(result=jobs[-1].get(timeout=90)))
         waiter.start()
-        time.sleep(1.0)
+        wait_for(lambda: in_flight(own, hostname) > 0, 30, "the first jobs to reach the model")
         server.stop()  # SIGTERM: Redis writes its AOF and exits
-        time.sleep(2.0)
+        lost = "Connection to broker lost"
+        wait_for(lambda: lost in worker.log_path.read_text(), 30, "the worker to notice Redis is gone")
         server.start()  # same port, same data dir
         results = [job.get(timeout=90) for job in jobs]
         waiter.join(90)
@@ -181,13 +187,17 @@ def test_redis_restart_loses_nothing(tmp_path: Path, start_worker, cache_dir) ->
 
 
 def test_resending_a_succeeded_job_id_returns_the_stored_result(client: LlavaClient, shared_worker) -> None:
-    _, hostname, queue = shared_worker
+    worker, hostname, queue = shared_worker
     job_id = f"order-{uuid.uuid4().hex}"
     first = client.caption(IMAGES / "stop_sign.jpg", queue=queue, job_id=job_id).get()
     done_before = worker_health(client.app)[hostname]["jobs_done"]
     again = client.caption(IMAGES / "stop_sign.jpg", queue=queue, job_id=job_id)
     assert again.id == job_id and again.get() == first  # same timings: it did not run again
+    answered = f"llava.caption[{job_id}] succeeded"  # Celery's line once the task returned
+    answers = worker.log_path.read_text().count(answered)
     client.app.send_task("llava.caption", task_id=job_id, kwargs={"request": {"image": "/nope"}}, queue=queue)
-    time.sleep(1.0)  # a worker that receives a succeeded id returns the stored result, not an error
+    # A worker that receives a succeeded id returns the stored result, not an error.
+    wait_for(lambda: worker.log_path.read_text().count(answered) > answers, 60, "the resent id's answer")
+    assert f"job {job_id} already succeeded" in worker.log_path.read_text()
     assert client.job(job_id, "llava.caption").get() == first
     assert worker_health(client.app)[hostname]["jobs_done"] == done_before

@@ -20,6 +20,7 @@ from producer.errors import (
     JobTimeout,
     LlavaError,
 )
+from tests.integration.conftest import wait_for
 from tests.integration.image_server import GOOD_PNG, ImageServer, self_signed_certificate
 from worker.fetch import FetchAborted, FetchPolicy, FetchRegistry, fetch
 
@@ -201,9 +202,7 @@ def test_abort_ends_running_fetches_at_once_and_refuses_new_ones(image_server: I
     threads = [threading.Thread(target=run) for _ in range(3)]
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + 10
-    while image_server.hits["/drip-headers"] < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)  # wait for the three requests to reach the server
+    wait_for(lambda: image_server.hits["/drip-headers"] >= 3, 10, "the three requests to reach the server")
     assert registry.abort() == 3
     for thread in threads:
         thread.join(MARGIN)

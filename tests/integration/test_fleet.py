@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 
 from producer import LlavaClient
@@ -55,10 +54,13 @@ def test_jobs_go_to_the_workers_of_their_model(client: LlavaClient, start_worker
         assert client.vqa(IMAGES / "stop_sign.jpg", "Which?", model=beta).get().worker == beta_node
     nobody = f"gamma-{uuid.uuid4().hex[:6]}"
     stranded = client.caption(IMAGES / "stop_sign.jpg", model=nobody)
-    time.sleep(1.0)
-    status = cluster_status(client.app, [client.settings.default_queue])
+
+    def cluster() -> dict:
+        return cluster_status(client.app, [client.settings.default_queue])
+
+    wait_for(lambda: cluster()["queues"].get(f"llava.{nobody}") == 1, 30, "the job to wait on its queue")
     assert stranded.state == "PENDING"
-    assert status["queues"][f"llava.{nobody}"] == 1
+    status = cluster()
     assert f"llava.{nobody}" not in status["served_queues"]
     assert f"llava.{alpha}" in status["served_queues"]
 

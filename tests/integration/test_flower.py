@@ -16,7 +16,7 @@ import requests
 
 from producer import InvalidImage, LlavaClient, LlavaError
 from producer.settings import ClientSettings
-from tests.integration.conftest import IMAGES, worker_env
+from tests.integration.conftest import IMAGES, wait_for, worker_env
 from worker.devstack import free_port
 
 AUTH = ("admin", f"pw-{uuid.uuid4().hex[:6]}")
@@ -54,19 +54,27 @@ def flower(client_settings: ClientSettings, cache_dir, tmp_path_factory) -> Iter
     log.close()
 
 
-def test_flower_refuses_an_open_address_without_auth(client_settings, cache_dir) -> None:
-    env = worker_env(client_settings, cache_dir, LLAVA_FLOWER_PORT=str(free_port()))
-    env.pop("LLAVA_FLOWER_BASIC_AUTH", None)
+def listening(flower: str, hostname: str) -> None:
+    """Wait until Flower receives ``hostname``'s events (heartbeats): a job's events sent before are lost."""
+
+    def alive() -> bool:
+        answer = requests.get(f"{flower}/api/workers", params={"status": 1}, auth=AUTH, timeout=15)
+        return answer.json().get(hostname) is True
+
+    wait_for(alive, 30, f"flower to receive the events of {hostname}")
+
+
+def test_flower_refuses_an_open_address_without_auth(client_settings, monkeypatch, capsys) -> None:
+    """``llava-queue flower`` in-process: a refusal returns before it would exec Flower."""
+    from producer import cli
+
+    monkeypatch.setenv("LLAVA_BROKER_URL", client_settings.broker_url)
+    monkeypatch.setenv("LLAVA_FLOWER_PORT", str(free_port()))
+    monkeypatch.delenv("LLAVA_FLOWER_BASIC_AUTH", raising=False)
+    monkeypatch.setattr(cli.os, "execvpe", lambda *_: pytest.fail("Flower started without auth"))
     for address in ("0.0.0.0", "::", "192.168.1.10", "flower.example.com"):
-        refused = subprocess.run(
-            [sys.executable, "-m", "producer.cli", "flower", "--address", address],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert refused.returncode == 2, refused.stderr
-        assert "LLAVA_FLOWER_BASIC_AUTH" in refused.stderr
+        assert cli.main(["flower", "--address", address]) == 2
+        assert "LLAVA_FLOWER_BASIC_AUTH" in capsys.readouterr().err
 
 
 def test_metrics_and_healthcheck_show_no_job_arguments(
@@ -74,6 +82,7 @@ def test_metrics_and_healthcheck_show_no_job_arguments(
 ) -> None:
     """What the README says: /healthcheck and /metrics answer without auth, with names and counts only."""
     _, hostname, queue = shared_worker
+    listening(flower, hostname)
     secret = "https://user:hunter2@images.example/private.png?X-Amz-Signature=abc"
     job = client.caption(secret, queue=queue)
     with pytest.raises(LlavaError):
@@ -83,20 +92,20 @@ def test_metrics_and_healthcheck_show_no_job_arguments(
     def metrics() -> str:
         return requests.get(f"{flower}/metrics", timeout=5).text
 
-    deadline = time.monotonic() + 30
-    while f'worker="{hostname}"' not in metrics():
-        assert time.monotonic() < deadline, "flower never counted the worker's events"
-        time.sleep(0.5)
+    def counted() -> bool:  # the job's events, counted under its worker
+        lines = [line for line in metrics().splitlines() if line.startswith("flower_events_total{")]
+        return any('task="llava.caption"' in line and f'worker="{hostname}"' in line for line in lines)
+
+    wait_for(counted, 30, "flower to count the job's events")
     text = metrics()
-    assert "flower_events_total" in text and 'task="llava.caption"' in text
     assert "hunter2" not in text and "X-Amz-Signature" not in text and job.id not in text
 
 
 def test_flower_sees_workers_and_task_states_without_image_bytes(
-    flower: str, client: LlavaClient, start_worker
+    flower: str, client: LlavaClient, shared_worker
 ) -> None:
-    queue = f"flower-{uuid.uuid4().hex[:8]}"
-    _, hostname = start_worker(queue)
+    _, hostname, queue = shared_worker
+    listening(flower, hostname)
     data = (IMAGES / "stop_sign.jpg").read_bytes()
     good = client.caption(data, queue=queue)
     bad = client.caption(b"definitely not an image", queue=queue)

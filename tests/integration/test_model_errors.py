@@ -1,4 +1,8 @@
-"""A checkpoint that cannot be loaded stops the worker with one message naming it and saying what to do."""
+"""A checkpoint that cannot be loaded stops the worker with one message naming it and saying what to do.
+
+The offline hub id runs ``python -m worker`` as a subprocess (huggingface_hub reads HF_HOME and
+HF_HUB_OFFLINE when imported; it is the suite's check of the command's exit status); the others run the CLI
+in-process."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ROOT, TINY_CONFIG
+from tests.integration.conftest import ROOT, TINY_CONFIG, WorkerCli
 
 pytestmark = pytest.mark.integration
 
@@ -44,20 +48,18 @@ def test_offline_hub_id_missing_from_the_cache_names_it_and_the_fix(tmp_path: Pa
     assert "Traceback" not in output
 
 
-def test_missing_local_directory_is_named(tmp_path: Path) -> None:
+def test_missing_local_directory_is_named(worker_cli: WorkerCli, tmp_path: Path) -> None:
     missing = tmp_path / "models" / "llava-next"
-    run = start_worker(tmp_path, LLAVA_MODEL=str(missing))
-    output = run.stdout + run.stderr
-    assert run.returncode == 1, output
+    status, output = worker_cli(LLAVA_MODEL=str(missing))
+    assert status == 1, output
     assert output.count("llava-worker: cannot start") == 1 and output.count(str(missing)) == 1, output
     assert "does not exist" in output and "LLAVA_MODEL" in output
     assert "Repo id must be" not in output and "Traceback" not in output
 
 
-def test_malformed_hub_id_is_refused_with_an_example(tmp_path: Path) -> None:
-    run = start_worker(tmp_path, LLAVA_MODEL="not a hub id!")
-    output = run.stdout + run.stderr
-    assert run.returncode == 1, output
+def test_malformed_hub_id_is_refused_with_an_example(worker_cli: WorkerCli) -> None:
+    status, output = worker_cli(LLAVA_MODEL="not a hub id!")
+    assert status == 1, output
     assert output.count("llava-worker: cannot start") == 1 and "'not a hub id!'" in output
     assert "neither an existing directory nor a valid hub id" in output and HUB_ID in output
 

@@ -8,12 +8,11 @@ import ast
 import re
 import subprocess
 import sys
-import uuid
 
 import pytest
 
 from producer.settings import ClientSettings
-from tests.integration.conftest import ROOT, StartWorker
+from tests.integration.conftest import ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -30,10 +29,8 @@ def test_every_python_snippet_parses_and_most_run() -> None:
 
 
 @pytest.fixture(scope="module")
-def queue(start_worker: StartWorker) -> str:
-    name = f"readme-{uuid.uuid4().hex[:8]}"
-    start_worker(name, LLAVA_FETCH_RETRIES="0")
-    return name
+def queue(fetching_worker) -> str:
+    return str(fetching_worker[2])
 
 
 @pytest.mark.parametrize("index", range(len(RUNNABLE)))

@@ -1,5 +1,5 @@
 """BulkRun's window and deadlines, and the run's summary and progress bar, without services: the jobs are
-stand-ins for Celery results whose "worker" finishes the oldest waiting job each time the collector waits."""
+stand-ins handed out by a collector stand-in that finishes the oldest waiting job each time it is asked."""
 
 from __future__ import annotations
 
@@ -8,94 +8,87 @@ import time
 from typing import Any
 
 from rich.console import Console
-from vine import promise
 
 from producer.bulk import BulkRun, record_for
-from producer.client import Job
 from producer.contract import CaptionResult
 from producer.errors import InvalidRequest, ResultTimeout
 from producer.report import Summary, make_progress, summary_table
 
-PAYLOAD = {
-    "kind": "caption",
-    "text": "a sign",
-    "model": "m",
-    "worker": "w",
-    "prompt_tokens": 5,
-    "image_tokens": 4,
-    "generated_tokens": 2,
-    "timings": {"image_ms": 1, "inference_ms": 2, "total_ms": 3},
-}
-
-
-class Consumer:
-    """Finishes the oldest registered job that is not stuck, once per wait."""
-
-    def __init__(self) -> None:
-        self.waiting: list[StandIn] = []
-
-    def drain_events(self, timeout: float) -> None:
-        runnable = [result for result in self.waiting if not result.stuck]
-        if not runnable:
-            time.sleep(timeout)
-            return
-        self.waiting.remove(runnable[0])
-        runnable[0].on_ready(runnable[0])
-
-
-class Backend:
-    def __init__(self) -> None:
-        self.result_consumer = Consumer()
-
-    def remove_pending_result(self, result: StandIn) -> None:
-        if result in self.result_consumer.waiting:
-            self.result_consumer.waiting.remove(result)
+RESULT = CaptionResult.model_validate(
+    {
+        "kind": "caption",
+        "text": "a sign",
+        "model": "m",
+        "worker": "w",
+        "prompt_tokens": 5,
+        "image_tokens": 4,
+        "generated_tokens": 2,
+        "timings": {"image_ms": 1, "inference_ms": 2, "total_ms": 3},
+    }
+)
 
 
 class StandIn:
-    """The part of Celery's AsyncResult that the collector and Job use."""
+    """A sent job: its result once the collector handed it out; a ``stuck`` one never finishes."""
 
-    def __init__(self, backend: Backend, job_id: str, stuck: bool) -> None:
-        self.backend, self.id, self.stuck = backend, job_id, stuck
-        self.on_ready = promise()
+    def __init__(self, stuck: bool) -> None:
+        self.stuck = stuck
 
-    def then(self, callback: Any) -> None:
-        self.backend.result_consumer.waiting.append(self)
-        self.on_ready.then(callback)
+    def get(self, timeout: float) -> CaptionResult:
+        return RESULT
 
-    def ready(self) -> bool:
-        return bool(self.on_ready.ready)
 
-    def get(self, timeout: float, propagate: bool) -> dict[str, Any]:
-        return PAYLOAD
+class Collector:
+    """ResultCollector's part that BulkRun uses: each wait hands out the oldest job that is not stuck."""
+
+    def __init__(self) -> None:
+        self.waiting: list[StandIn] = []
+        self.closed = False
+
+    def add(self, job: StandIn) -> None:
+        self.waiting.append(job)
+
+    def next_done(self, timeout: float) -> StandIn | None:
+        runnable = [job for job in self.waiting if not job.stuck]
+        if not runnable:
+            time.sleep(timeout)  # the wait of a collector with nothing finished
+            return None
+        self.waiting.remove(runnable[0])
+        return runnable[0]
+
+    def discard(self, job: StandIn) -> None:
+        self.waiting.remove(job)
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def test_the_window_stays_bounded_refills_and_expires_late_jobs() -> None:
-    backend = Backend()
+    collector = Collector()
     sent: list[str] = []
     outcomes: dict[str, Any] = {}
     most_out = 0
 
-    def submit(image: str) -> Job[Any]:
+    def submit(image: str) -> Any:
         nonlocal most_out
         if image == "unreadable":
             raise InvalidRequest("cannot read image file unreadable")
         sent.append(image)
         most_out = max(most_out, len(sent) - sum(1 for k in outcomes if k != "unreadable"))
-        return Job(StandIn(backend, f"id-{image}", stuck=image == "stuck"), CaptionResult, 1.0)
+        return StandIn(stuck=image == "stuck")
 
-    def done(index: int, image: str, job: Job[Any] | None, outcome: Any) -> None:
+    def done(index: int, image: str, job: Any, outcome: Any) -> None:
         assert image not in outcomes
         outcomes[image] = outcome
 
     images = ["a", "stuck", "unreadable", "b", "c", "d", "e"]
-    BulkRun(submit, done, in_flight=2, timeout=0.2).run(images)
+    BulkRun(submit, done, in_flight=2, timeout=0.2, collector=collector).run(images)  # type: ignore[arg-type]
     assert set(outcomes) == set(images)
     assert most_out <= 2
     assert isinstance(outcomes["stuck"], ResultTimeout)
     assert isinstance(outcomes["unreadable"], InvalidRequest)
-    assert all(isinstance(outcomes[i], CaptionResult) for i in "abcde")
-    assert backend.result_consumer.waiting == []  # nothing left registered
+    assert all(outcomes[i] is RESULT for i in "abcde")
+    assert collector.waiting == [] and collector.closed  # nothing left registered; closed with the run
 
 
 def test_summary_counts_outcomes_skips_and_exit_code() -> None:
