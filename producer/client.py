@@ -42,6 +42,7 @@ from producer.contract import (
     GenerationParams,
     VQARequest,
     VQAResult,
+    blob_digest,
     model_queue,
     validation_message,
 )
@@ -416,12 +417,12 @@ class LlavaClient:
         a data: URI."""
         if isinstance(source, str):
             return source, redact(source)
-        shown = describe(source)
         store = self.blob_store
         if store is None or len(source) < self.settings.blob_min_bytes:
-            return data_uri(source), shown
+            return data_uri(source), describe(source)
         with broker_guard("storing the image in the blob store"):
-            return store.put(source, job_id), shown
+            reference = store.put(source, job_id)
+        return reference, describe(source, sha256=blob_digest(reference))  # the image is hashed once
 
     @contextlib.contextmanager
     def _release_blob_on_failure(self, wire_image: str, job_id: str) -> Iterator[None]:

@@ -139,9 +139,11 @@ def redact_url(url: str) -> str:
     return shown if len(shown) <= 200 else shown[:197] + "..."
 
 
-def describe(data: bytes) -> str:
-    """A byte-free description of inline image bytes for logs and Flower: type, size, short sha256."""
-    return f"<{sniff_mime(data)}, {len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()[:12]}>"
+def describe(data: bytes, sha256: str | None = None) -> str:
+    """A byte-free description of inline image bytes for logs and Flower: type, size, short sha256
+    (``sha256``: the hex digest when the caller has it already)."""
+    digest = sha256 or hashlib.sha256(data).hexdigest()
+    return f"<{sniff_mime(data)}, {len(data)} bytes, sha256 {digest[:12]}>"
 
 
 def redact(image: str) -> str:

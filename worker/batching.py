@@ -16,13 +16,14 @@ from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from producer.errors import InternalError, JobTimeout, LlavaError
 
 log = logging.getLogger(__name__)
 
 Runner = Callable[[Hashable, list[Any]], Sequence[Any]]
+_Self = TypeVar("_Self", bound="ModelThread")
 
 
 @dataclass(eq=False)
@@ -75,7 +76,70 @@ def plan(pending: Sequence[Pending], now: float, max_batch_size: int, max_wait: 
     return Plan(expired, [], max(0.0, next_change - now))
 
 
-class DynamicBatcher:
+class ModelThread:
+    """What every scheduler of the one model thread shares: start, stop, enqueue, submit-and-wait with a
+    deadline, and abandon at the end of a warm shutdown. Subclasses keep their queues and write
+    :meth:`submit`, :meth:`_loop` and :meth:`_all_jobs` (every waiting and running job)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="llava-model", daemon=True)
+
+    def start(self: _Self) -> _Self:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the current batch or step; what still waits fails with ``InternalError``."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def submit(self, key: Hashable, payload: Any, timeout: float) -> Future:
+        raise NotImplementedError
+
+    def run(self, key: Hashable, payload: Any, timeout: float) -> Done:
+        """Submit and wait: the output, the job's error, or ``JobTimeout`` once ``timeout`` has passed (the
+        job is cancelled then: a scheduler that can drop it does)."""
+        future = self.submit(key, payload, timeout)
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            future.cancel()
+            message = f"the job did not finish within its {timeout:g} s deadline (job_timeout)"
+            raise JobTimeout(message) from None
+
+    def abandon(self, error: BaseException) -> int:
+        """Fail every waiting and running job with ``error`` now (their outputs are dropped). Used when a
+        warm shutdown's grace period ends: their tasks requeue them. Returns how many."""
+        with self._cond:
+            jobs = self._all_jobs()
+        abandoned = 0
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(error)
+                abandoned += 1
+        return abandoned
+
+    def _enqueue(self, queue: list[Any], job: Any) -> None:
+        with self._cond:
+            if self._stopping:
+                raise InternalError("the worker is shutting down")
+            queue.append(job)
+            self._cond.notify_all()
+
+    def _all_jobs(self) -> list[Any]:
+        """Every waiting and running job; the waiting ones leave their queue (called under the lock)."""
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class DynamicBatcher(ModelThread):
     """Runs ``runner(key, payloads)`` on one thread, in batches planned by :func:`plan`.
 
     ``runner`` returns one output per payload (checked), where an exception instance fails just that job,
@@ -85,62 +149,26 @@ class DynamicBatcher:
     def __init__(self, runner: Runner, max_batch_size: int, max_wait: float, clock=time.monotonic) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        super().__init__(clock)
         self._runner = runner
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait
-        self._clock = clock
         self._pending: list[Pending] = []
         self._running: list[Pending] = []
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="llava-model", daemon=True)
         self.batches_run = 0
         self.jobs_run = 0
-
-    def start(self) -> DynamicBatcher:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the running batch; jobs still waiting fail with ``InternalError``."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        self._thread.join(timeout)
 
     def submit(self, key: Hashable, payload: Any, timeout: float) -> Future:
         """Queue ``payload`` for the model; the future holds its output or its error."""
         now = self._clock()
         job = Pending(key, payload, enqueued=now, deadline=now + timeout)
-        with self._cond:
-            if self._stopping:
-                raise InternalError("the worker is shutting down")
-            self._pending.append(job)
-            self._cond.notify_all()
+        self._enqueue(self._pending, job)
         return job.future
 
-    def run(self, key: Hashable, payload: Any, timeout: float) -> Done:
-        """Submit and wait: the output, the batch's error, or ``JobTimeout`` once ``timeout`` has passed."""
-        future = self.submit(key, payload, timeout)
-        try:
-            return future.result(timeout=timeout)
-        except FutureTimeout:
-            raise JobTimeout(
-                f"the job did not finish within its {timeout:g} s deadline (job_timeout)"
-            ) from None
-
-    def abandon(self, error: BaseException) -> int:
-        """Fail every waiting and running job with ``error`` now (a running batch's outputs are dropped).
-        Used when a warm shutdown's grace period ends: their tasks requeue them. Returns how many."""
-        with self._cond:
-            jobs = self._pending + self._running
-            self._pending = []
-        abandoned = 0
-        for job in jobs:
-            if not job.future.done():
-                job.future.set_exception(error)
-                abandoned += 1
-        return abandoned
+    def _all_jobs(self) -> list[Any]:
+        jobs = self._pending + self._running
+        self._pending = []
+        return jobs
 
     @property
     def in_flight(self) -> int:

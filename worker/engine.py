@@ -32,16 +32,14 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
-import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from producer.errors import InternalError, JobTimeout, LlavaError, ResourceExhausted
-from worker.batching import Done, _settle
+from worker.batching import Done, ModelThread, _settle
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +168,7 @@ class _Job:
     peak_rows: int = 0
 
 
-class ContinuousEngine:
+class ContinuousEngine(ModelThread):
     """Runs jobs on one model thread, step by step as :func:`schedule` decides. Same surface as
     :class:`worker.batching.DynamicBatcher` (``submit``/``run``/``abandon``/``stop``/``in_flight``)."""
 
@@ -182,34 +180,21 @@ class ContinuousEngine:
         prefill_tokens: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
+        super().__init__(clock)
         self._steps = steps
         self.budget = budget
         self.max_rows = max_rows
         self.prefill_tokens = prefill_tokens
-        self._clock = clock
         self._ids = itertools.count()
         self._waiting: list[_Job] = []
         self._running: dict[int, _Job] = {}
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="llava-model", daemon=True)
         self.steps_run = 0
         self.jobs_run = 0
 
-    def start(self) -> ContinuousEngine:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the current step; waiting and running jobs fail with ``InternalError``."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        self._thread.join(timeout)
-
     def submit(self, key: Hashable, payload: Any, timeout: float) -> Future:
         """Queue a job (``key``: ``("score",)`` or ``("generate", sampling)``); the future holds its
-        output or its error. ``payload.isolated`` (if set) makes it run with no other row in flight."""
+        output or its error. ``payload.isolated`` (if set) makes it run with no other row in flight. A
+        cancelled future (``run`` past its deadline) makes its row leave at the next step."""
         now = self._clock()
         ticket = Ticket(
             next(self._ids),
@@ -220,34 +205,13 @@ class ContinuousEngine:
             prefill=self._steps.prefill(payload),
         )
         job = _Job(ticket, key, payload, now)
-        with self._cond:
-            if self._stopping:
-                raise InternalError("the worker is shutting down")
-            self._waiting.append(job)
-            self._cond.notify_all()
+        self._enqueue(self._waiting, job)
         return job.future
 
-    def run(self, key: Hashable, payload: Any, timeout: float) -> Done:
-        """Submit and wait: the output, the job's error, or ``JobTimeout`` once ``timeout`` has passed."""
-        future = self.submit(key, payload, timeout)
-        try:
-            return future.result(timeout=timeout)
-        except FutureTimeout:
-            future.cancel()  # its row leaves at the next step
-            message = f"the job did not finish within its {timeout:g} s deadline (job_timeout)"
-            raise JobTimeout(message) from None
-
-    def abandon(self, error: BaseException) -> int:
-        """Fail every waiting and running job with ``error`` now (warm shutdown's grace is over)."""
-        with self._cond:
-            jobs = self._waiting + list(self._running.values())
-            self._waiting = []
-        abandoned = 0
-        for job in jobs:
-            if not job.future.done():
-                job.future.set_exception(error)
-                abandoned += 1
-        return abandoned
+    def _all_jobs(self) -> list[Any]:
+        jobs = self._waiting + list(self._running.values())
+        self._waiting = []
+        return jobs
 
     @property
     def in_flight(self) -> int:

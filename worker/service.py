@@ -150,7 +150,7 @@ class Service:
                 wait = self.settings.max_batch_wait_ms / 1000
                 self.batcher = DynamicBatcher(self._start_batch, self.settings.max_batch_size, wait).start()
             else:
-                steps = RuntimeSteps(runtime, self.faults, self._classify_one, self._on_row)
+                steps = RuntimeSteps(runtime, self.faults, self._classify_one, self._on_rows)
                 budget, rows = runtime.kv_budget_tokens(), self.settings.max_running_rows
                 prefill = self.settings.max_prefill_tokens
                 self.batcher = ContinuousEngine(steps, budget, rows, prefill).start()
@@ -309,9 +309,11 @@ class Service:
         finally:
             self.on_model_end([item.job_id])
 
-    def _on_row(self, item: _Item, joined: bool) -> None:
-        """The engine's rows joining and leaving the decode batch: the delivery ledger's attempts."""
-        (self.on_model_start if joined else self.on_model_end)([item.job_id])
+    def _on_rows(self, items: list[_Item], joined: bool) -> None:
+        """The engine's rows joining and leaving the decode batch: the delivery ledger's attempts (one Redis
+        round trip for all the rows of a step)."""
+        if items:
+            (self.on_model_start if joined else self.on_model_end)([item.job_id for item in items])
 
     def _call_model(self, runtime: Runtime, key: Any, items: list[_Item]) -> list[Any]:
         marks = [item.marks for item in items]

@@ -20,12 +20,12 @@ class RuntimeSteps:
         runtime: Runtime,
         faults: Faults,
         classify: Callable[[Any], Any],
-        on_row: Callable[[Any, bool], None] = lambda payload, joined: None,
+        on_rows: Callable[[list[Any], bool], None] = lambda payloads, joined: None,
     ) -> None:
         self.runtime = runtime
         self.faults = faults
         self._classify = classify
-        self._on_row = on_row  # told of each payload joining (True) and leaving (False) the decode batch
+        self._on_rows = on_rows  # told of payloads joining (True) and leaving (False) the decode batch
         self.batch = DecodeBatch()
         self._ids: list[int] = []  # the engine's id of each row of ``batch``, in order
         self._marks: list[frozenset[str]] = []
@@ -52,12 +52,12 @@ class RuntimeSteps:
 
     def join(self, row_id: int, key: Hashable, payload: Any) -> None:
         marks = getattr(payload, "marks", frozenset())
-        self._on_row(payload, True)
+        self._on_rows([payload], True)
         try:
             self.faults.before_model_call([marks])
             row, cache = self.runtime.start_row(payload.prepared, key[1])  # type: ignore[index]
         except BaseException:
-            self._on_row(payload, False)
+            self._on_rows([payload], False)
             raise
         self.batch.join(row, cache)
         self._ids.append(row_id)
@@ -83,9 +83,9 @@ class RuntimeSteps:
         rows: dict[int, Row] = dict(zip(self._ids, self.batch.rows, strict=True))
         keep = [index for index, row_id in enumerate(self._ids) if row_id not in gone]
         self.batch.keep(keep)
-        for index, row_id in enumerate(self._ids):
-            if row_id in gone:
-                self._on_row(self._payloads[index], False)
+        self._on_rows(
+            [p for row_id, p in zip(self._ids, self._payloads, strict=True) if row_id in gone], False
+        )
         self._ids = [self._ids[index] for index in keep]
         self._marks = [self._marks[index] for index in keep]
         self._payloads = [self._payloads[index] for index in keep]
