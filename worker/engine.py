@@ -25,6 +25,9 @@ per job instead of 30.
 KV budget: a left-padded cache holds ``rows x width`` positions, and a row's length never passes its prompt
 plus its ``max_new_tokens``; so admission reserves ``rows x max(prompt + max_new_tokens)`` (the padded
 footprint), never over-committing. A paged cache would not pay for the padding; that is left for later.
+A long prompt is prefilled in chunks (at most ``prefill_tokens`` a step, decode steps between them); its
+row holds its whole reservation from admission. The steps' prefix cache (same image, several jobs) has
+its own share, set aside from the budget.
 """
 
 from __future__ import annotations

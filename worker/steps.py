@@ -23,6 +23,7 @@ class RuntimeSteps:
         faults: Faults,
         classify: Callable[[Any], Any],
         on_rows: Callable[[list[Any], bool], None] = lambda payloads, joined: None,
+        prefix_tokens: int | None = None,
     ) -> None:
         self.runtime = runtime
         self.faults = faults
@@ -33,7 +34,8 @@ class RuntimeSteps:
         self._marks: list[frozenset[str]] = []
         self._payloads: list[Any] = []
         self._pending: dict[int, tuple[Pending, frozenset[str], Any]] = {}  # rows still prefilling
-        self.prefix = PrefixCache(runtime.settings.prefix_cache_tokens)
+        capacity = runtime.settings.prefix_cache_tokens if prefix_tokens is None else prefix_tokens
+        self.prefix = PrefixCache(capacity)  # off (0) unless prepared items carry image digests
 
     def cost(self, key: Hashable, payload: Any) -> int:
         """KV tokens a job needs: a generating row holds prompt + max_new_tokens (+ the cache's spare

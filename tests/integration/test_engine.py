@@ -398,8 +398,9 @@ def prefix_runtime(tiny_checkpoint: Path) -> Runtime:
     return Runtime(settings.model_copy(update={"prefix_cache_tokens": 8192}))
 
 
+@pytest.mark.parametrize("chunk", [None, 16])
 def test_jobs_on_the_same_image_reuse_its_prefix_and_stay_token_identical(
-    prefix_runtime: Runtime, make_engine
+    prefix_runtime: Runtime, make_engine, chunk: int | None
 ) -> None:
     runtime = prefix_runtime
     image = Image.open(IMAGES / "stop_sign.jpg").convert("RGB")
@@ -408,7 +409,7 @@ def test_jobs_on_the_same_image_reuse_its_prefix_and_stay_token_identical(
     other = runtime.prepare(prompts()[1])
     assert len({p.image_digest for p in prepared}) == 1 and other.image_digest != prepared[0].image_digest
     steps = ObservedSteps(runtime)
-    engine = make_engine(steps, budget=100_000)
+    engine = make_engine(steps, budget=100_000, prefill_tokens=chunk)
     futures = [generate(engine, Item(p), n) for p, n in zip([*prepared, other], (12, 8, 8, 6), strict=True)]
     outputs = [future.result(WAIT).output for future in futures]
     assert outputs == [
