@@ -1,6 +1,7 @@
 """Step-level decoding for the continuous-batching engine: one left-padded ``DynamicCache`` of running rows.
 
-A new row is prefilled alone (no padding, pixels included), then joins the running batch: the narrower of
+A new row is prefilled alone (no padding), in one or several chunks into its own cache (:class:`Pending`),
+then joins the running batch: the narrower of
 the two caches is left-padded to the other's width and the two are concatenated along the batch. Each
 decode step feeds every row's last token with its own position (the count of its real tokens) and a mask
 that hides the padding. A row that ends leaves at once: its cache rows are dropped by index and the columns
