@@ -129,7 +129,8 @@ class RuntimeSteps:
     @property
     def kv_tokens(self) -> int:
         """Token positions held by running rows, those still prefilling included (not the prefix cache)."""
-        return self.batch.kv_tokens + sum(pending.done for pending, _, _ in self._pending.values())
+        prefilling = tuple(self._pending.values())  # read by health from another thread: one snapshot
+        return self.batch.kv_tokens + sum(pending.done for pending, _, _ in prefilling)
 
     def is_out_of_memory(self, error: BaseException) -> bool:
         return self.runtime.is_out_of_memory(error)
