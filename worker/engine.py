@@ -329,20 +329,20 @@ class ContinuousEngine(ModelThread):
         left: list[int] = []
         failure = self._guarded(lambda: left.append(self._steps.join(job.ticket.id, job.key, job.payload)))
         if failure is None:
-            job.prefill_left = left[0]  # a prefix-cache hit leaves less than planned
+            job.prefill_left = left[0]
             return
         self._failed_prefill(job, failure)
 
     def _prefill(self, row_id: int, tokens: int) -> None:
         job = self._running.get(row_id)
         if job is None or job.decoding:
-            return  # it left this step (or a prefix-cache hit left less to do than planned)
+            return  # it left this step
         left: list[int] = []
         failure = self._guarded(lambda: left.append(self._steps.prefill(row_id, tokens)))
         if failure is not None:
             self._failed_prefill(job, failure)
             return
-        job.prefill_left = left[0]
+        job.prefill_left = left[0]  # a prefix-cache hit at its first chunk leaves less than asked
         if job.decoding:
             self._finish_ended()  # its first token may end it
 
