@@ -425,3 +425,29 @@ def test_jobs_on_the_same_image_reuse_its_prefix_and_stay_token_identical(
 def _prefix_end(runtime: Runtime, prepared: Prepared) -> int:
     ids = prepared.input_ids.tolist()
     return max(i for i, t in enumerate(ids) if t == runtime.image_token_id) + 1
+
+
+def test_service_reuses_an_images_prefix_and_health_reports_the_prefix_cache(tiny_checkpoint: Path) -> None:
+    from worker.service import JobContext
+
+    settings = WorkerSettings(
+        model=str(tiny_checkpoint),
+        device="cpu",
+        dtype="float32",
+        kv_cache_tokens=9000,
+        prefix_cache_tokens=1000,
+    )
+    service = Service(settings)
+    service.start()
+    try:
+        image = "data:image/png;base64," + base64.b64encode((IMAGES / "stop_sign.jpg").read_bytes()).decode()
+        caption = service.run("llava.caption", {"image": image}, JobContext("job-1", "test"))
+        answer = service.run("llava.vqa", {"image": image, "question": "What?"}, JobContext("job-2", "test"))
+        batching = service.health()["batching"]
+        steps = service.batcher._steps  # type: ignore[union-attr]
+    finally:
+        service.stop()
+    assert caption["text"] is not None and answer["text"] is not None
+    assert (steps.prefix.hits, steps.prefix.misses) == (1, 1)  # the question reused the caption's image
+    assert batching["prefix_cache_tokens_budget"] == 1000 and batching["kv_tokens_budget"] == 8000
+    assert 0 < batching["prefix_cache_tokens"] <= 1000 and batching["kv_tokens_used"] == 0
