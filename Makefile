@@ -57,6 +57,7 @@ bench: install
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/classify.py
 	$(BIN)/python bench/serving.py $(BENCH_ARGS)
+	$(BIN)/python bench/prefix.py
 	$(BIN)/python bench/claim_check.py
 	$(BIN)/python bench/claim_check.py --image-kb 8
 

@@ -25,6 +25,7 @@ import statistics
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -93,7 +94,8 @@ class Meter:
         self.forwards += 1
 
     def _wrap(self, runtime: Any) -> None:
-        generate, start_row, decode_step = runtime.generate, runtime.start_row, runtime.decode_step
+        generate, prefill_chunk, decode_step = runtime.generate, runtime.prefill_chunk, runtime.decode_step
+        prefilling: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()  # ms so far
 
         def static_generate(batch: Any, sampling: Any, *args: Any, **kwargs: Any) -> Any:
             outputs = generate(batch, sampling, *args, **kwargs)
@@ -110,12 +112,14 @@ class Meter:
             )
             return outputs
 
-        def engine_start(prepared: Any, sampling: Any) -> Any:
-            self.slots += 1
+        def engine_prefill(pending: Any, tokens: int, prefix: Any = None) -> Any:
             started = time.perf_counter()
-            row = start_row(prepared, sampling)
-            self.steps.append({"prefill": prepared.prompt_tokens, "ms": _ms_since(started)})
-            return row
+            done = prefill_chunk(pending, tokens, prefix)
+            prefilling[pending] = prefilling.get(pending, 0.0) + _ms_since(started)
+            if done is not None:  # one trace entry per prompt, its chunks' time summed
+                self.slots += 1
+                self.steps.append({"prefill": pending.prepared.prompt_tokens, "ms": prefilling.pop(pending)})
+            return done
 
         def engine_step(batch: Any) -> None:
             self.slots += len(batch.rows)
@@ -124,7 +128,11 @@ class Meter:
             decode_step(batch)
             self.steps.append({**entry, "ms": _ms_since(started)})
 
-        runtime.generate, runtime.start_row, runtime.decode_step = static_generate, engine_start, engine_step
+        runtime.generate, runtime.prefill_chunk, runtime.decode_step = (
+            static_generate,
+            engine_prefill,
+            engine_step,
+        )
 
 
 def _ms_since(started: float) -> float:
@@ -168,6 +176,7 @@ def run_seed(runtime: Any, meter: Meter, jobs: list[Job], images: list[bytes]) -
 
     from worker.images import decode_image
     from worker.runtime import Prompt
+    from worker.runtime.scoring import LabelQuery
 
     records, start = [], time.perf_counter()
     for job in jobs:
@@ -175,7 +184,8 @@ def run_seed(runtime: Any, meter: Meter, jobs: list[Job], images: list[bytes]) -
         picture = decode_image(images[job.image], 10**8)
         if job.task == TASK_CLASSIFY:
             text = f"Classify the image. Answer with one of: {', '.join(job.labels)}."
-            runtime.score_labels([runtime.prepare(Prompt(picture, text))], [list(job.labels)])
+            prepared, query = runtime.prepare(Prompt(picture, text)), LabelQuery(text)
+            runtime.score_labels([prepared], [list(job.labels)], queries=[query])
             tokens = 0
         else:
             prepared = runtime.prepare(Prompt(picture, "Describe the image."))

@@ -25,6 +25,9 @@ per job instead of 30.
 KV budget: a left-padded cache holds ``rows x width`` positions, and a row's length never passes its prompt
 plus its ``max_new_tokens``; so admission reserves ``rows x max(prompt + max_new_tokens)`` (the padded
 footprint), never over-committing. A paged cache would not pay for the padding; that is left for later.
+A long prompt is prefilled in chunks (at most ``prefill_tokens`` a step, decode steps between them); its
+row holds its whole reservation from admission. The steps' prefix cache (same image, several jobs) has
+its own share, set aside from the budget.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from producer.errors import InternalError, JobTimeout, LlavaError, ResourceExhausted
@@ -56,26 +59,28 @@ class Ticket:
     deadline: float
     classify: bool = False
     isolated: bool = False
-    prefill: int = 0  # prompt tokens its prefill computes
+    prefill: int = 0  # prompt tokens still to prefill (a running row's > 0: it is prefilled in chunks)
 
 
 @dataclass(frozen=True)
 class Step:
     """What the engine does now, in this order: fail ``expired``/``timed_out``/``too_big``, score
-    ``classify``, prefill and join ``admit``, then one decode step if ``decode``."""
+    ``classify``, start ``admit`` (KV reserved), prefill ``chunks`` (row id, tokens; a row whose prompt
+    is done joins the decode batch), then one decode step if ``decode``."""
 
     expired: list[int] = field(default_factory=list)  # waiting jobs past their deadline
     timed_out: list[int] = field(default_factory=list)  # running rows past their deadline
     too_big: list[int] = field(default_factory=list)  # jobs that would not fit even alone
     classify: list[int] = field(default_factory=list)
     admit: list[int] = field(default_factory=list)
+    chunks: list[tuple[int, int]] = field(default_factory=list)
     decode: bool = False
 
     @property
     def idle(self) -> bool:
         """Nothing to do until a job arrives."""
         failing = self.expired or self.timed_out or self.too_big
-        return not (failing or self.classify or self.admit or self.decode)
+        return not (failing or self.classify or self.admit or self.chunks or self.decode)
 
 
 def footprint(tokens: Sequence[int]) -> int:
@@ -93,12 +98,14 @@ def schedule(
 ) -> Step:
     """The next step for ``waiting`` jobs (arrival order) and ``running`` rows. Pure: no clocks, no locks.
 
+    A step prefills at most ``prefill_tokens`` prompt tokens (a step of big prefills would stall the
+    running rows and any classify job behind them): rows already prefilling go on first, oldest first, then
+    new jobs take the rest, a long prompt in chunks over several steps (its KV reserved from its first).
     Generate jobs join in arrival order while ``footprint`` stays within ``budget``, rows within
-    ``max_rows`` and their prefills within ``prefill_tokens`` (the first one always: a step of big prefills
-    would stall the running rows and any classify job behind them); the first that does not fit stops later
-    generate jobs (no starvation), but a classify job behind it runs if its transient peak fits beside the
-    running rows. An isolated job waits until no row runs, then runs alone; nothing is admitted beside it
-    or behind it meanwhile.
+    ``max_rows`` and prefill tokens are left this step; the first that does not fit stops later generate
+    jobs (no starvation), but a classify job behind it runs if its transient peak fits beside the running
+    rows. An isolated job waits until no row runs, then runs alone; nothing is admitted beside it or behind
+    it meanwhile.
     """
     timed_out = [row.id for row in running if row.deadline <= now]
     rows = [row for row in running if row.deadline > now]
@@ -106,11 +113,15 @@ def schedule(
     too_big = [job.id for job in waiting if job.deadline > now and job.tokens > budget]
     live = [job for job in waiting if job.deadline > now and job.tokens <= budget]
     step = Step(expired=expired, timed_out=timed_out, too_big=too_big)
+    prefill_left = prefill_tokens if prefill_tokens is not None else sum(j.prefill for j in [*rows, *live])
+    for row in rows:
+        if row.prefill and prefill_left:
+            step.chunks.append((row.id, min(row.prefill, prefill_left)))
+            prefill_left -= step.chunks[-1][1]
     if any(row.isolated for row in rows):
-        return _with(step, decode=True)
+        return _with(step, decode=_decoding(step, rows))
     held = [row.tokens for row in rows]
     blocked = False
-    prefill_left = prefill_tokens if prefill_tokens is not None else sum(job.prefill for job in live)
     for job in live:
         if job.isolated:
             if not held and not step.classify and not step.admit:
@@ -119,18 +130,27 @@ def schedule(
         if job.classify:
             if footprint(held) + job.tokens <= budget:
                 step.classify.append(job.id)
-        elif not blocked and _fits(job, held, budget, max_rows, prefill_left, first=not step.admit):
+        elif not blocked and _fits(job, held, budget, max_rows, prefill_left):
             held.append(job.tokens)
             step.admit.append(job.id)
-            prefill_left -= job.prefill
+            if job.prefill:
+                step.chunks.append((job.id, min(job.prefill, prefill_left)))
+                prefill_left -= step.chunks[-1][1]
         else:
             blocked = True
-    return _with(step, decode=bool(held))  # with nothing held, every live job was admitted or scored
+    admitted = [job for job in live if job.id in step.admit]
+    return _with(step, decode=_decoding(step, [*rows, *admitted]))
 
 
-def _fits(job: Ticket, held: list[int], budget: int, max_rows: int, prefill_left: int, first: bool) -> bool:
+def _fits(job: Ticket, held: list[int], budget: int, max_rows: int, prefill_left: int) -> bool:
     room = len(held) < max_rows and footprint([*held, job.tokens]) <= budget
-    return room and (first or job.prefill <= prefill_left)
+    return room and (prefill_left > 0 or not job.prefill)
+
+
+def _decoding(step: Step, rows: Sequence[Ticket]) -> bool:
+    """Whether any row decodes after this step's prefills (its prompt done before or by its chunk)."""
+    chunks = dict(step.chunks)
+    return any(row.prefill == chunks.get(row.id, 0) for row in rows)
 
 
 def _with(step: Step, **changes: Any) -> Step:
@@ -144,15 +164,20 @@ class Steps(Protocol):
     """What the engine needs of the model (one thread calls it). Row ids are the engine's."""
 
     def cost(self, key: Hashable, payload: Any) -> int: ...
-    def prefill(self, payload: Any) -> int: ...
+    def prompt_tokens(self, payload: Any) -> int: ...
     def classify(self, payload: Any) -> Any: ...
-    def join(self, row_id: int, key: Hashable, payload: Any) -> None: ...
+    def join(self, row_id: int, key: Hashable, payload: Any) -> int: ...  # prompt tokens left to prefill
+    def prefill(self, row_id: int, tokens: int) -> int: ...  # tokens left; 0: the row decodes
     def step(self) -> None: ...
     def ended(self) -> list[int]: ...
     def leave(self, row_ids: Sequence[int]) -> dict[int, Any]: ...
     def undo_step(self) -> None: ...
     @property
     def kv_tokens(self) -> int: ...
+    @property
+    def prefix_budget(self) -> int: ...  # KV tokens set aside for the prefix cache
+    @property
+    def prefix_tokens(self) -> int: ...  # held there now
     def is_out_of_memory(self, error: BaseException) -> bool: ...
     def free_memory(self) -> None: ...
 
@@ -166,6 +191,11 @@ class _Job:
     future: Future = field(default_factory=Future)
     started: float | None = None
     peak_rows: int = 0
+    prefill_left: int = 0  # prompt tokens still to prefill once running
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefill_left == 0
 
 
 class ContinuousEngine(ModelThread):
@@ -182,7 +212,9 @@ class ContinuousEngine(ModelThread):
     ):
         super().__init__(clock)
         self._steps = steps
-        self.budget = budget
+        if steps.prefix_budget >= budget:
+            raise ValueError(f"prefix_cache_tokens ({steps.prefix_budget}) leaves none of {budget} KV tokens")
+        self.budget = budget - steps.prefix_budget  # the prefix cache's share is set aside
         self.max_rows = max_rows
         self.prefill_tokens = prefill_tokens
         self._ids = itertools.count()
@@ -202,9 +234,9 @@ class ContinuousEngine(ModelThread):
             now + timeout,
             classify=key == ("score",),
             isolated=bool(getattr(payload, "isolated", False)),
-            prefill=self._steps.prefill(payload),
+            prefill=self._steps.prompt_tokens(payload),
         )
-        job = _Job(ticket, key, payload, now)
+        job = _Job(ticket, key, payload, now, prefill_left=ticket.prefill)
         self._enqueue(self._waiting, job)
         return job.future
 
@@ -219,16 +251,21 @@ class ContinuousEngine(ModelThread):
             return len(self._waiting) + len(self._running)
 
     def status(self) -> dict[str, Any]:
-        """KV tokens budgeted, reserved, held now and free; running rows; steps run."""
+        """KV tokens budgeted (for rows), reserved, held now and free; the prefix cache's share and what it
+        holds; running rows (prefilling ones included); steps run."""
         with self._cond:
             reserved = footprint([job.ticket.tokens for job in self._running.values()])
             rows = len(self._running)
+            prefilling = sum(not job.decoding for job in self._running.values())
         return {
             "kv_tokens_budget": self.budget,
             "kv_tokens_reserved": reserved,
             "kv_tokens_used": self._steps.kv_tokens,
             "kv_tokens_free": self.budget - reserved,
+            "prefix_cache_tokens_budget": self._steps.prefix_budget,
+            "prefix_cache_tokens": self._steps.prefix_tokens,
             "running_rows": rows,
+            "prefilling_rows": prefilling,
             "steps_run": self.steps_run,
         }
 
@@ -246,7 +283,7 @@ class ContinuousEngine(ModelThread):
             self._execute(step)
 
     def _plan(self) -> Step:
-        running = [job.ticket for job in self._running.values()]
+        running = [replace(job.ticket, prefill=job.prefill_left) for job in self._running.values()]
         waiting = [job.ticket for job in self._waiting]
         return schedule(waiting, running, self._clock(), self.budget, self.max_rows, self.prefill_tokens)
 
@@ -269,7 +306,9 @@ class ContinuousEngine(ModelThread):
             self._classify(job)
         for job in self._take(step.admit):
             self._admit(job)
-        if step.decode and self._running:
+        for row_id, tokens in step.chunks:
+            self._prefill(row_id, tokens)
+        if step.decode and any(job.decoding for job in self._running.values()):
             self._decode()
 
     def _classify(self, job: _Job) -> None:
@@ -287,10 +326,28 @@ class ContinuousEngine(ModelThread):
         job.started = self._clock()
         with self._cond:
             self._running[job.ticket.id] = job
-        failure = self._guarded(lambda: self._steps.join(job.ticket.id, job.key, job.payload))
+        left: list[int] = []
+        failure = self._guarded(lambda: left.append(self._steps.join(job.ticket.id, job.key, job.payload)))
         if failure is None:
-            self._finish_ended()
+            job.prefill_left = left[0]
             return
+        self._failed_prefill(job, failure)
+
+    def _prefill(self, row_id: int, tokens: int) -> None:
+        job = self._running.get(row_id)
+        if job is None or job.decoding:
+            return  # it left this step
+        left: list[int] = []
+        failure = self._guarded(lambda: left.append(self._steps.prefill(row_id, tokens)))
+        if failure is not None:
+            self._failed_prefill(job, failure)
+            return
+        job.prefill_left = left[0]  # a prefix-cache hit at its first chunk leaves less than asked
+        if job.decoding:
+            self._finish_ended()  # its first token may end it
+
+    def _failed_prefill(self, job: _Job, failure: LlavaError) -> None:
+        """The steps already dropped the row; it retries alone after an out-of-memory beside others."""
         with self._cond:
             del self._running[job.ticket.id]
         if isinstance(failure, ResourceExhausted) and self._running and not job.ticket.isolated:
@@ -302,14 +359,15 @@ class ContinuousEngine(ModelThread):
         failure = self._guarded(self._steps.step)
         if failure is None:
             self.steps_run += 1
-            rows = len(self._running)
-            for job in self._running.values():
-                job.peak_rows = max(job.peak_rows, rows)
+            decoding = [job for job in self._running.values() if job.decoding]
+            for job in decoding:
+                job.peak_rows = max(job.peak_rows, len(decoding))
             self._finish_ended()
             return
         if isinstance(failure, ResourceExhausted):
             self._steps.undo_step()
-            youngest = max(self._running.values(), key=lambda job: job.started or 0.0)
+            decoding = [job for job in self._running.values() if job.decoding]
+            youngest = max(decoding, key=lambda job: job.started or 0.0)
             self._steps.leave([youngest.ticket.id])
             with self._cond:
                 del self._running[youngest.ticket.id]
@@ -359,7 +417,8 @@ class ContinuousEngine(ModelThread):
 
     def _requeue_isolated(self, job: _Job) -> None:
         log.warning("out of memory beside %d rows: a job runs again alone", len(self._running))
-        retry = _Job(_isolated(job.ticket), job.key, job.payload, job.enqueued, job.future)
+        ticket = _isolated(job.ticket)
+        retry = _Job(ticket, job.key, job.payload, job.enqueued, job.future, prefill_left=ticket.prefill)
         with self._cond:
             self._waiting.insert(0, retry)
 

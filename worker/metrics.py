@@ -119,6 +119,7 @@ class HealthCollector:
             ("kv_tokens_budget", "KV cache budget in tokens"),
             ("kv_tokens_reserved", "KV tokens reserved by admitted jobs"),
             ("kv_tokens_used", "KV tokens held by the decode batch"),
+            ("prefix_cache_tokens", "KV tokens held by the prefix cache (same image, several jobs)"),
         ):
             yield _gauge(f"llava_{key}", help_text, batching.get(key))
         megabytes = {

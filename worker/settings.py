@@ -125,7 +125,13 @@ class WorkerSettings(QueueSettings):
     max_prefill_tokens: int = Field(
         default=4096,
         ge=1,
-        description="continuous: prompt tokens prefilled between two decode steps (one job always fits)",
+        description="continuous: prompt tokens prefilled between two decode steps (longer prompts: chunks)",
+    )
+    prefix_cache_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="continuous: KV tokens (set aside from the KV budget) keeping recent images' prompt "
+        "prefixes for later jobs on the same image; 0: off",
     )
     job_timeout: float = Field(
         default=600.0, gt=0, description="seconds a job may take on the worker before JobTimeout"

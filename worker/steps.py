@@ -1,5 +1,6 @@
 """The continuous engine's model side: :class:`RuntimeSteps` runs :class:`worker.engine.Steps` on a
-:class:`Runtime` (prefill a row, one decode step, rows leaving), with the fault injection of tests."""
+:class:`Runtime` (a row's prefill, chunk by chunk; one decode step; rows leaving), with the fault injection
+of tests, and the prefix cache of images shared by several jobs (``prefix_cache_tokens``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 
 from worker.faults import Faults
 from worker.runtime import Runtime
-from worker.runtime.decoding import DecodeBatch, GrowingLayer, Row
+from worker.runtime.decoding import DecodeBatch, GrowingLayer, Pending, Row
+from worker.runtime.prefix import PrefixCache
 
 
 class RuntimeSteps:
@@ -21,6 +23,7 @@ class RuntimeSteps:
         faults: Faults,
         classify: Callable[[Any], Any],
         on_rows: Callable[[list[Any], bool], None] = lambda payloads, joined: None,
+        prefix_tokens: int | None = None,
     ) -> None:
         self.runtime = runtime
         self.faults = faults
@@ -30,6 +33,9 @@ class RuntimeSteps:
         self._ids: list[int] = []  # the engine's id of each row of ``batch``, in order
         self._marks: list[frozenset[str]] = []
         self._payloads: list[Any] = []
+        self._pending: dict[int, tuple[Pending, frozenset[str], Any]] = {}  # rows still prefilling
+        capacity = runtime.settings.prefix_cache_tokens if prefix_tokens is None else prefix_tokens
+        self.prefix = PrefixCache(capacity)  # off (0) unless prepared items carry image digests
 
     def cost(self, key: Hashable, payload: Any) -> int:
         """KV tokens a job needs: a generating row holds prompt + max_new_tokens (+ the cache's spare
@@ -43,26 +49,53 @@ class RuntimeSteps:
             return int(prompt + sum(len(label) + question + 4 for label in labels))
         return prompt + key[1].max_new_tokens + GrowingLayer.SPARE  # type: ignore[index]
 
-    def prefill(self, payload: Any) -> int:
-        """Prompt tokens a job's prefill computes."""
+    def prompt_tokens(self, payload: Any) -> int:
+        """Prompt tokens a job's prefill computes (at most: a prefix-cache hit saves some)."""
         return int(payload.prepared.prompt_tokens)
+
+    @property
+    def prefix_budget(self) -> int:
+        """KV tokens set aside for the prefix cache."""
+        return self.prefix.capacity
+
+    @property
+    def prefix_tokens(self) -> int:
+        return self.prefix.tokens
 
     def classify(self, payload: Any) -> Any:
         return self._classify(payload)
 
-    def join(self, row_id: int, key: Hashable, payload: Any) -> None:
+    def join(self, row_id: int, key: Hashable, payload: Any) -> int:
+        """A row whose prefill starts (KV reserved); its prompt tokens."""
         marks = getattr(payload, "marks", frozenset())
         self._on_rows([payload], True)
         try:
             self.faults.before_model_call([marks])
-            row, cache = self.runtime.start_row(payload.prepared, key[1])  # type: ignore[index]
+            pending = self.runtime.begin_row(payload.prepared, key[1])  # type: ignore[index]
         except BaseException:
             self._on_rows([payload], False)
             raise
-        self.batch.join(row, cache)
+        self._pending[row_id] = (pending, marks, payload)
+        return pending.left
+
+    def prefill(self, row_id: int, tokens: int) -> int:
+        """Prefill up to ``tokens`` more of a row's prompt; tokens left (0: it joined the decode batch; a
+        prefix-cache hit leaves fewer than asked). A failure drops the row (its KV freed) first."""
+        pending, marks, payload = self._pending[row_id]
+        try:
+            done = self.runtime.prefill_chunk(pending, tokens, self.prefix)
+        except BaseException:
+            del self._pending[row_id]
+            self._on_rows([payload], False)
+            raise
+        if done is None:
+            return pending.left
+        del self._pending[row_id]
+        self.batch.join(*done)
         self._ids.append(row_id)
         self._marks.append(marks)
         self._payloads.append(payload)
+        return 0
 
     def step(self) -> None:
         self.faults.before_model_call(self._marks)
@@ -79,6 +112,8 @@ class RuntimeSteps:
 
     def leave(self, row_ids: Sequence[int]) -> dict[int, Any]:
         """Drop rows (their KV freed now); the answers of those that ended."""
+        prefilling = [self._pending.pop(row_id)[2] for row_id in row_ids if row_id in self._pending]
+        self._on_rows(prefilling, False)
         gone = set(row_ids) & set(self._ids)
         rows: dict[int, Row] = dict(zip(self._ids, self.batch.rows, strict=True))
         keep = [index for index, row_id in enumerate(self._ids) if row_id not in gone]
@@ -93,7 +128,9 @@ class RuntimeSteps:
 
     @property
     def kv_tokens(self) -> int:
-        return self.batch.kv_tokens
+        """Token positions held by running rows, those still prefilling included (not the prefix cache)."""
+        prefilling = tuple(self._pending.values())  # read by health from another thread: one snapshot
+        return self.batch.kv_tokens + sum(pending.done for pending, _, _ in prefilling)
 
     def is_out_of_memory(self, error: BaseException) -> bool:
         return self.runtime.is_out_of_memory(error)

@@ -62,17 +62,22 @@ class ObservedSteps(RuntimeSteps):
         self.count = 0
         self.peak_kv = 0
         self.rows_per_step: list[tuple[int, ...]] = []
+        self.prefilling_per_step: list[tuple[int, ...]] = []  # rows still prefilling at each decode step
+        self.chunks: list[tuple[int, int]] = []  # (row id, tokens asked) of each prefill chunk
         self.after_step: dict[int, Callable[[], object]] = {}  # step count -> action (on the engine's thread)
 
-    def join(self, row_id: int, key: Any, payload: Any) -> None:
-        super().join(row_id, key, payload)
-        self.peak_kv = max(self.peak_kv, self.batch.kv_tokens)
+    def prefill(self, row_id: int, tokens: int) -> int:
+        left = super().prefill(row_id, tokens)
+        self.chunks.append((row_id, tokens))
+        self.peak_kv = max(self.peak_kv, self.kv_tokens)
+        return left
 
     def step(self) -> None:
         super().step()
         self.count += 1
         self.peak_kv = max(self.peak_kv, self.batch.kv_tokens)
         self.rows_per_step.append(tuple(self._ids))
+        self.prefilling_per_step.append(tuple(self._pending))
         if self.count in self.after_step:
             self.after_step.pop(self.count)()
 
@@ -338,3 +343,111 @@ def test_engine_out_of_memory_frees_the_failed_prefill_before_its_retry(
         handle.remove()
     assert outputs == [one_by_one(runtime, p, n) for p, n in zip(prepared, (12, 5), strict=True)]
     assert fault.alive_at_retry == [False]  # freed before the retry, which ran alone after the first job
+
+
+def test_chunked_prefill_is_token_identical_and_running_rows_decode_between_chunks(
+    runtime: Runtime, make_engine
+) -> None:
+    prepared = [runtime.prepare(p) for p in prompts()]
+    limits = [20, 6, 15, 9]
+    chunk = 16  # every prompt (45-109 tokens with this checkpoint) takes several chunks
+    steps = ObservedSteps(runtime)
+    engine = make_engine(steps, prefill_tokens=chunk)
+    first = [generate(engine, Item(p), n) for p, n in zip(prepared[:2], limits[:2], strict=True)]
+    later: list[Future] = []
+    steps.after_step[2] = (
+        lambda: later.extend(  # they join mid-decode
+            generate(engine, Item(p), n) for p, n in zip(prepared[2:], limits[2:], strict=True)
+        )
+    )
+    wait_for(lambda: len(later) == 2, WAIT, "the later jobs")
+    outputs = [future.result(WAIT).output for future in first + later]
+    assert outputs == [one_by_one(runtime, p, n) for p, n in zip(prepared, limits, strict=True)]
+    assert all(0 < tokens <= chunk for _, tokens in steps.chunks)
+    per_row = [sum(1 for row, _ in steps.chunks if row == row_id) for row_id in range(4)]
+    assert all(count >= p.prompt_tokens // chunk for count, p in zip(per_row, prepared, strict=True))
+    # rows decoded while another row's prompt was still being prefilled
+    assert any(
+        rows and prefilling
+        for rows, prefilling in zip(steps.rows_per_step, steps.prefilling_per_step, strict=True)
+    )
+    assert engine.status()["kv_tokens_used"] == 0 and engine.status()["prefilling_rows"] == 0
+
+
+def test_a_prefilling_row_timing_out_leaves_the_others_tokens_unchanged(
+    runtime: Runtime, make_engine
+) -> None:
+    prepared = [runtime.prepare(p) for p in prompts()[:2]]
+    steps = ObservedSteps(runtime)
+    engine = make_engine(steps, prefill_tokens=8, clock=lambda: float(steps.count))
+    later: list[Future] = []
+    steps.after_step[1] = lambda: later.append(generate(engine, Item(prepared[1]), 8, timeout=3))
+    kept = generate(engine, Item(prepared[0]), 16)
+    assert kept.result(WAIT).output == one_by_one(runtime, prepared[0], 16)
+    wait_for(lambda: later, WAIT, "the later job")
+    with pytest.raises(JobTimeout):
+        later[0].result(WAIT)
+    assert prepared[1].prompt_tokens > 3 * 8  # it timed out with its prompt only partly prefilled
+    assert all(rows == (0,) for rows in steps.rows_per_step)  # it never decoded
+    assert engine.status()["kv_tokens_used"] == 0 and not steps._pending
+
+
+@pytest.fixture(scope="module")
+def prefix_runtime(tiny_checkpoint: Path) -> Runtime:
+    settings = WorkerSettings(model=str(tiny_checkpoint), device="cpu", dtype="float32")
+    return Runtime(settings.model_copy(update={"prefix_cache_tokens": 8192}))
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_jobs_on_the_same_image_reuse_its_prefix_and_stay_token_identical(
+    prefix_runtime: Runtime, make_engine, chunk: int | None
+) -> None:
+    runtime = prefix_runtime
+    image = Image.open(IMAGES / "stop_sign.jpg").convert("RGB")
+    texts = ["Describe the image.", "What does the sign say?", "What colour is the sign?"]
+    prepared = [runtime.prepare(Prompt(image, text)) for text in texts]
+    other = runtime.prepare(prompts()[1])
+    assert len({p.image_digest for p in prepared}) == 1 and other.image_digest != prepared[0].image_digest
+    steps = ObservedSteps(runtime)
+    engine = make_engine(steps, budget=100_000, prefill_tokens=chunk)
+    futures = [generate(engine, Item(p), n) for p, n in zip([*prepared, other], (12, 8, 8, 6), strict=True)]
+    outputs = [future.result(WAIT).output for future in futures]
+    assert outputs == [
+        one_by_one(runtime, p, n) for p, n in zip([*prepared, other], (12, 8, 8, 6), strict=True)
+    ]
+    assert (steps.prefix.hits, steps.prefix.misses) == (2, 2)  # the two questions; the caption, the other
+    assert steps.prefix.tokens == _prefix_end(runtime, prepared[0]) + _prefix_end(runtime, other)
+    status = engine.status()
+    assert status["prefix_cache_tokens"] == steps.prefix.tokens
+    assert status["kv_tokens_budget"] == 100_000 - 8192  # the prefix cache's share is set aside
+
+
+def _prefix_end(runtime: Runtime, prepared: Prepared) -> int:
+    ids = prepared.input_ids.tolist()
+    return max(i for i, t in enumerate(ids) if t == runtime.image_token_id) + 1
+
+
+def test_service_reuses_an_images_prefix_and_health_reports_the_prefix_cache(tiny_checkpoint: Path) -> None:
+    from worker.service import JobContext
+
+    settings = WorkerSettings(
+        model=str(tiny_checkpoint),
+        device="cpu",
+        dtype="float32",
+        kv_cache_tokens=9000,
+        prefix_cache_tokens=1000,
+    )
+    service = Service(settings)
+    service.start()
+    try:
+        image = "data:image/png;base64," + base64.b64encode((IMAGES / "stop_sign.jpg").read_bytes()).decode()
+        caption = service.run("llava.caption", {"image": image}, JobContext("job-1", "test"))
+        answer = service.run("llava.vqa", {"image": image, "question": "What?"}, JobContext("job-2", "test"))
+        batching = service.health()["batching"]
+        steps = service.batcher._steps  # type: ignore[union-attr]
+    finally:
+        service.stop()
+    assert caption["text"] is not None and answer["text"] is not None
+    assert (steps.prefix.hits, steps.prefix.misses) == (1, 1)  # the question reused the caption's image
+    assert batching["prefix_cache_tokens_budget"] == 1000 and batching["kv_tokens_budget"] == 8000
+    assert 0 < batching["prefix_cache_tokens"] <= 1000 and batching["kv_tokens_used"] == 0

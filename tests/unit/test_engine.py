@@ -92,8 +92,38 @@ def test_classify_runs_between_decode_steps_when_its_peak_fits_beside_the_rows()
     assert schedule([job(1, 20, classify=True)], running, NOW, budget=100, max_rows=8).classify == [1]
 
 
-def test_prefills_per_step_are_capped_but_one_job_always_joins() -> None:
+def test_prefill_tokens_per_step_are_capped_long_prompts_go_in_chunks() -> None:
     waiting = [Ticket(i, 30, 1e9, prefill=20) for i in range(1, 5)]
-    assert schedule(waiting, [], NOW, 1000, 8, prefill_tokens=45).admit == [1, 2]
-    assert schedule(waiting, [], NOW, 1000, 8, prefill_tokens=5).admit == [1]
-    assert schedule(waiting, [], NOW, 1000, 8).admit == [1, 2, 3, 4]
+    capped = schedule(waiting, [], NOW, 1000, 8, prefill_tokens=45)
+    assert capped.admit == [1, 2, 3] and capped.chunks == [(1, 20), (2, 20), (3, 5)]
+    assert capped.decode  # rows 1 and 2 decode after their prefill
+    one = schedule(waiting, [], NOW, 1000, 8, prefill_tokens=5)
+    assert one.admit == [1] and one.chunks == [(1, 5)] and not one.decode  # nothing decodes yet
+    assert schedule(waiting, [], NOW, 1000, 8).chunks == [(i, 20) for i in range(1, 5)]
+
+
+def test_prefilling_rows_go_on_first_and_decoding_rows_decode_between_their_chunks() -> None:
+    running = [job(0), Ticket(1, 100, 1e9, prefill=70)]  # row 1: 70 prompt tokens still to prefill
+    waiting = [Ticket(2, 50, 1e9, prefill=40)]
+    step = schedule(waiting, running, NOW, 1000, 8, prefill_tokens=32)
+    assert step.chunks == [(1, 32)] and step.admit == [] and step.decode  # row 0 decodes meanwhile
+    running = [job(0), Ticket(1, 100, 1e9, prefill=6)]
+    step = schedule(waiting, running, NOW, 1000, 8, prefill_tokens=32)
+    assert step.chunks == [(1, 6), (2, 26)] and step.admit == [2]
+
+
+def test_a_prefilling_row_holds_its_whole_reservation() -> None:
+    running = [Ticket(1, 60, 1e9, prefill=50)]  # barely started: still reserves 60
+    step = schedule([Ticket(2, 60, 1e9, prefill=10)], running, NOW, budget=100, max_rows=8, prefill_tokens=64)
+    assert step.admit == [] and step.chunks == [(1, 50)] and step.decode
+
+
+def test_only_a_prefilling_row_means_no_decode_step_until_its_prompt_is_done() -> None:
+    step = schedule([], [Ticket(1, 60, 1e9, prefill=50)], NOW, 1000, 8, prefill_tokens=16)
+    assert step.chunks == [(1, 16)] and not step.decode and not step.idle
+
+
+def test_an_isolated_row_goes_on_prefilling_alone() -> None:
+    running = [Ticket(1, 60, 1e9, isolated=True, prefill=50)]
+    step = schedule([job(2)], running, NOW, 1000, 8, prefill_tokens=16)
+    assert step.chunks == [(1, 16)] and step.admit == [] and not step.decode

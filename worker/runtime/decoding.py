@@ -1,6 +1,7 @@
 """Step-level decoding for the continuous-batching engine: one left-padded ``DynamicCache`` of running rows.
 
-A new row is prefilled alone (no padding, pixels included), then joins the running batch: the narrower of
+A new row is prefilled alone (no padding), in one or several chunks into its own cache (:class:`Pending`),
+then joins the running batch: the narrower of
 the two caches is left-padded to the other's width and the two are concatenated along the batch. Each
 decode step feeds every row's last token with its own position (the count of its real tokens) and a mask
 that hides the padding. A row that ends leaves at once: its cache rows are dropped by index and the columns
@@ -15,7 +16,7 @@ CPU is the forward, not the cache copy (see bench/serving.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,28 @@ class Row:
     def length(self) -> int:
         """Tokens this row holds in the KV cache (its prompt and every generated token but the last)."""
         return self.prepared.prompt_tokens + len(self.tokens) - 1
+
+
+@dataclass(eq=False)
+class Pending:
+    """A row whose prompt is being prefilled, chunk by chunk, into its own cache (batch 1, no padding).
+    ``embeds``: the prompt's input embeddings (image features merged) from token ``start`` on, set by the
+    first chunk (after a prefix-cache hit ``start`` is the cached prefix's length); ``done``: tokens in
+    ``cache``."""
+
+    prepared: Prepared
+    sampling: Sampling
+    cache: DynamicCache
+    embeds: torch.Tensor | None = None  # (1, prompt_tokens - start, hidden)
+    start: int = 0
+    done: int = 0
+    prefix_key: Hashable | None = None  # where to store the image's prefix once prefilled (None: nowhere)
+    prefix_length: int = 0
+
+    @property
+    def left(self) -> int:
+        """Prompt tokens still to prefill."""
+        return self.prepared.prompt_tokens - self.done
 
 
 class GrowingLayer(DynamicLayer):

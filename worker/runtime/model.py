@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import inspect
 import logging
 import math
@@ -21,8 +22,9 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from producer.errors import InvalidRequest, JobTimeout
 from worker.runtime import scoring
-from worker.runtime.decoding import DecodeBatch, Row, pick
+from worker.runtime.decoding import DecodeBatch, Pending, Row, pick
 from worker.runtime.loading import load_model
+from worker.runtime.prefix import PrefixCache
 from worker.runtime.scoring import LabelQuery
 from worker.settings import WorkerSettings
 
@@ -56,6 +58,7 @@ class Prepared:
     pixel_values: torch.Tensor  # (tiles, 3, H, W)
     image_size: torch.Tensor  # (2,): height, width
     image_tokens: int
+    image_digest: str = ""  # the decoded image's hash (prefix cache on): same image, same KV prefix
 
     @property
     def prompt_tokens(self) -> int:
@@ -138,6 +141,7 @@ class Runtime:
             pixel_values=inputs["pixel_values"][0],
             image_size=inputs["image_sizes"][0],
             image_tokens=int((inputs["input_ids"][0] == self.image_token_id).sum()),
+            image_digest=_digest(prompt.image) if self.settings.prefix_cache_tokens else "",
         )
         if prepared.prompt_tokens + reserve > self.context_length:
             raise InvalidRequest(
@@ -246,14 +250,64 @@ class Runtime:
 
     # -- step-level API of the continuous-batching engine (worker/engine.py); the model thread only
 
-    def start_row(self, prepared: Prepared, sampling: Sampling) -> tuple[Row, DynamicCache]:
-        """Prefill one prompt alone (pixels included, no padding) and pick its first token. The row joins
-        a :class:`DecodeBatch` with ``batch.join(row, cache)``."""
+    def begin_row(self, prepared: Prepared, sampling: Sampling) -> Pending:
+        """A row to prefill, chunk by chunk, with :meth:`prefill_chunk`."""
+        return Pending(prepared, sampling, cache=DynamicCache(config=self.model.config))
+
+    def prefill_chunk(
+        self, pending: Pending, tokens: int, prefix: PrefixCache | None = None
+    ) -> tuple[Row, DynamicCache] | None:
+        """Prefill up to ``tokens`` more of the row's prompt (positions follow from its cache). The first
+        chunk takes the image's prefix from ``prefix`` if there (no vision tower), else computes the
+        prompt's input embeddings, and ``prefix`` keeps a copy of the prefix once prefilled. The whole
+        prompt done: the row with its first token and its cache (for ``DecodeBatch.join(row, cache)``)."""
         with torch.inference_mode():
-            output = self.model(**self.collate([prepared]), use_cache=True, logits_to_keep=1)
-        row = Row(prepared, sampling, generator=self._generator(sampling))
+            if pending.embeds is None:
+                self._start(pending, prefix)
+            assert pending.embeds is not None
+            end = pending.done + min(tokens, pending.left)
+            output = self.model(
+                inputs_embeds=pending.embeds[:, pending.done - pending.start : end - pending.start],
+                **{self._cache_kwarg: pending.cache},
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        pending.done = end
+        if prefix is not None and pending.prefix_key is not None and end >= pending.prefix_length:
+            length, layers = pending.prefix_length, pending.cache.layers
+            kv = [(x.keys[:, :, :length], x.values[:, :, :length]) for x in layers]  # type: ignore[union-attr,index]
+            prefix.put(pending.prefix_key, length, kv)
+            pending.prefix_key = None
+        if pending.left:
+            return None
+        row = Row(pending.prepared, pending.sampling, generator=self._generator(pending.sampling))
         self._append(row, output.logits[0, -1])
-        return row, getattr(output, self._cache_kwarg)
+        return row, pending.cache
+
+    def _start(self, pending: Pending, prefix: PrefixCache | None) -> None:
+        """The prompt's embeddings from the image's cached prefix on, or all of them (image features
+        merged by the model's own ``get_image_features`` and placeholder mask)."""
+        found = prefix.key(pending.prepared, self.image_token_id) if prefix is not None else None
+        layers = prefix.get(found[0]) if prefix is not None and found is not None else None
+        if found is not None and layers is not None:
+            for index, (keys, values) in enumerate(layers):
+                pending.cache.update(keys, values, index)
+            ids = pending.prepared.input_ids[found[1] :].to(self.device)
+            pending.embeds = self.model.get_input_embeddings()(ids[None])
+            pending.start = pending.done = found[1]
+            return
+        pending.embeds = self._prompt_embeds(pending.prepared)
+        pending.prefix_key, pending.prefix_length = found if found is not None else (None, 0)
+
+    def _prompt_embeds(self, prepared: Prepared) -> torch.Tensor:
+        inputs = self.collate([prepared])
+        embeds = self.model.get_input_embeddings()(inputs["input_ids"])
+        features = self.model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
+        ).pooler_output
+        features = torch.cat(features, dim=0).to(embeds.device, embeds.dtype)
+        mask = self.model.model.get_placeholder_mask(inputs["input_ids"], embeds, features)
+        return embeds.masked_scatter(mask, features)
 
     def decode_step(self, batch: DecodeBatch) -> None:
         """One decoding step: every row of ``batch`` gets its next token (``row.ended`` tells who is done)."""
@@ -435,6 +489,13 @@ class _StopAtDeadlines(StoppingCriteria):
         if struck is None or struck >= limit:
             return False
         return not any(token in eos_ids for token in tokens[:struck])
+
+
+def _digest(image: Image.Image) -> str:
+    """A hash of the decoded image (mode, size, pixels): what its features depend on."""
+    digest = hashlib.blake2b(f"{image.mode}:{image.size}".encode(), digest_size=16)
+    digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 def _checked(results: list[Any], batch: Sequence[Any]) -> list[Any]:
