@@ -168,6 +168,7 @@ def run_seed(runtime: Any, meter: Meter, jobs: list[Job], images: list[bytes]) -
 
     from worker.images import decode_image
     from worker.runtime import Prompt
+    from worker.runtime.scoring import LabelQuery
 
     records, start = [], time.perf_counter()
     for job in jobs:
@@ -175,7 +176,8 @@ def run_seed(runtime: Any, meter: Meter, jobs: list[Job], images: list[bytes]) -
         picture = decode_image(images[job.image], 10**8)
         if job.task == TASK_CLASSIFY:
             text = f"Classify the image. Answer with one of: {', '.join(job.labels)}."
-            runtime.score_labels([runtime.prepare(Prompt(picture, text))], [list(job.labels)])
+            item = runtime.prepare(Prompt(picture, text))
+            runtime.score_labels([item], [list(job.labels)], queries=[LabelQuery(text)])
             tokens = 0
         else:
             prepared = runtime.prepare(Prompt(picture, "Describe the image."))
