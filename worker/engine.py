@@ -24,7 +24,9 @@ per job instead of 30.
 
 KV budget: a left-padded cache holds ``rows x width`` positions, and a row's length never passes its prompt
 plus its ``max_new_tokens``; so admission reserves ``rows x max(prompt + max_new_tokens)`` (the padded
-footprint), never over-committing. A paged cache would not pay for the padding; that is left for later.
+footprint), never over-committing. The classify jobs of a step are scored together in one forward pass
+over their merged, left-padded caches, so they are budgeted together too (:func:`classify_footprint`),
+beside the running rows. A paged cache would not pay for the padding; that is left for later.
 """
 
 from __future__ import annotations
@@ -98,8 +100,7 @@ def schedule(
     would stall the running rows and any classify job behind them); the first that does not fit stops later
     generate jobs (no starvation), but a classify job behind it runs if the transient peak of the step's
     classify jobs, scored together (:func:`classify_footprint`), still fits beside the rows. An isolated
-    job waits until no row runs, then runs alone; nothing is admitted beside it
-    or behind it meanwhile.
+    job waits until no row runs, then runs alone; nothing is admitted beside it or behind it meanwhile.
     """
     timed_out = [row.id for row in running if row.deadline <= now]
     rows = [row for row in running if row.deadline > now]

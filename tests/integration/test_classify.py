@@ -127,13 +127,19 @@ def test_images_scored_together_equal_each_scored_alone(runtime: Runtime) -> Non
     jobs = batch_mates(runtime)
     alone = [runtime.score_labels([p], [labels], queries=[q])[0] for p, labels, q in jobs]
     assert len({p.prompt_tokens for p, _, _ in jobs}) == 4  # different sizes: the caches are padded
-    for count in (2, 3, 4):
-        items, labels, queries = (list(column) for column in zip(*jobs[:count], strict=True))
-        together = runtime.score_labels(items, labels, queries=queries)
+    items, labels, queries = (list(column) for column in zip(*jobs, strict=True))
+    planned = [runtime._plan_scoring(*job) for job in jobs]
+    for count in (2, 3, 4):  # in ONE forward, however unlike their shapes
+        with torch.inference_mode():
+            together = runtime._score_together(planned[:count])
         for scores, expected in zip(together, alone, strict=False):
             assert isinstance(scores, LabelScores) and isinstance(expected, LabelScores)
             assert scores.logprobs == pytest.approx(expected.logprobs, abs=1e-4)
             assert scores.scores == pytest.approx(expected.scores, abs=1e-4)
+    for scores, expected in zip(runtime.score_labels(items, labels, queries=queries), alone, strict=True):
+        assert isinstance(scores, LabelScores) and isinstance(expected, LabelScores)
+        assert scores.logprobs == pytest.approx(expected.logprobs, abs=1e-4)
+        assert scores.scores == pytest.approx(expected.scores, abs=1e-4)
 
 
 def test_a_failing_job_does_not_fail_its_batch_mates(runtime: Runtime) -> None:

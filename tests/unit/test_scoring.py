@@ -14,6 +14,7 @@ from worker.runtime.scoring import (
     attention_mask,
     common_prefix,
     exclusive_scores,
+    forward_groups,
     yes_no_scores,
 )
 
@@ -69,3 +70,17 @@ def test_formulas() -> None:
     assert yes_no_scores([math.log(0.3), -1e4, 0.0], [math.log(0.1), 0.0, -1e4]) == pytest.approx(
         [0.75, 0.0, 1.0]
     )
+
+
+def test_images_of_similar_shape_share_a_forward_and_padding_stays_bounded() -> None:
+    assert forward_groups([(2400, 30)] * 4) == [[0, 1, 2, 3]]
+    # 30-node rows beside 242-node rows would be padded 8x: they go apart; the two alike go together.
+    assert forward_groups([(2404, 30), (2358, 242), (2404, 30), (1182, 242)]) == [[0, 2], [3], [1]]
+    shapes = [(w, n) for w in (100, 900, 2400, 2500) for n in (3, 30, 31, 200, 242)]
+    for waste in (1.0, 1.25, 2.0):
+        groups = forward_groups(shapes, waste)
+        assert sorted(i for group in groups for i in group) == list(range(len(shapes)))
+        for group in groups:
+            width, nodes = max(shapes[i][0] for i in group), max(shapes[i][1] for i in group)
+            own = sum(shapes[i][1] * (shapes[i][0] + shapes[i][1]) for i in group)
+            assert len(group) * nodes * (width + nodes) <= waste * own

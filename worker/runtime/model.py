@@ -307,7 +307,8 @@ class Runtime:
         """Score each image's labels (see :mod:`worker.runtime.scoring`): ``queries[i]`` says how (the text
         the prompt was prepared from; a question template for multi-label mode). Each image's shared prompt
         is prefilled alone (no padding: attention's fast causal path), the caches are merged left-padded,
-        then ONE forward pass scores every label of every image (each row its own labels' prefix tree).
+        then ONE forward pass scores every label of every image (each row its own labels' prefix tree),
+        or one per group of similar shapes when padding would cost more (:func:`scoring.forward_groups`).
         A prompt whose deadline has passed gets a :class:`JobTimeout`, one whose labels cannot be scored
         (``InvalidRequest``) its error; neither stops the others."""
         if not len(batch) == len(labels) == len(queries):
@@ -328,11 +329,13 @@ class Runtime:
                 if self.is_out_of_memory(exc):
                     raise
                 results[index] = exc
-        if plans:
+        indices, jobs = list(plans), list(plans.values())
+        shapes = [(len(job.ids), len(job.plan.tree.tokens)) for job in jobs]
+        for group in scoring.forward_groups(shapes):
             with torch.inference_mode():
-                scored = self._score_together(list(plans.values()))
-            for index, output in zip(plans, scored, strict=True):
-                results[index] = output
+                scored = self._score_together([jobs[k] for k in group])
+            for k, output in zip(group, scored, strict=True):
+                results[indices[k]] = output
         return _checked(results, batch)
 
     def is_out_of_memory(self, error: BaseException) -> bool:

@@ -264,6 +264,29 @@ class LabelPlan:
         return answer_logprobs(self.answers, self.prefix, self.tree, logprobs)
 
 
+def forward_groups(shapes: Sequence[tuple[int, int]], waste: float = 1.25) -> list[list[int]]:
+    """Which images share a scoring forward pass: ``shapes[i]`` is image i's (prefix length, tree nodes).
+    Rows are padded to the group's widest prefix and most nodes, so each group keeps its padded cost,
+    rows x nodes x (prefix + nodes) (the masked attention's work), within ``waste`` x the sum of its rows' own
+    costs; images of similar shape are grouped first (sorted by nodes, then prefix). Measured on CPU (the
+    scoring forward of 4 images, 1 thread): 4 alike rows together took 0.4-0.9x the time of one by one,
+    30-node rows padded to 242 beside 242-node rows 1.5-2.4x."""
+
+    def cost(group: list[int]) -> int:
+        width = max(shapes[i][0] for i in group)
+        nodes = max(shapes[i][1] for i in group)
+        return len(group) * nodes * (width + nodes)
+
+    groups: list[list[int]] = []
+    for index in sorted(range(len(shapes)), key=lambda i: (shapes[i][1], shapes[i][0])):
+        grown = [*groups[-1], index] if groups else []
+        if grown and cost(grown) <= waste * sum(cost([i]) for i in grown):
+            groups[-1] = grown
+        else:
+            groups.append([index])
+    return groups
+
+
 def answer_logprobs(
     candidates_: Sequence[Candidate], prefix: int, tree: PackedTree, logprobs: torch.Tensor
 ) -> list[float]:
