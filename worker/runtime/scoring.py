@@ -6,7 +6,8 @@ prefixes, BPE merges across the boundary). Its score is the sum of the log-proba
 to and including the first end-of-turn token. The candidates' tokens after their common prefix are
 packed into ONE sequence as a prefix tree (shared tokens once), run against the prefix's KV cache with a 4D
 attention mask (each token sees the prefix and its own ancestors) and per-token position ids: no per-label
-copy of the KV.
+copy of the KV. Several images' trees go in one forward, one row each over their merged prefixes' caches
+(:func:`attention_mask`), grouped by shape so padding stays cheap (:func:`forward_groups`).
 """
 
 from __future__ import annotations
