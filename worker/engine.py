@@ -28,6 +28,8 @@ footprint), never over-committing. A paged cache would not pay for the padding; 
 A long prompt is prefilled in chunks (at most ``prefill_tokens`` a step, decode steps between them); its
 row holds its whole reservation from admission. The steps' prefix cache (same image, several jobs) has
 its own share, set aside from the budget.
+The classify jobs of a step are scored together in one forward pass over their merged, left-padded
+caches, so they are budgeted together too (:func:`classify_footprint`), beside the running rows.
 """
 
 from __future__ import annotations
@@ -103,9 +105,9 @@ def schedule(
     new jobs take the rest, a long prompt in chunks over several steps (its KV reserved from its first).
     Generate jobs join in arrival order while ``footprint`` stays within ``budget``, rows within
     ``max_rows`` and prefill tokens are left this step; the first that does not fit stops later generate
-    jobs (no starvation), but a classify job behind it runs if its transient peak fits beside the running
-    rows. An isolated job waits until no row runs, then runs alone; nothing is admitted beside it or behind
-    it meanwhile.
+    jobs (no starvation), but a classify job behind it runs if the transient peak of the step's classify
+    jobs, scored together (:func:`classify_footprint`), still fits beside the rows. An isolated job waits
+    until no row runs, then runs alone; nothing is admitted beside it or behind it meanwhile.
     """
     timed_out = [row.id for row in running if row.deadline <= now]
     rows = [row for row in running if row.deadline > now]
@@ -121,6 +123,7 @@ def schedule(
     if any(row.isolated for row in rows):
         return _with(step, decode=_decoding(step, rows))
     held = [row.tokens for row in rows]
+    scored: list[Ticket] = []  # the step's classify jobs
     blocked = False
     for job in live:
         if job.isolated:
@@ -128,7 +131,8 @@ def schedule(
                 (step.classify if job.classify else step.admit).append(job.id)
             break
         if job.classify:
-            if footprint(held) + job.tokens <= budget:
+            if footprint(held) + classify_footprint([*scored, job]) <= budget:
+                scored.append(job)
                 step.classify.append(job.id)
         elif not blocked and _fits(job, held, budget, max_rows, prefill_left):
             held.append(job.tokens)
@@ -140,6 +144,16 @@ def schedule(
             blocked = True
     admitted = [job for job in live if job.id in step.admit]
     return _with(step, decode=_decoding(step, [*rows, *admitted]))
+
+
+def classify_footprint(jobs: Sequence[Ticket]) -> int:
+    """KV positions classify jobs scored together may reach: each image's prompt (``prefill``) left-padded to
+    the longest, then its labels' tokens (``tokens - prefill``) padded to the most: rows x (widest prompt +
+    widest labels), at least the sum of their peaks."""
+    if not jobs:
+        return 0
+    prompt = max(job.prefill for job in jobs)
+    return len(jobs) * (prompt + max(job.tokens - job.prefill for job in jobs))
 
 
 def _fits(job: Ticket, held: list[int], budget: int, max_rows: int, prefill_left: int) -> bool:
@@ -165,7 +179,7 @@ class Steps(Protocol):
 
     def cost(self, key: Hashable, payload: Any) -> int: ...
     def prompt_tokens(self, payload: Any) -> int: ...
-    def classify(self, payload: Any) -> Any: ...
+    def classify(self, payloads: Sequence[Any]) -> list[Any]: ...
     def join(self, row_id: int, key: Hashable, payload: Any) -> int: ...  # prompt tokens left to prefill
     def prefill(self, row_id: int, tokens: int) -> int: ...  # tokens left; 0: the row decodes
     def step(self) -> None: ...
@@ -302,8 +316,8 @@ class ContinuousEngine(ModelThread):
         if step.timed_out:
             late = JobTimeout("the job's generation ran past its deadline (job_timeout)")
             self._leave(step.timed_out, late)
-        for job in self._take(step.classify):
-            self._classify(job)
+        if step.classify:
+            self._classify(self._take(step.classify))
         for job in self._take(step.admit):
             self._admit(job)
         for row_id, tokens in step.chunks:
@@ -311,16 +325,29 @@ class ContinuousEngine(ModelThread):
         if step.decode and any(job.decoding for job in self._running.values()):
             self._decode()
 
-    def _classify(self, job: _Job) -> None:
+    def _classify(self, jobs: list[_Job]) -> None:
+        """Score the step's classify jobs together (one output or error each). If that fails as a whole
+        (out of memory, a model error), its memory is freed first, then each job runs again alone."""
         started = self._clock()
         outputs: list[Any] = []
-        failure = self._guarded(lambda: outputs.append(self._steps.classify(job.payload)))
-        output = failure if failure is not None else outputs[0]
-        if isinstance(output, BaseException):
-            _settle(job, error=output)
-        else:
-            _settle(job, result=Done(output, len(self._running) + 1, started - job.enqueued))
-            self.jobs_run += 1
+
+        def score() -> None:
+            outputs.extend(self._steps.classify([job.payload for job in jobs]))
+            if len(outputs) != len(jobs):
+                raise InternalError(f"classify returned {len(outputs)} outputs for {len(jobs)} jobs")
+
+        failure = self._guarded(score)
+        if failure is not None and len(jobs) > 1:
+            log.warning("classify of %d jobs together failed (%s): each again alone", len(jobs), failure)
+            for job in jobs:
+                self._classify([job])
+            return
+        for job, output in zip(jobs, outputs if failure is None else [failure], strict=True):
+            if isinstance(output, BaseException):
+                _settle(job, error=output)
+            else:
+                _settle(job, result=Done(output, len(self._running) + len(jobs), started - job.enqueued))
+                self.jobs_run += 1
 
     def _admit(self, job: _Job) -> None:
         job.started = self._clock()

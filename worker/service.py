@@ -37,7 +37,7 @@ from worker.faults import Faults
 from worker.fetch import FetchAborted
 from worker.images import ImageLoader, keep_side_for
 from worker.runtime import LabelScores, Prepared, Prompt, Runtime, Sampling
-from worker.runtime.scoring import LabelQuery
+from worker.runtime.scoring import LabelQuery, refuse_special_tokens
 from worker.settings import WorkerSettings
 from worker.steps import RuntimeSteps
 
@@ -150,7 +150,7 @@ class Service:
                 wait = self.settings.max_batch_wait_ms / 1000
                 self.batcher = DynamicBatcher(self._start_batch, self.settings.max_batch_size, wait).start()
             else:
-                steps = RuntimeSteps(runtime, self.faults, self._classify_one, self._on_rows)
+                steps = RuntimeSteps(runtime, self.faults, self._classify, self._on_rows)
                 budget, rows = runtime.kv_budget_tokens(), self.settings.max_running_rows
                 prefill = self.settings.max_prefill_tokens
                 self.batcher = ContinuousEngine(steps, budget, rows, prefill).start()
@@ -236,6 +236,8 @@ class Service:
         deadline = time.monotonic() + timeout
         work = self._work(task_name, parsed)
         runtime, batcher = self._started()
+        if work.labels:  # before the processor reads the labels in the prompt (exclusive mode)
+            refuse_special_tokens(runtime.processor.tokenizer, work.labels)
         try:
             image = self.images.load(parsed.image, deadline)
         except FetchAborted:
@@ -301,13 +303,15 @@ class Service:
         half = len(items) // 2
         return self._run_batch(key, items[:half]) + self._run_batch(key, items[half:])
 
-    def _classify_one(self, item: _Item) -> Any:
-        """The continuous engine's classify: one job through the runtime's public scoring call."""
-        self.on_model_start([item.job_id])
+    def _classify(self, items: list[_Item]) -> list[Any]:
+        """The continuous engine's classify: the jobs of one step through the runtime's public scoring call
+        (scored together)."""
+        job_ids = [item.job_id for item in items]
+        self.on_model_start(job_ids)
         try:
-            return self._call_model(self._started()[0], ("score",), [item])[0]
+            return self._call_model(self._started()[0], ("score",), items)
         finally:
-            self.on_model_end([item.job_id])
+            self.on_model_end(job_ids)
 
     def _on_rows(self, items: list[_Item], joined: bool) -> None:
         """The engine's rows joining and leaving the decode batch: the delivery ledger's attempts (one Redis

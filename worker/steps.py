@@ -14,14 +14,15 @@ from worker.runtime.prefix import PrefixCache
 
 
 class RuntimeSteps:
-    """Engine steps over a runtime. ``payload`` has ``prepared`` and ``marks`` (the service's item); a
-    classify payload goes as is to ``classify`` (the service's call of ``Runtime.score_labels``)."""
+    """Engine steps over a runtime. ``payload`` has ``prepared`` and ``marks`` (the service's item); the
+    classify payloads of a step go together to ``classify`` (the service's call of
+    ``Runtime.score_labels``: one output or error each)."""
 
     def __init__(
         self,
         runtime: Runtime,
         faults: Faults,
-        classify: Callable[[Any], Any],
+        classify: Callable[[list[Any]], list[Any]],
         on_rows: Callable[[list[Any], bool], None] = lambda payloads, joined: None,
         prefix_tokens: int | None = None,
     ) -> None:
@@ -62,8 +63,8 @@ class RuntimeSteps:
     def prefix_tokens(self) -> int:
         return self.prefix.tokens
 
-    def classify(self, payload: Any) -> Any:
-        return self._classify(payload)
+    def classify(self, payloads: Sequence[Any]) -> list[Any]:
+        return self._classify(list(payloads))
 
     def join(self, row_id: int, key: Hashable, payload: Any) -> int:
         """A row whose prefill starts (KV reserved); its prompt tokens."""

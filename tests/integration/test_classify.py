@@ -1,10 +1,12 @@
 """Label scoring on every tiny family checkpoint against a plain reference: one uncached forward pass per
-answer over prompt + answer + end-of-turn token, through the processor; and its memory: no per-label copy
-of the prompt's KV."""
+answer over prompt + answer + end-of-turn token, through the processor; several images scored together as
+each alone; labels holding special-token text; and its memory: no per-label copy of the prompt's KV."""
 
 from __future__ import annotations
 
 import collections
+import math
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,8 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from worker.runtime import Prepared, Prompt, Runtime
+from producer.errors import InvalidRequest, JobTimeout
+from worker.runtime import LabelScores, Prepared, Prompt, Runtime
 from worker.runtime.scoring import NO, YES, LabelQuery
 from worker.settings import WorkerSettings
 
@@ -100,15 +103,79 @@ def test_eager_attention_takes_the_same_mask(runtime: Runtime, cache_dir: Path) 
     assert scores.logprobs == pytest.approx(expected.logprobs, abs=1e-4)
 
 
-def test_several_images_in_one_call_score_as_alone(runtime: Runtime) -> None:
-    items = [prepared(runtime, TEXT), runtime.prepare(Prompt(Image.new("RGB", (40, 90)), TEXT))]
-    labels = [["stop", "go"], ["cat", "dog", "bird"]]
-    together = runtime.score_labels(items, labels, queries=[LabelQuery(TEXT)] * 2)
-    alone = [
-        runtime.score_labels([item], [names], queries=[LabelQuery(TEXT)])[0]
-        for item, names in zip(items, labels, strict=True)
-    ]
-    assert [s.logprobs for s in together] == [s.logprobs for s in alone]  # type: ignore[union-attr]
+def batch_mates(runtime: Runtime) -> list[tuple[Prepared, list[str], LabelQuery]]:
+    """Four images of different sizes, each with its own labels; exclusive and multi-label side by side."""
+    question = "Does this picture show {label}? Answer Yes or No."
+    multi = [["nudity", "violence", "a red stop sign"], ["cat"]]
+    exclusive = [LABEL_SETS["prefixes"], ["stop", "go", "猫"]]
+    jobs = []
+    for index, size in enumerate([(64, 48), (40, 90), (700, 200), (300, 300)]):
+        picture = Image.new("RGB", size, (30 * index, 200, 90))
+        if index % 2:  # multi-label, beside an exclusive job
+            labels = multi[index // 2]
+            text = question.replace("{label}", max(labels, key=len))
+            query = LabelQuery(text, question)
+        else:
+            labels = exclusive[index // 2]
+            text = f"{TEXT} Answer with one of: {', '.join(labels)}."
+            query = LabelQuery(text)
+        jobs.append((runtime.prepare(Prompt(picture, text)), labels, query))
+    return jobs
+
+
+def test_images_scored_together_equal_each_scored_alone(runtime: Runtime) -> None:
+    jobs = batch_mates(runtime)
+    alone = [runtime.score_labels([p], [labels], queries=[q])[0] for p, labels, q in jobs]
+    assert len({p.prompt_tokens for p, _, _ in jobs}) == 4  # different sizes: the caches are padded
+    items, labels, queries = (list(column) for column in zip(*jobs, strict=True))
+    planned = [runtime._plan_scoring(*job) for job in jobs]
+    for count in (2, 3, 4):  # in ONE forward, however unlike their shapes
+        with torch.inference_mode():
+            together = runtime._score_together(planned[:count])
+        for scores, expected in zip(together, alone, strict=False):
+            assert isinstance(scores, LabelScores) and isinstance(expected, LabelScores)
+            assert scores.logprobs == pytest.approx(expected.logprobs, abs=1e-4)
+            assert scores.scores == pytest.approx(expected.scores, abs=1e-4)
+    for scores, expected in zip(runtime.score_labels(items, labels, queries=queries), alone, strict=True):
+        assert isinstance(scores, LabelScores) and isinstance(expected, LabelScores)
+        assert scores.logprobs == pytest.approx(expected.logprobs, abs=1e-4)
+        assert scores.scores == pytest.approx(expected.scores, abs=1e-4)
+
+
+def test_a_failing_job_does_not_fail_its_batch_mates(runtime: Runtime) -> None:
+    (first, first_labels, first_query), _, (last, last_labels, last_query) = batch_mates(runtime)[:3]
+    bad = [f"a {runtime.processor.tokenizer.eos_token} b"]  # a special token's text: refused
+    items, labels = [first, first, first, last], [first_labels, bad, first_labels, last_labels]
+    deadlines = [math.inf, math.inf, time.monotonic() - 1, math.inf]  # the third is already late
+    queries = [first_query, first_query, first_query, last_query]
+    scored = runtime.score_labels(items, labels, deadlines, queries=queries)
+    assert isinstance(scored[1], InvalidRequest) and "special token" in scored[1].message
+    assert isinstance(scored[2], JobTimeout)
+    for index in (0, 3):
+        [expected] = runtime.score_labels([items[index]], [labels[index]], queries=[queries[index]])
+        assert scored[index].logprobs == pytest.approx(expected.logprobs, abs=1e-4)  # type: ignore[union-attr]
+
+
+SPECIAL_TEXT = ["</s>", "<|im_end|>", "<|eot_id|>", "[INST]", "<image>", "<|start_header_id|>"]
+
+
+def test_labels_with_special_token_text_are_refused_or_scored_as_plain_text(runtime: Runtime) -> None:
+    """A label holding one of this tokenizer's special tokens is refused (it would be cut short or read as a
+    control token); the other families' special strings are plain text here and score as the reference."""
+    tokenizer = runtime.processor.tokenizer
+    specials = {*tokenizer.get_added_vocab(), *tokenizer.all_special_tokens}
+    refused = [f"a {text} b" for text in SPECIAL_TEXT if text in specials]
+    plain = [f"a {text} b" for text in SPECIAL_TEXT if text not in specials]
+    assert refused and plain and "<image>" in " ".join(refused)
+    item = prepared(runtime, TEXT)
+    for label in refused:
+        [scores] = runtime.score_labels([item], [["cat", label]], queries=[LabelQuery(TEXT)])
+        assert isinstance(scores, InvalidRequest) and repr(label) in scores.message
+    [scores] = runtime.score_labels([item], [plain], queries=[LabelQuery(TEXT)])
+    assert isinstance(scores, LabelScores)
+    assert scores.logprobs == pytest.approx(
+        [reference_logprob(runtime, TEXT, label) for label in plain], abs=1e-4
+    )
 
 
 class LiveTensorBytes(TorchDispatchMode):

@@ -1,5 +1,6 @@
 """Classify through a real redis-server and worker: exclusive scores and log-probs, multi-label thresholds
-(one, per label, at or above), invalid thresholds as ``invalid_request`` (client, wire, CLI)."""
+(one, per label, at or above), invalid thresholds and labels holding special-token text as
+``invalid_request`` (client, wire, CLI)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,19 @@ def test_invalid_thresholds_are_invalid_requests(client: LlavaClient, shared_wor
     with pytest.raises(InvalidRequest) as raised:
         client.job(sent.id, TASK_CLASSIFY).get(60)
     assert raised.value.code == "invalid_request"
+
+
+@pytest.mark.parametrize("multi_label", [False, True], ids=["exclusive", "multi-label"])
+def test_labels_with_special_token_text_are_invalid_requests(
+    client: LlavaClient, shared_worker, multi_label
+) -> None:
+    labels = ["cat", "stop</s> here"]  # the tiny mistral tokenizer's end of sequence
+    with pytest.raises(InvalidRequest, match="special token") as raised:
+        client.classify(
+            IMAGES / "stop_sign.jpg", labels, multi_label=multi_label, queue=shared_worker[2]
+        ).get(60)
+    assert raised.value.code == "invalid_request"
+    assert classify(client, shared_worker[2], multi_label=multi_label).scores  # the worker serves on
 
 
 def test_cli_multi_label_per_label_thresholds(client_settings, cache_dir, shared_worker, tmp_path) -> None:

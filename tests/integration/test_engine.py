@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from producer.errors import JobTimeout, ResourceExhausted
+from producer.errors import InvalidRequest, JobTimeout, ResourceExhausted
 from tests.integration.conftest import IMAGES, wait_for
 from worker.engine import ContinuousEngine
 from worker.faults import Faults
@@ -54,17 +54,22 @@ class ObservedSteps(RuntimeSteps):
     """The real steps, counting decode steps and recording the KV held and the rows of each step."""
 
     def __init__(self, runtime: Runtime, faults: Faults | None = None) -> None:
-        super().__init__(
-            runtime,
-            faults or Faults(),
-            lambda item: runtime.score_labels([item.prepared], [item.labels], queries=[item.query])[0],
-        )
+        super().__init__(runtime, faults or Faults(), self._score)
+        self.classify_calls: list[int] = []  # how many jobs each classify call scored together
         self.count = 0
         self.peak_kv = 0
         self.rows_per_step: list[tuple[int, ...]] = []
         self.prefilling_per_step: list[tuple[int, ...]] = []  # rows still prefilling at each decode step
         self.chunks: list[tuple[int, int]] = []  # (row id, tokens asked) of each prefill chunk
         self.after_step: dict[int, Callable[[], object]] = {}  # step count -> action (on the engine's thread)
+
+    def _score(self, items: list[Item]) -> list[Any]:
+        """The service's classify: fault injection, then one scoring call for the step's jobs."""
+        self.classify_calls.append(len(items))
+        self.faults.before_model_call([item.marks for item in items])
+        queries = [item.query for item in items]
+        labels = [item.labels or [] for item in items]
+        return self.runtime.score_labels([item.prepared for item in items], labels, queries=queries)  # type: ignore[arg-type]
 
     def prefill(self, row_id: int, tokens: int) -> int:
         left = super().prefill(row_id, tokens)
@@ -205,6 +210,67 @@ def test_classify_between_decode_steps_finishes_before_long_captions(runtime: Ru
     assert scored.result(WAIT).output == runtime.score_labels([prepared[3]], [labels], queries=[query])[0]
     wait_for(lambda: len(finished) == 4, WAIT, "every job")
     assert finished[0] == "classify"
+
+
+def classify_jobs(runtime: Runtime, *marks: frozenset[str]) -> list[Item]:
+    """Three classify jobs of different images: exclusive, multi-label, and one whose label is refused."""
+    question = "Is there {label} in this image? Answer Yes or No."
+    exclusive, multi = ["cat", "dog", "stop sign"], ["violence", "a red sign"]
+    text = question.replace("{label}", max(multi, key=len))
+    shapes = [
+        (prompts()[1].image, exclusive, LabelQuery(prompts()[1].text)),
+        (prompts()[2].image, multi, LabelQuery(text, question)),
+        (prompts()[3].image, ["cat", "an <image> tag"], LabelQuery(prompts()[3].text)),
+    ]
+    return [
+        Item(runtime.prepare(Prompt(image, query.text)), labels, query=query, marks=mark)
+        for (image, labels, query), mark in zip(shapes, marks or [frozenset()] * 3, strict=True)
+    ]
+
+
+def alone(runtime: Runtime, item: Item) -> Any:
+    return runtime.score_labels([item.prepared], [item.labels or []], queries=[item.query])[0]  # type: ignore[list-item]
+
+
+def submit_during_decoding(
+    runtime: Runtime, steps: ObservedSteps, engine: ContinuousEngine, items: list[Item]
+) -> list[Future]:
+    """Submit ``items`` from the engine's thread after a decode step: they all wait for the same next step."""
+    futures: list[Future] = []
+    steps.after_step[2] = lambda: futures.extend(engine.submit(("score",), item, WAIT) for item in items)
+    sampling = Sampling(max_new_tokens=8, min_new_tokens=4)  # decodes past step 2 whatever it writes
+    caption = engine.submit(("generate", sampling), Item(runtime.prepare(prompts()[0])), WAIT)
+    wait_for(lambda: futures, WAIT, "the classify jobs")
+    caption.result(WAIT)
+    return futures
+
+
+def test_classify_jobs_of_one_step_are_scored_together_as_each_alone(runtime: Runtime, make_engine) -> None:
+    steps = ObservedSteps(runtime)
+    engine = make_engine(steps)
+    items = classify_jobs(runtime)
+    futures = submit_during_decoding(runtime, steps, engine, items)
+    for item, future in zip(items[:2], futures, strict=False):
+        scored, expected = future.result(WAIT).output, alone(runtime, item)
+        assert scored.logprobs == pytest.approx(expected.logprobs, abs=1e-4)
+        assert scored.scores == pytest.approx(expected.scores, abs=1e-4)
+    with pytest.raises(InvalidRequest, match="special token"):
+        futures[2].result(WAIT)  # its labels failed it alone
+    assert steps.classify_calls == [3]  # one call for the three; no retry
+
+
+def test_out_of_memory_of_classify_jobs_together_retries_each_alone(runtime: Runtime, make_engine) -> None:
+    steps = ObservedSteps(runtime, Faults(oom_marker="OOM"))
+    engine = make_engine(steps)
+    items = classify_jobs(runtime, frozenset(), frozenset({"OOM"}), frozenset())
+    items[2] = Item(items[2].prepared, ["cat", "a tag"], query=items[2].query)
+    futures = submit_during_decoding(runtime, steps, engine, items)
+    with pytest.raises(ResourceExhausted):
+        futures[1].result(WAIT)
+    for index in (0, 2):
+        scored, expected = futures[index].result(WAIT).output, alone(runtime, items[index])
+        assert scored.logprobs == pytest.approx(expected.logprobs, abs=1e-4)
+    assert steps.classify_calls == [3, 1, 1, 1]  # together, then each alone
 
 
 def test_an_isolated_job_runs_with_no_other_row_in_flight(runtime: Runtime, make_engine) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.engine import Step, Ticket, footprint, schedule
+from worker.engine import Step, Ticket, classify_footprint, footprint, schedule
 
 NOW = 100.0
 
@@ -127,3 +127,33 @@ def test_an_isolated_row_goes_on_prefilling_alone() -> None:
     running = [Ticket(1, 60, 1e9, isolated=True, prefill=50)]
     step = schedule([job(2)], running, NOW, 1000, 8, prefill_tokens=16)
     assert step.chunks == [(1, 16)] and step.admit == [] and not step.decode
+
+
+def scoring(id: int, tokens: int, prompt: int) -> Ticket:
+    return Ticket(id, tokens, 1e9, classify=True, prefill=prompt)
+
+
+def test_classify_jobs_of_one_step_are_budgeted_together_as_one_padded_cache() -> None:
+    # Each would fit beside the row alone (40 + 30 <= 100); together they are 2 x (20 + 10) = 60: still
+    # fits; a third makes 3 x 30 = 90 beside the row's 40: over, it waits for a later step.
+    waiting = [scoring(1, 30, 20), scoring(2, 30, 20), scoring(3, 30, 20)]
+    assert schedule(waiting, [job(0, 40)], NOW, budget=100, max_rows=8).classify == [1, 2]
+    assert schedule(waiting[2:], [job(0, 40)], NOW, budget=100, max_rows=8).classify == [3]
+    # Prompts are padded to the longest and labels to the most: 2 x (45 + 25) = 140, not 50 + 30 = 80.
+    assert classify_footprint([scoring(1, 50, 45), scoring(2, 30, 5)]) == 140
+    assert schedule([scoring(1, 50, 45), scoring(2, 30, 5)], [], NOW, 100, 8).classify == [1]
+
+
+def test_classify_jobs_scored_together_never_exceed_the_budget_for_any_mix() -> None:
+    sizes = [(30, 20), (12, 2), (55, 50), (9, 8), (40, 10), (22, 21), (60, 1)]
+    for budget in range(60, 300, 11):
+        for start in range(len(sizes)):
+            running = [job(100, 25)] if start % 2 else []
+            waiting = [scoring(i, tokens, prompt) for i, (tokens, prompt) in enumerate(sizes[start:])]
+            step = schedule(waiting, running, NOW, budget, max_rows=6)
+            chosen = [ticket for ticket in waiting if ticket.id in step.classify]
+            assert footprint([r.tokens for r in running]) + classify_footprint(chosen) <= budget
+            assert classify_footprint(chosen) >= sum(ticket.tokens for ticket in chosen)  # the sum of peaks
+            assert step.classify == [t.id for t in waiting if t.id in step.classify]  # arrival order
+            fits_alone = [t for t in waiting if t.tokens + footprint([r.tokens for r in running]) <= budget]
+            assert not fits_alone or step.classify  # something always runs when one fits alone

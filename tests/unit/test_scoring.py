@@ -14,6 +14,7 @@ from worker.runtime.scoring import (
     attention_mask,
     common_prefix,
     exclusive_scores,
+    forward_groups,
     yes_no_scores,
 )
 
@@ -31,11 +32,23 @@ def test_shared_tokens_are_packed_once_and_each_sees_only_its_ancestors() -> Non
 
 def test_mask_sees_the_whole_prefix_boolean_for_sdpa_additive_for_eager() -> None:
     tree = PackedTree.build([[5, 1], [6, 1]])
-    boolean = attention_mask(tree, prefix=3, attention="sdpa", dtype=torch.float32)
+    boolean = attention_mask([tree], [3], attention="sdpa", dtype=torch.float32)
     assert boolean.shape == (1, 1, 4, 7) and boolean.dtype == torch.bool
     assert boolean[0, 0, :, :3].all() and boolean[0, 0, 2, 3:].tolist() == [False, False, True, False]
-    additive = attention_mask(tree, prefix=3, attention="eager", dtype=torch.float32)
+    additive = attention_mask([tree], [3], attention="eager", dtype=torch.float32)
     assert (additive == 0).equal(boolean) and additive.min() == torch.finfo(torch.float32).min
+
+
+def test_mask_of_several_images_pads_each_prefix_left_and_each_tree_right() -> None:
+    small, big = PackedTree.build([[5, 1]]), PackedTree.build([[5, 1], [6, 7, 1]])
+    mask = attention_mask([small, big], [2, 4], attention="sdpa", dtype=torch.float32)
+    assert mask.shape == (2, 1, 5, 4 + 5)  # widest prefix 4, most nodes 5
+    row = mask[0, 0]
+    assert row[:2, :2].any().item() is False and row[:2, 2:4].all()  # left padding hidden, prefix seen
+    assert row[1, 4:].tolist() == [True, True, False, False, False]
+    for padding in (2, 3, 4):  # a padding node sees itself only: never a row of nothing (NaN)
+        assert row[padding].nonzero().flatten().tolist() == [4 + padding]
+    assert mask[1, 0, :, :4].all() and mask[1, 0, 4, 4:].tolist() == [False, False, True, True, True]
 
 
 def test_answer_logprobs_sum_the_answer_tokens_from_where_each_starts() -> None:
@@ -57,3 +70,17 @@ def test_formulas() -> None:
     assert yes_no_scores([math.log(0.3), -1e4, 0.0], [math.log(0.1), 0.0, -1e4]) == pytest.approx(
         [0.75, 0.0, 1.0]
     )
+
+
+def test_images_of_similar_shape_share_a_forward_and_padding_stays_bounded() -> None:
+    assert forward_groups([(2400, 30)] * 4) == [[0, 1, 2, 3]]
+    # 30-node rows beside 242-node rows would be padded 8x: they go apart; the two alike go together.
+    assert forward_groups([(2404, 30), (2358, 242), (2404, 30), (1182, 242)]) == [[0, 2], [3], [1]]
+    shapes = [(w, n) for w in (100, 900, 2400, 2500) for n in (3, 30, 31, 200, 242)]
+    for waste in (1.0, 1.25, 2.0):
+        groups = forward_groups(shapes, waste)
+        assert sorted(i for group in groups for i in group) == list(range(len(shapes)))
+        for group in groups:
+            width, nodes = max(shapes[i][0] for i in group), max(shapes[i][1] for i in group)
+            own = sum(shapes[i][1] * (shapes[i][0] + shapes[i][1]) for i in group)
+            assert len(group) * nodes * (width + nodes) <= waste * own

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import DynamicCache
@@ -189,6 +189,23 @@ def pick(row: Row, logits: torch.Tensor, eos_ids: set[int]) -> int:
         outside = ordered.cumsum(0) - ordered > row.sampling.top_p
         probs = probs.scatter(0, order, ordered.masked_fill(outside, 0.0))
     return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def merge_left_padded(caches: Sequence[DynamicCache]) -> DynamicCache:
+    """One cache of the caches' rows (each prefilled alone), every one left-padded with zeros to the widest.
+    Consumes ``caches``: each layer is dropped once merged, so the peak is the merged cache plus one layer."""
+    if len(caches) == 1:
+        return caches[0]
+    width = max(_cache_width(cache) for cache in caches)
+    merged = DynamicCache()
+    for index in range(len(caches[0].layers)):
+        layers: list[Any] = [cache.layers[index] for cache in caches]  # DynamicLayer
+        keys = torch.cat([_pad_left(layer.keys, width) for layer in layers])
+        values = torch.cat([_pad_left(layer.values, width) for layer in layers])
+        for layer in layers:
+            layer.keys = layer.values = None
+        merged.update(keys, values, index)
+    return merged
 
 
 def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:

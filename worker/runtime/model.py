@@ -22,7 +22,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from producer.errors import InvalidRequest, JobTimeout
 from worker.runtime import scoring
-from worker.runtime.decoding import DecodeBatch, Pending, Row, pick
+from worker.runtime.decoding import DecodeBatch, Pending, Row, merge_left_padded, pick
 from worker.runtime.loading import load_model
 from worker.runtime.prefix import PrefixCache
 from worker.runtime.scoring import LabelQuery
@@ -225,7 +225,6 @@ class Runtime:
         sizes, measured in bench/); prefilling apart and decoding together gives the same tokens (tested)
         and keeps decoding, where batching pays, batched. ``generate`` then runs only the last prompt token.
         """
-        width = max(item.prompt_tokens for item in batch) - 1
         caches = []
         for item in batch:
             single = self.collate([item])
@@ -238,15 +237,7 @@ class Runtime:
                 logits_to_keep=1,
             )
             caches.append(getattr(output, self._cache_kwarg))
-        merged = DynamicCache()
-        for layer in range(len(caches[0].layers)):
-            keys, values = [], []
-            for cache in caches:
-                pad = width - cache.layers[layer].keys.shape[2]
-                keys.append(torch.nn.functional.pad(cache.layers[layer].keys, (0, 0, pad, 0)))
-                values.append(torch.nn.functional.pad(cache.layers[layer].values, (0, 0, pad, 0)))
-            merged.update(torch.cat(keys), torch.cat(values), layer)
-        return merged
+        return merge_left_padded(caches)
 
     # -- step-level API of the continuous-batching engine (worker/engine.py); the model thread only
 
@@ -366,22 +357,39 @@ class Runtime:
         deadlines: Sequence[float] | None = None,
         *,
         queries: Sequence[LabelQuery],
-    ) -> list[LabelScores | JobTimeout]:
+    ) -> list[LabelScores | BaseException]:
         """Score each image's labels (see :mod:`worker.runtime.scoring`): ``queries[i]`` says how (the text
-        the prompt was prepared from; a question template for multi-label mode). Per image, one prefill of
-        the shared prompt, then all its labels in one packed forward pass over that prefill's KV cache;
-        images one after another. A prompt whose deadline has passed when its turn comes gets a
-        :class:`JobTimeout` instead."""
+        the prompt was prepared from; a question template for multi-label mode). Each image's shared prompt
+        is prefilled alone (no padding: attention's fast causal path), the caches are merged left-padded,
+        then ONE forward pass scores every label of every image (each row its own labels' prefix tree),
+        or one per group of similar shapes when padding would cost more (:func:`scoring.forward_groups`).
+        A prompt whose deadline has passed gets a :class:`JobTimeout`, one whose labels cannot be scored
+        (``InvalidRequest``) its error; neither stops the others."""
         if not len(batch) == len(labels) == len(queries):
             raise ValueError(f"{len(batch)} prompts, {len(labels)} label lists, {len(queries)} queries")
         deadlines = deadlines or [math.inf] * len(batch)
-        results: list[LabelScores | JobTimeout] = []
-        with torch.inference_mode():
-            for item, options, deadline, query in zip(batch, labels, deadlines, queries, strict=True):
-                if time.monotonic() >= deadline:
-                    results.append(JobTimeout("the job ran past its deadline waiting to be scored"))
-                else:
-                    results.append(self._score_one(item, options, query))
+        results: list[LabelScores | BaseException | None] = [None] * len(batch)
+        plans: dict[int, _Scoring] = {}
+        now = time.monotonic()
+        for index, (item, options, deadline, query) in enumerate(
+            zip(batch, labels, deadlines, queries, strict=True)
+        ):
+            if now >= deadline:
+                results[index] = JobTimeout("the job ran past its deadline waiting to be scored")
+                continue
+            try:
+                plans[index] = self._plan_scoring(item, options, query)
+            except Exception as exc:  # this image's labels only; out of memory is the whole call's
+                if self.is_out_of_memory(exc):
+                    raise
+                results[index] = exc
+        indices, jobs = list(plans), list(plans.values())
+        shapes = [(len(job.ids), len(job.plan.tree.tokens)) for job in jobs]
+        for group in scoring.forward_groups(shapes):
+            with torch.inference_mode():
+                scored = self._score_together([jobs[k] for k in group])
+            for k, output in zip(group, scored, strict=True):
+                results[indices[k]] = output
         return _checked(results, batch)
 
     def is_out_of_memory(self, error: BaseException) -> bool:
@@ -406,30 +414,58 @@ class Runtime:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _score_one(self, item: Prepared, labels: list[str], query: LabelQuery) -> LabelScores:
+    def _plan_scoring(self, item: Prepared, labels: list[str], query: LabelQuery) -> _Scoring:
         answers = scoring.candidates(self.processor, query, tuple(labels), frozenset(self._eos_ids()))
-        prefix = min(scoring.common_prefix([a.ids for a in answers]), *(a.start for a in answers))
-        tree = scoring.PackedTree.build([a.ids[prefix:] for a in answers])
-        cache, first = self._prefill_prefix(item, answers[0].ids[:prefix])
-        expanded = prefix + item.image_tokens - 1
-        positions = torch.tensor(tree.depths) + expanded
-        kept = tree.predicting(answers, prefix)
+        plan = scoring.LabelPlan.of(answers)
+        ids = list(answers[0].ids[: plan.prefix])
+        image = ids.index(self.image_token_id)
+        expanded = [*ids[:image], *[self.image_token_id] * item.image_tokens, *ids[image + 1 :]]
+        if item.input_ids[: image + item.image_tokens].tolist() != expanded[: image + item.image_tokens]:
+            raise RuntimeError("the labels' prompt does not start as the prepared prompt does")
+        return _Scoring(item, query, plan, expanded)
+
+    def _score_together(self, jobs: Sequence[_Scoring]) -> list[LabelScores]:
+        """Prefill each job's shared prefix alone, then one forward over the merged caches: row i packs job
+        i's tree (padded to the most nodes) under its own 4D mask and position ids."""
+        prefills = [self._prefill_prefix(job.item, job.ids) for job in jobs]
+        firsts = [first for _, first in prefills]
+        cache = merge_left_padded([cache for cache, _ in prefills])
+        del prefills
+        trees, widths = [job.plan.tree for job in jobs], [len(job.ids) for job in jobs]
+        nodes = max(len(tree.tokens) for tree in trees)
+        tokens = torch.full((len(jobs), nodes), self.pad_token_id, dtype=torch.long)
+        positions = torch.zeros((len(jobs), nodes), dtype=torch.long)
+        for row, (tree, width) in enumerate(zip(trees, widths, strict=True)):
+            tokens[row, : len(tree.tokens)] = torch.tensor(tree.tokens)
+            positions[row, : len(tree.tokens)] = torch.tensor(tree.depths) + width
+        kept = [job.plan.kept() for job in jobs]
+        union = sorted(set().union(*kept))  # positions some row keeps logits of
         with self._attention_for_masks() as attention:
             output = self.model(
-                input_ids=torch.tensor([tree.tokens], device=self.device),
-                attention_mask=scoring.attention_mask(tree, expanded, attention, self.dtype).to(self.device),
-                position_ids=positions[None].to(self.device),
+                input_ids=tokens.to(self.device),
+                attention_mask=scoring.attention_mask(trees, widths, attention, self.dtype).to(self.device),
+                position_ids=positions.to(self.device),
                 **{self._cache_kwarg: cache},
-                logits_to_keep=torch.tensor(kept, device=self.device),
+                logits_to_keep=torch.tensor(union, dtype=torch.long, device=self.device),
             )
-        rows = torch.cat([first[None], output.logits[0].float()]).log_softmax(dim=-1)
-        logprobs = scoring.answer_logprobs(answers, prefix, tree, rows)
-        if query.question is None:
+        column = {node: index for index, node in enumerate(union)}
+        results = []
+        for row, (job, first, nodes_kept) in enumerate(zip(jobs, firsts, kept, strict=True)):
+            logits = output.logits[row]  # one image's rows: no copy when it keeps them all
+            picked = logits if nodes_kept == union else logits[[column[node] for node in nodes_kept]]
+            picked = picked.float()
+            logprobs = job.plan.logprobs(torch.cat([first[None], picked]).log_softmax(dim=-1))
+            results.append(self._label_scores(job, logprobs))
+        return results
+
+    @staticmethod
+    def _label_scores(job: _Scoring, logprobs: list[float]) -> LabelScores:
+        if job.query.question is None:
             scores = scoring.exclusive_scores(logprobs)
         else:
             logprobs, no = logprobs[0::2], logprobs[1::2]
             scores = scoring.yes_no_scores(logprobs, no)
-        return LabelScores(logprobs, scores, item.prompt_tokens, item.image_tokens)
+        return LabelScores(logprobs, scores, job.item.prompt_tokens, job.item.image_tokens)
 
     @contextlib.contextmanager
     def _attention_for_masks(self) -> Iterator[str]:
@@ -446,21 +482,27 @@ class Runtime:
             self.model.set_attn_implementation({"text_config": loaded})
 
     def _prefill_prefix(self, item: Prepared, ids: Sequence[int]) -> tuple[DynamicCache, torch.Tensor]:
-        """Prefill the labels' shared prefix (its one image token expanded to the prompt's), keeping the
-        logits of its last position only; the cache and those logits."""
-        image = ids.index(self.image_token_id)
-        expanded = [*ids[:image], *[self.image_token_id] * item.image_tokens, *ids[image + 1 :]]
-        if item.input_ids[: image + item.image_tokens].tolist() != expanded[: image + item.image_tokens]:
-            raise RuntimeError("the labels' prompt does not start as the prepared prompt does")
+        """Prefill the labels' shared prefix (``ids``: its image token expanded to the prompt's), keeping
+        the logits of its last position only; the cache and those logits."""
         single = self.collate([item])
         output = self.model(
-            input_ids=torch.tensor([expanded], device=self.device),
+            input_ids=torch.tensor([list(ids)], device=self.device),
             pixel_values=single["pixel_values"],
             image_sizes=single["image_sizes"],
             use_cache=True,
             logits_to_keep=1,
         )
         return getattr(output, self._cache_kwarg), output.logits[0, -1].float()
+
+
+@dataclass(frozen=True, eq=False)
+class _Scoring:
+    """One image's labels, planned: its prompt, how to score, its packed answers, the prefix to prefill."""
+
+    item: Prepared
+    query: LabelQuery
+    plan: scoring.LabelPlan
+    ids: list[int]  # the answers' shared prefix, its one image token expanded to the prompt's
 
 
 class _StopAtDeadlines(StoppingCriteria):

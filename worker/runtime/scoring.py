@@ -6,18 +6,22 @@ prefixes, BPE merges across the boundary). Its score is the sum of the log-proba
 to and including the first end-of-turn token. The candidates' tokens after their common prefix are
 packed into ONE sequence as a prefix tree (shared tokens once), run against the prefix's KV cache with a 4D
 attention mask (each token sees the prefix and its own ancestors) and per-token position ids: no per-label
-copy of the KV.
+copy of the KV. Several images' trees go in one forward, one row each over their merged prefixes' caches
+(:func:`attention_mask`), grouped by shape so padding stays cheap (:func:`forward_groups`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from producer.errors import InvalidRequest
 
 YES, NO = "Yes", "No"
 
@@ -49,7 +53,9 @@ def candidates(
 
     The chat template is rendered once with a slot for the label, filled in per label; a real rendering of
     the first label checks it (a template that alters the label, e.g. trims it, renders every label), and
-    labels with whitespace at their edges are always rendered for real."""
+    labels with whitespace at their edges are always rendered for real. A label holding a special token's
+    text is refused (:func:`refuse_special_tokens`)."""
+    refuse_special_tokens(processor.tokenizer, labels)
     if query.question is None:
         shapes = [(query.text, _SLOT)]
     else:
@@ -71,6 +77,28 @@ def candidates(
     encoded = _encode(tokenizer, texts, slotted[0].split(_SLOT)[0])
     eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     return tuple(_candidate(encoded[k], encoded[k + 1], eos_ids, eos) for k in range(0, len(encoded), 2))
+
+
+def refuse_special_tokens(tokenizer: Any, labels: Sequence[str]) -> None:
+    """Refuse, with ``InvalidRequest``, a label holding the text of one of the tokenizer's special or added
+    tokens ("</s>", "<|im_end|>", "<image>"): it would be cut short or read as a control token. Such text
+    cannot be kept plain in context: one tokenizer call either reads every special token (the chat
+    template's own included) or none (``split_special_tokens``), and the processor expands "<image>" in the
+    prompt's text whatever the tokenizer does."""
+    found = _specials(tokenizer).search("\n".join(labels))
+    if found is None:
+        return
+    label = next(label for label in labels if found.group() in label)
+    raise InvalidRequest(
+        f"label {label[:40]!r} contains {found.group()!r}, a special token of this model's tokenizer; "
+        "labels must be plain text"
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _specials(tokenizer: Any) -> re.Pattern[str]:
+    tokens = {*tokenizer.get_added_vocab(), *tokenizer.all_special_tokens} - {""}
+    return re.compile("|".join(re.escape(token) for token in sorted(tokens, key=len, reverse=True)))
 
 
 _SLOT = "\ue000label\ue001"  # where the label goes in a conversation rendered once for all labels
@@ -193,14 +221,71 @@ class PackedTree:
         return seen
 
 
-def attention_mask(tree: PackedTree, prefix: int, attention: str, dtype: torch.dtype) -> torch.Tensor:
-    """(1, 1, nodes, prefix + nodes): every node sees the prefix and its own ancestors. Boolean (True:
-    attend) for SDPA; additive (0 / dtype min) for eager attention, which adds the mask to its scores."""
-    seen = tree.visibility()
-    mask = torch.cat([torch.ones((len(tree.tokens), prefix), dtype=torch.bool), seen], dim=1)[None, None]
+def attention_mask(
+    trees: Sequence[PackedTree], prefixes: Sequence[int], attention: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """(images, 1, nodes, width + nodes): row i holds image i's prefix (``prefixes[i]`` positions,
+    left-padded to the widest, ``width``) and its tree (padded to the most nodes). Every node sees its
+    prefix and its own ancestors; a padding node sees only itself (a row with nothing to see would give
+    NaN). Boolean (True: attend) for SDPA; additive (0 / dtype min) for eager attention, which adds the mask
+    to its scores."""
+    width, nodes = max(prefixes), max(len(tree.tokens) for tree in trees)
+    mask = torch.zeros((len(trees), 1, nodes, width + nodes), dtype=torch.bool)
+    for row, (tree, prefix) in enumerate(zip(trees, prefixes, strict=True)):
+        count = len(tree.tokens)
+        mask[row, 0, :count, width - prefix : width] = True
+        mask[row, 0, :count, width : width + count] = tree.visibility()
+        padding = torch.arange(count, nodes)
+        mask[row, 0, padding, width + padding] = True
     if attention == "eager":
         return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
     return mask
+
+
+@dataclass(frozen=True)
+class LabelPlan:
+    """One image's answers ready to score: the ``prefix`` tokens they all share (prefilled once) and the
+    rest packed as a prefix tree."""
+
+    answers: tuple[Candidate, ...]
+    prefix: int
+    tree: PackedTree
+
+    @classmethod
+    def of(cls, answers: Sequence[Candidate]) -> LabelPlan:
+        prefix = min(common_prefix([a.ids for a in answers]), *(a.start for a in answers))
+        return cls(tuple(answers), prefix, PackedTree.build([a.ids[prefix:] for a in answers]))
+
+    def kept(self) -> list[int]:
+        """The tree's nodes whose logits score some answer token."""
+        return self.tree.predicting(self.answers, self.prefix)
+
+    def logprobs(self, logprobs: torch.Tensor) -> list[float]:
+        """Each answer's summed log-probability (see :func:`answer_logprobs`)."""
+        return answer_logprobs(self.answers, self.prefix, self.tree, logprobs)
+
+
+def forward_groups(shapes: Sequence[tuple[int, int]], waste: float = 1.25) -> list[list[int]]:
+    """Which images share a scoring forward pass: ``shapes[i]`` is image i's (prefix length, tree nodes).
+    Rows are padded to the group's widest prefix and most nodes, so each group keeps its padded cost,
+    rows x nodes x (prefix + nodes) (the masked attention's work), within ``waste`` x the sum of its rows' own
+    costs; images of similar shape are grouped first (sorted by nodes, then prefix). Measured on CPU (the
+    scoring forward of 4 images, 1 thread): 4 alike rows together took 0.4-0.9x the time of one by one,
+    30-node rows padded to 242 beside 242-node rows 1.5-2.4x."""
+
+    def cost(group: list[int]) -> int:
+        width = max(shapes[i][0] for i in group)
+        nodes = max(shapes[i][1] for i in group)
+        return len(group) * nodes * (width + nodes)
+
+    groups: list[list[int]] = []
+    for index in sorted(range(len(shapes)), key=lambda i: (shapes[i][1], shapes[i][0])):
+        grown = [*groups[-1], index] if groups else []
+        if grown and cost(grown) <= waste * sum(cost([i]) for i in grown):
+            groups[-1] = grown
+        else:
+            groups.append([index])
+    return groups
 
 
 def answer_logprobs(
