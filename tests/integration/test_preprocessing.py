@@ -166,3 +166,13 @@ def test_a_worker_with_a_preprocessing_pool_serves_and_stops_cleanly(
     [pid] = health["preprocessing"]["pids"]
     assert worker.stop() == 0, worker.log_tail()
     wait_for(lambda: not _running(pid), WAIT, "the worker's preprocessing process to be gone")
+
+
+def test_the_fast_image_processor_is_used_where_torchvision_imports(in_thread: Service) -> None:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        expected = "LlavaNextImageProcessorPil"
+    else:
+        expected = "LlavaNextImageProcessor"
+    assert in_thread.health()["image_processor"] == expected
