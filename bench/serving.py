@@ -1,11 +1,15 @@
 """Serving scenario: the seed's loop vs the static batcher vs the continuous engine, side by side in one run.
 
-    python bench/serving.py [--quick] [--jobs 48] [--rate 6] [--repeats 3]
+    python bench/serving.py [--quick] [--jobs 48] [--rate 12] [--moderate-rate 0] [--repeats 3]
 
-Poisson arrivals at a fixed offered rate of a mix of caption (max_new_tokens 16-96), VQA (8-48) and classify
-(2-20 labels) jobs on mixed image sizes, on a random-weight LLaVA-NeXT with the real CLIP 336 px anyres
-geometry and a small LM (as bench/throughput.py). Each variant loads the model in this process, gets the same
-warm-up and the same repetitions of the same arrival schedule; the figures are medians over repetitions:
+Poisson arrivals of a mix of caption (max_new_tokens 16-96), VQA (8-48) and classify (2-20 labels) jobs on
+mixed image sizes, on a random-weight LLaVA-NeXT with the real CLIP 336 px anyres geometry and a small LM (as
+bench/throughput.py), in two runs: the *capacity* run offers ``--rate`` (above what a CPU serves: throughput
+is capacity, latency is mostly backlog), the *moderate* run offers ``--moderate-rate`` (default: half the
+static batcher's throughput in the capacity run), where latency is the jobs' own. A variant named
+``NAME+pool`` is NAME with the preprocessing pool (``--pool-workers`` processes); the others run the processor
+in the job's thread. Each variant loads the model in this process, gets the same warm-up and the same
+repetitions of the same arrival schedule; the figures are medians over repetitions:
 throughput, p50/p95 latency per kind (arrival to result), token-slot utilisation (useful generated tokens /
 row positions that produced a token), model forward passes per job. Static and continuous go through
 ``Service.run`` (image decode, processor, model thread: the worker minus Celery); the seed loop is the
@@ -225,18 +229,22 @@ def variant(
     data: list[bytes],
     uris: list[str],
     repeats: int,
+    pool_workers: int = 1,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Load, warm up, run ``repeats`` times; medians of every figure. ``overrides``: worker settings."""
+    """Load, warm up, run ``repeats`` times; medians of every figure. ``overrides``: worker settings.
+    ``name``: seed, static or continuous, ``+pool`` for the preprocessing pool."""
     from worker.service import Service
     from worker.settings import WorkerSettings
 
+    base, _, pool = name.partition("+")
     options: dict[str, Any] = {"device": "cpu", "dtype": "float32", "attn_implementation": "sdpa"}
     settings = WorkerSettings(
         **options
         | {
             "model": str(checkpoint),
-            "scheduler": "static" if name == "static" else "continuous",
+            "scheduler": "static" if base == "static" else "continuous",
+            "preprocess_workers": pool_workers if pool else 0,
             "max_new_tokens_cap": 4096,
             "concurrency": 64,
             "loglevel": "WARNING",
@@ -247,7 +255,7 @@ def variant(
     runtime = service.start()
     meter = Meter(runtime)
     execute: Callable[[list[Job]], list[dict[str, Any]]]
-    if name == "seed":
+    if base == "seed":
         execute = lambda batch: run_seed(runtime, meter, batch, data)  # noqa: E731
     else:
         execute = lambda batch: run_service(service, batch, uris)  # noqa: E731
@@ -275,26 +283,58 @@ def report(results: dict[str, dict[str, Any]]) -> str:
     ]
     for kind in ("caption", "vqa", "classify"):
         rows += [(f"{kind} p50 s", f"{kind}_p50_s", "{:.2f}"), (f"{kind} p95 s", f"{kind}_p95_s", "{:.2f}")]
-    lines = [f"{'':<14}" + "".join(f"{n:>12}" for n in names)]
+    width = max(12, *(len(n) + 2 for n in names))
+    lines = [f"{'':<14}" + "".join(f"{n:>{width}}" for n in names)]
     for label, key, fmt in rows:
         lines.append(
-            f"{label:<14}" + "".join(f"{fmt.format(results[n].get(key, float('nan'))):>12}" for n in names)
+            f"{label:<14}"
+            + "".join(f"{fmt.format(results[n].get(key, float('nan'))):>{width}}" for n in names)
         )
-    s, c = results["static"], results["continuous"]
-    lines.append(
-        f"continuous / static: throughput {c['jobs_per_s'] / s['jobs_per_s']:.2f}x, "
-        f"classify p95 {c['classify_p95_s'] / s['classify_p95_s']:.2f}x"
-    )
+    for name, base in [("continuous", "static"), *((n, n.partition("+")[0]) for n in names if "+" in n)]:
+        if name in results and base in results:
+            new, old = results[name], results[base]
+            lines.append(
+                f"{name} / {base}: throughput {new['jobs_per_s'] / old['jobs_per_s']:.2f}x, "
+                f"classify p95 {new['classify_p95_s'] / old['classify_p95_s']:.2f}x"
+            )
     return "\n".join(lines)
 
 
+def run_all(
+    names: list[str], args: argparse.Namespace, checkpoint: Path, data: list[bytes], rate: float
+) -> dict[str, Any]:
+    """Every variant on the same arrivals at ``rate`` jobs/s, with the same warm-up and repetitions."""
+    uris = ["data:image/png;base64," + base64.b64encode(d).decode() for d in data]
+    jobs = workload(args.jobs, rate, len(data))
+    warm = [
+        Job(0.0, job.task, job.image, job.max_new_tokens, job.labels)
+        for job in workload(6, 1.0, len(data), 1)
+    ]
+    results = {}
+    for name in names:
+        print(f"{name} at {rate:.2f} jobs/s ...", flush=True)
+        results[name] = variant(name, checkpoint, jobs, warm, data, uris, args.repeats, args.pool_workers)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
+    from worker.runtime.preprocessing import default_workers
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=48)
-    parser.add_argument("--rate", type=float, default=12.0, help="offered jobs per second")
+    parser.add_argument("--rate", type=float, default=12.0, help="offered jobs/s of the capacity run")
+    parser.add_argument(
+        "--moderate-rate",
+        type=float,
+        default=0.0,
+        help="offered jobs/s of the moderate run (0: half the static batcher's capacity; -1: no such run)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="16 jobs, 1 repetition (while developing)")
-    parser.add_argument("--variants", default="seed,static,continuous")
+    parser.add_argument("--variants", default="seed,static,continuous,continuous+pool")
+    parser.add_argument(
+        "--pool-workers", type=int, default=max(1, default_workers()), help="processes of the +pool variants"
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads for every variant (0: torch's default)"
     )
@@ -308,17 +348,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     checkpoint = build_checkpoint(Path(os.environ.get("LLAVA_BENCH_CACHE", ROOT / ".cache")))
     data = make_images(8)
-    uris = ["data:image/png;base64," + base64.b64encode(d).decode() for d in data]
-    jobs = workload(args.jobs, args.rate, len(data))
-    warm = [
-        Job(0.0, job.task, job.image, job.max_new_tokens, job.labels)
-        for job in workload(6, 1.0, len(data), 1)
-    ]
-    results = {}
-    for name in args.variants.split(","):
-        print(f"{name} ...", flush=True)
-        results[name] = variant(name, checkpoint, jobs, warm, data, uris, args.repeats)
-    print("\n" + report(results))
+    names = args.variants.split(",")
+    load = [os.getloadavg()]
+    results: dict[str, Any] = run_all(names, args, checkpoint, data, args.rate)
+    moderate = args.moderate_rate or 0.5 * results.get("static", {}).get("jobs_per_s", 0.0)
+    if moderate > 0:
+        results["moderate"] = {"rate": moderate, **run_all(names, args, checkpoint, data, moderate)}
+    load.append(os.getloadavg())
+    print(f"\ncapacity run, offered {args.rate:g} jobs/s:\n" + report({n: results[n] for n in names}))
+    if moderate > 0:
+        figures = {name: results["moderate"][name] for name in names}
+        print(f"\nmoderate run, offered {moderate:.2f} jobs/s:\n" + report(figures))
+    print(f"load average (1, 5, 15 min) before / after: {load[0]} / {load[1]}")
     import torch
     import transformers
 
@@ -328,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
+        "load_average_before_after": load,
         "args": {k: str(v) for k, v in vars(args).items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -37,6 +38,7 @@ from worker.faults import Faults
 from worker.fetch import FetchAborted
 from worker.images import ImageLoader, keep_side_for
 from worker.runtime import LabelScores, Prepared, Prompt, Runtime, Sampling
+from worker.runtime.preprocessing import PoolStopped, PreprocessPool, default_workers
 from worker.runtime.scoring import LabelQuery, refuse_special_tokens
 from worker.settings import WorkerSettings
 from worker.steps import RuntimeSteps
@@ -132,6 +134,7 @@ class Service:
         self.settings = settings
         self.runtime: Runtime | None = None
         self.batcher: DynamicBatcher | ContinuousEngine | None = None
+        self.preprocess: PreprocessPool | None = None  # the processor's processes (preprocess_workers)
         self.faults = Faults.from_settings(settings)
         self.images = ImageLoader(settings)
         self._stats = _Stats()
@@ -146,6 +149,10 @@ class Service:
         if self.runtime is None:
             self.runtime = runtime = Runtime(self.settings)
             self.images.keep_side = keep_side_for(runtime.processor.image_processor)
+            workers = self.settings.preprocess_workers
+            workers = default_workers() if workers is None else workers
+            if workers:
+                self.preprocess = PreprocessPool(runtime.processor, workers).start(PREPROCESS_START_S)
             if self.settings.scheduler == "static":
                 wait = self.settings.max_batch_wait_ms / 1000
                 self.batcher = DynamicBatcher(self._start_batch, self.settings.max_batch_size, wait).start()
@@ -159,6 +166,8 @@ class Service:
     def stop(self) -> None:
         if self.batcher is not None:
             self.batcher.stop()
+        if self.preprocess is not None:
+            self.preprocess.stop()
 
     def begin_shutdown(self, grace: float) -> None:
         """Warm shutdown: running jobs get ``grace`` seconds to finish; then the rest are requeued."""
@@ -169,6 +178,8 @@ class Service:
                 log.warning(
                     "grace period over: %d image fetch(es) aborted (or decode waits), jobs go back", fetching
                 )
+            if self.preprocess is not None:
+                self.preprocess.abort()
             if self.batcher is not None:
                 count = self.batcher.abandon(Requeue("the worker shut down before the job finished"))
                 log.warning("grace period over: %d job(s) go back to the queue", count)
@@ -227,6 +238,7 @@ class Service:
             **(runtime.info() if runtime else {"model": self.settings.served_model_name}),
             **stats,
             "batching": batching,
+            "preprocessing": self.preprocess.status() if self.preprocess else {"workers": 0},
         }
 
     def _serve(self, task_name: str, request: Any, context: JobContext) -> dict[str, Any]:
@@ -244,7 +256,7 @@ class Service:
             raise Requeue("the worker shut down while the job's image was being fetched") from None
         clock.lap("image")
         reserve = 0 if work.labels else work.sampling.max_new_tokens
-        prepared = runtime.prepare(Prompt(image, work.text), reserve=reserve)
+        prepared = self._prepare(runtime, Prompt(image, work.text), reserve, deadline)
         clock.lap("preprocess")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -259,6 +271,15 @@ class Service:
         done = batcher.run(key, item, timeout=remaining)
         clock.lap("model")
         return self._result(task_name, work, done, context, clock)
+
+    def _prepare(self, runtime: Runtime, prompt: Prompt, reserve: int, deadline: float) -> Prepared:
+        """The processor's work, in this thread or in the preprocessing pool (waiting until ``deadline``)."""
+        if self.preprocess is None:
+            return runtime.prepare(prompt, reserve=reserve)
+        try:
+            return runtime.prepare(prompt, reserve, functools.partial(self.preprocess, deadline=deadline))
+        except PoolStopped as exc:
+            raise Requeue(str(exc)) from None
 
     def _work(self, task_name: str, request: Any) -> _Work:
         sampling = self._sampling(request.generation)
@@ -416,6 +437,7 @@ class Service:
         return self.runtime, self.batcher
 
 
+PREPROCESS_START_S = 120.0  # seconds for the preprocessing pool's processes to start and load the processor
 MAX_ERROR_CHARS = 2000  # an error message is stored in the result backend: never a copy of the input
 
 

@@ -133,6 +133,13 @@ class WorkerSettings(QueueSettings):
         description="continuous: KV tokens (set aside from the KV budget) keeping recent images' prompt "
         "prefixes for later jobs on the same image; 0: off",
     )
+    preprocess_workers: int | None = Field(
+        default=None,
+        ge=0,
+        le=64,
+        description="processes running the image processor off the model thread's GIL (0: in each job's "
+        "thread); default: 0 on 2 cores or fewer, else min(4, cores - 2)",
+    )
     job_timeout: float = Field(
         default=600.0, gt=0, description="seconds a job may take on the worker before JobTimeout"
     )

@@ -190,6 +190,16 @@ def test_dockerfile_lean_base_one_pinned_cuda_torch() -> None:
     assert '--index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"' in DOCKERFILE
 
 
+def test_dockerfile_installs_the_torchvision_release_made_for_its_torch() -> None:
+    """torchvision (transformers' fast image processor) from the same CUDA index; PyTorch pairs torch 2.N
+    with torchvision 0.(N+15) (2.13 with 0.28), and each torchvision requires exactly its torch."""
+    torch = re.search(r"^ARG TORCH_VERSION=2\.(\d+)\.", DOCKERFILE, re.MULTILINE)
+    vision = re.search(r"^ARG TORCHVISION_VERSION=0\.(\d+)\.", DOCKERFILE, re.MULTILINE)
+    assert torch is not None and vision is not None
+    assert int(vision.group(1)) == int(torch.group(1)) + 15
+    assert '"torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"' in DOCKERFILE
+
+
 def test_dockerfile_installs_dependencies_before_copying_code() -> None:
     lines = DOCKERFILE.splitlines()
     first_code_copy = next(i for i, line in enumerate(lines) if line.startswith("COPY producer"))

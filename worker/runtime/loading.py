@@ -123,11 +123,23 @@ def quantization_config(settings: WorkerSettings, device: torch.device, dtype: t
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
+def image_processor_backend() -> str:
+    """``torchvision`` (transformers' fast image processor) where torchvision imports, else ``pil``."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:  # one built for another torch fails to load its operators (RuntimeError)
+        log.debug("torchvision does not import (%s): the PIL image processor is used", exc)
+        return "pil"
+    return "torchvision"
+
+
 def load_processor(source: str, settings: WorkerSettings, revision: str | None = None) -> LlavaNextProcessor:
     """The checkpoint's processor, left-padding, with its own chat template or the configured family's."""
     from worker.templates import TEMPLATES
 
-    processor = LlavaNextProcessor.from_pretrained(source, revision=revision)
+    backend = image_processor_backend()
+    processor = LlavaNextProcessor.from_pretrained(source, revision=revision, backend=backend)
+    log.info("image processor: %s (%s)", type(processor.image_processor).__name__, backend)
     processor.tokenizer.padding_side = "left"  # batched generation needs left padding
     if not getattr(processor, "chat_template", None):
         if settings.prompt_family is None:

@@ -120,6 +120,7 @@ class Runtime:
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "attention": self.attention,
+            "image_processor": type(self.processor.image_processor).__name__,
             "quantization": self.settings.quantization,
             "context_length": self.context_length,
             "parameters": sum(p.numel() for p in self.model.parameters()),
@@ -131,9 +132,12 @@ class Runtime:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return str(self.processor.apply_chat_template(messages, add_generation_prompt=True))
 
-    def prepare(self, prompt: Prompt, reserve: int = 0) -> Prepared:
-        """Run the processor on one prompt; refuse it if ``reserve`` new tokens would not fit."""
-        inputs = self.processor(
+    def prepare(
+        self, prompt: Prompt, reserve: int = 0, processor: Callable[..., Any] | None = None
+    ) -> Prepared:
+        """Run the processor (or ``processor``, called the same way: a preprocessing pool) on one prompt;
+        refuse it if ``reserve`` new tokens would not fit."""
+        inputs = (processor or self.processor)(
             images=[prompt.image], text=[self.prompt_text(prompt.text)], return_tensors="pt"
         )
         prepared = Prepared(
