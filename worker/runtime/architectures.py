@@ -156,8 +156,8 @@ def table() -> str:
 
 def build_random(name: str, out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Save the full-size ``name`` architecture with random weights (for GPU speed/memory checks)."""
-    from worker.templates import TEMPLATES
-    from worker.tiny_model import build_processor, build_tokenizer
+    from worker.runtime.templates import TEMPLATES
+    from worker.runtime.tiny_model import build_processor, build_tokenizer
 
     checkpoint = CHECKPOINTS[name]
     config = checkpoint.llava_config()
