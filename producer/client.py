@@ -30,6 +30,7 @@ from producer.collector import aiter_completed, iter_completed
 from producer.contract import (
     BLOB_PREFIX,
     DEFAULT_PRIORITY,
+    MAX_PRIORITY,
     RESULT_MODELS,
     SENT_AT_HEADER,
     TASK_CAPTION,
@@ -45,6 +46,7 @@ from producer.contract import (
     blob_digest,
     model_queue,
     validation_message,
+    wire_priority,
 )
 from producer.errors import (
     BrokerUnavailable,
@@ -82,7 +84,7 @@ class SendOptions:
     - ``model``: the short name of the checkpoint to run it (its queue is ``llava.<model>``, see
       :func:`~producer.contract.model_queue`); ``queue`` names a queue directly; neither: the default queue.
     - ``priority``: 0 (lowest) to 9 (most urgent), default 4. On Redis, where Celery serves 0 first, it is
-      sent as ``9 - priority``.
+      sent as ``9 - priority`` (:func:`~producer.contract.wire_priority`).
     - ``job_id``: your own id, making the send idempotent (see :meth:`LlavaClient._submit`).
     - ``timeout_s``: the job's time on the worker, capped by its ``job_timeout``.
     - ``on_success``: a Celery task (its name, or a :class:`~celery.canvas.Signature`) the worker sends
@@ -110,8 +112,10 @@ class SendOptions:
             allowed = ", ".join([*names, *GenerationParams.model_fields])
             raise InvalidRequest(f"unknown argument(s) {sorted(unknown)}; options are {allowed}")
         send = cls(**{k: v for k, v in options.items() if k in names and v is not None})
-        if not isinstance(send.priority, int) or not 0 <= send.priority <= 9:
-            raise InvalidRequest(f"priority must be an integer from 0 to 9, not {send.priority!r}")
+        if not isinstance(send.priority, int) or not 0 <= send.priority <= MAX_PRIORITY:
+            raise InvalidRequest(
+                f"priority must be an integer from 0 to {MAX_PRIORITY}, not {send.priority!r}"
+            )
         generation = {
             k: v for k, v in options.items() if k in GenerationParams.model_fields and v is not None
         }
@@ -123,8 +127,7 @@ class SendOptions:
         return model_queue(self.model) if self.model else default
 
     def wire_priority(self, app: Celery) -> int:
-        redis = app.conf.broker_url.split("://", 1)[0] in ("redis", "rediss", "sentinel")
-        return 9 - self.priority if redis else self.priority
+        return wire_priority(self.priority, app.conf.broker_url)
 
     def callback(self, app: Celery, task: str | Signature | None) -> Signature | None:
         """``on_success``/``on_error`` as a Celery signature (by name: routed to ``callback_queue``)."""

@@ -29,7 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from redis.exceptions import RedisError
 
 from producer.blobs import BlobStore
-from producer.contract import is_blob_reference
+from producer.contract import image_kind
 from producer.errors import (
     FetchFailed,
     FetchForbidden,
@@ -172,14 +172,14 @@ def read_image_bytes(
     blobs: BlobStore | None = None,
 ) -> bytes:
     """The encoded bytes ``reference`` names; a fetch ends by ``fetch_deadline`` or ``deadline``."""
-    if is_blob_reference(reference):
+    kind = image_kind(reference)
+    if kind == "blob":
         return _read_blob(reference, blobs, settings.max_image_bytes)
-    head = reference[:8].lower()
-    if head.startswith("data:"):
+    if kind == "data":
         return _decode_data_uri(reference, settings.max_image_bytes)
-    if head.startswith(("http://", "https://")):
+    if kind == "url":
         return fetch(reference, fetch_policy(settings), resolve, deadline, fetches)
-    if reference.startswith("/"):
+    if kind == "path":
         return _read_local(Path(reference), settings)
     raise InvalidRequest("image must be an http(s) URL, a data: URI, a blob reference or an absolute path")
 
