@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from producer.broker import broker_guard
-from producer.client import Job
 from producer.collector import ResultCollector
 from producer.contract import image_kind
 from producer.errors import RETRYABLE_CODES, BrokerUnavailable, InvalidRequest, LlavaError, ResultTimeout
+from producer.job import Job
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 

@@ -20,14 +20,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery.result import AsyncResult
 
 from producer.errors import ResultTimeout
-
-if TYPE_CHECKING:
-    from producer.client import Job
+from producer.job import Job
 
 _WAIT_SLICE = 1.0  # longest single wait on the pub/sub socket; jobs added meanwhile are seen after it
 
