@@ -1,4 +1,5 @@
-"""The wire contract between producers and workers: task names, request and result models.
+"""The wire contract between producers and workers: task names, request and result models, and the facts
+both sides share (image reference kinds, priorities, the broker kind, the health command, the limits).
 
 Any Celery client can enqueue a job: send task ``llava.caption`` | ``llava.vqa`` | ``llava.classify`` with
 one keyword argument, ``request``, holding the request model as a JSON object. The result is the matching

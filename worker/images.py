@@ -1,7 +1,9 @@
-"""Load the image a request names (http(s) URL, ``data:`` URI or allowed local path) as an RGB PIL image.
+"""Load the image a request names (blob reference, ``data:`` URI, http(s) URL or allowed local path) as an
+RGB PIL image.
 
-Every failure is a typed, coded error from :mod:`producer.errors`. This is the one module that touches
-untrusted image input; hardening (SSRF guard, format allow-list) lives here too.
+Every failure is a typed, coded error from :mod:`producer.errors`. URLs are fetched by :mod:`worker.fetch`
+(its SSRF guard and budgets); here: the blob read, ``data:`` URI decoding, the local-root allow-list, and
+decoding under the format allow-list and the byte and pixel caps.
 
 Memory: a decoded image is shrunk at once to what the LLaVA-NeXT processor can use (``keep_side``: its
 largest anyres grid side; JPEG is even decoded at 1/2..1/8 scale directly with ``draft``), and the pixels

@@ -38,7 +38,8 @@ class WorkerSettings(QueueSettings):
         default="auto", description="auto: bfloat16 on cuda, float32 on cpu"
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        default="auto", description="attention kernel passed to from_pretrained (auto: sdpa)"
+        default="auto",
+        description="attention kernel (from_pretrained); auto: FlashAttention-2 where it can run, else sdpa",
     )
     quantization: Literal["none", "4bit", "8bit"] = Field(
         default="none", description="bitsandbytes weight quantization (CUDA only)"
