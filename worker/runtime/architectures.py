@@ -18,7 +18,7 @@ import torch
 from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
 # CLIP ViT-L/14 at 336 px: the vision tower of every llava-v1.6 checkpoint.
-_CLIP_L_336 = {
+_CLIP_L_336: dict[str, Any] = {
     "hidden_size": 1024,
     "intermediate_size": 4096,
     "num_hidden_layers": 24,
@@ -162,7 +162,7 @@ def build_random(name: str, out: Path, dtype: torch.dtype = torch.bfloat16) -> P
     checkpoint = CHECKPOINTS[name]
     config = checkpoint.llava_config()
     torch.manual_seed(0)
-    model = LlavaNextForConditionalGeneration(config).to(dtype)
+    model = LlavaNextForConditionalGeneration._from_config(config, dtype=dtype)  # built in dtype: less memory
     model.save_pretrained(out)
     tokenizer = build_tokenizer(TEMPLATES[checkpoint.family])
     config.image_token_index = tokenizer.convert_tokens_to_ids("<image>")

@@ -127,7 +127,7 @@ def load_processor(source: str, settings: WorkerSettings, revision: str | None =
     """The checkpoint's processor, left-padding, with its own chat template or the configured family's."""
     from worker.runtime.templates import TEMPLATES
 
-    processor = LlavaNextProcessor.from_pretrained(source, revision=revision)
+    processor = LlavaNextProcessor.from_pretrained(source, revision=revision or "main")
     processor.tokenizer.padding_side = "left"  # batched generation needs left padding
     if not getattr(processor, "chat_template", None):
         if settings.prompt_family is None:

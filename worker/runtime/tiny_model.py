@@ -146,7 +146,7 @@ def build_config(
         vision_config=vision_config,
         text_config=AutoConfig.for_model(text.pop("model_type"), **text),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
+        image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
         **top,
     )
 
