@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from worker.runtime.architectures import CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, PINPOINTS
 from worker.runtime.templates import TEMPLATES, Template
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ GEOMETRIES = {
     # 32 px tiles of 8 px patches: 16 patches + CLS per tile; fast enough for every test.
     "tiny": Geometry(32, 8, ((32, 32), (32, 64), (64, 32), (64, 64))),
     # The real llava-v1.6 geometry: CLIP 336 px / 14 px patches, anyres up to 1008 px (1,176-2,928 tokens).
-    "real": Geometry(336, 14, ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))),
+    "real": Geometry(CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE, PINPOINTS),
 }
 
 _CORPUS_WORDS = (
