@@ -27,7 +27,7 @@ TASK_CAPTION = "llava.caption"
 TASK_VQA = "llava.vqa"
 TASK_CLASSIFY = "llava.classify"
 TASKS = (TASK_CAPTION, TASK_VQA, TASK_CLASSIFY)
-TASK_NOOP = "llava.noop"
+TASK_NOOP = "llava.noop"  # no request, returns {"worker": node}: the queue's own round trip
 # Message header: when the producer sent the job (epoch seconds); the worker derives queued_ms from it.
 SENT_AT_HEADER = "llava_sent_at"
 QUEUE_PREFIX = "llava."
@@ -52,8 +52,6 @@ def wire_priority(priority: int, broker_url: str) -> int:
     ``MAX_PRIORITY - priority``; other brokers serve the highest first and get ``priority`` as it is."""
     return MAX_PRIORITY - priority if is_redis_url(broker_url) else priority
 
-
-# no request, returns {"worker": node}: the queue's own round trip
 
 DEFAULT_CAPTION_PROMPT = "What is shown in this image?"
 DEFAULT_CLASSIFY_PROMPT = "Classify the object in the image."
