@@ -8,10 +8,10 @@ TORCH_SPEC ?= torch==2.13.0
 # for CUDA 12.8; TORCH_INDEX= (empty) for whatever your pip's own indexes offer. Only torch comes from it
 # (--no-deps); its dependencies come with the project's, from pip's own indexes.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
-# Broker and result backend; when nothing answers there, worker.devstack starts a redis-server on a free port.
+# Broker and result backend; when nothing answers there, devtools.devstack starts a redis-server on a free port.
 export LLAVA_BROKER_URL ?= redis://localhost:6379/0
 export LLAVA_RESULT_BACKEND ?= redis://localhost:6379/1
-DEVSTACK := $(BIN)/python -m worker.devstack --
+DEVSTACK := $(BIN)/python -m devtools.devstack --
 
 .PHONY: demo test coverage lint unit integration images install clean bench bench-memory soak flower
 

@@ -35,9 +35,9 @@ import redis  # noqa: E402
 from celery.result import ResultSet  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from devtools.devstack import RedisServer, WorkerProcess  # noqa: E402
 from producer import ClientSettings, LlavaClient  # noqa: E402
 from producer.contract import TASK_NOOP  # noqa: E402
-from worker.devstack import RedisServer, WorkerProcess  # noqa: E402
 
 MODES = ("off", "redis")
 

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from PIL import Image  # noqa: E402
 
+from devtools.devstack import RedisServer, WorkerProcess  # noqa: E402
 from producer import ClientSettings, LlavaClient  # noqa: E402
-from worker.devstack import RedisServer, WorkerProcess  # noqa: E402
 
 
 def zero_png(side: int) -> bytes:
@@ -75,7 +75,7 @@ def concurrent_images(client: LlavaClient, queue: str, pid: int, jobs: int, side
 def checkpoint(geometry: str, cache: Path) -> str:
     if geometry == "tiny":
         return "tiny:mistral"
-    from worker.tiny_model import build, is_tiny_checkpoint
+    from worker.runtime.tiny_model import build, is_tiny_checkpoint
 
     path = cache / "bench-real-geometry"  # the same checkpoint bench/throughput.py builds
     if not is_tiny_checkpoint(path):

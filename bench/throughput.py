@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 from celery.result import ResultSet  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from devtools.devstack import RedisServer, WorkerProcess  # noqa: E402
 from producer import ClientSettings, LlavaClient  # noqa: E402
 from producer.contract import TASK_NOOP  # noqa: E402
-from worker.devstack import RedisServer, WorkerProcess  # noqa: E402
 
 PROMPT = "What is shown in this image?"
 SIZES = [(640, 480), (480, 640), (1024, 768), (336, 336), (800, 300), (300, 800), (1280, 720), (500, 500)]
@@ -69,7 +69,7 @@ def make_images(count: int, seed: int = 0) -> list[bytes]:
 
 
 def build_checkpoint(cache: Path) -> Path:
-    from worker.tiny_model import build, is_tiny_checkpoint
+    from worker.runtime.tiny_model import build, is_tiny_checkpoint
 
     path = cache / "bench-real-geometry"
     if not is_tiny_checkpoint(path):

@@ -1,6 +1,6 @@
 """The demo behind ``make demo``: one tiny-model worker, a caption, a VQA and a classify job, three results.
 
-Run through ``python -m worker.devstack -- python examples/demo.py`` so that a Redis answers.
+Run through ``python -m devtools.devstack -- python examples/demo.py`` so that a Redis answers.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ import time
 import uuid
 from pathlib import Path
 
-from producer import LlavaClient, load_settings
-from producer.settings import ClientSettings
-from worker.devstack import WorkerProcess
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # devtools/ is not installed: it is imported from the checkout
+
+from devtools.devstack import WorkerProcess  # noqa: E402
+from producer import LlavaClient, load_settings  # noqa: E402
+from producer.settings import ClientSettings  # noqa: E402
+
 IMAGES = ROOT / "examples" / "images"
 
 

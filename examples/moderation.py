@@ -1,6 +1,6 @@
 """A moderation flow: categories with thresholds, a decision per image, and the bulk CLI tagging a folder.
 
-    python -m worker.devstack -- .venv/bin/python examples/moderation.py [FOLDER]
+    python -m devtools.devstack -- .venv/bin/python examples/moderation.py [FOLDER]
 
 Starts a tiny-model worker on its own queue as ``make demo`` does (random weights: the scores are noise,
 the plumbing is real); with a real checkpoint behind the queue the same code moderates for real.

@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from producer.client import Job, LlavaClient
+from producer.client import LlavaClient
 from producer.contract import (
     TASK_CAPTION,
     TASK_CLASSIFY,
@@ -30,6 +30,7 @@ from producer.errors import (
     ResultTimeout,
     WorkerLost,
 )
+from producer.job import Job
 from producer.settings import ClientSettings, load_settings
 
 try:

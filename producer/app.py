@@ -1,4 +1,5 @@
-"""The Celery app factory shared by producer and worker, so both sides run the same configuration."""
+"""The Celery app factory shared by producer and worker, so both sides run the same configuration, and the
+health query both send (:func:`worker_health`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any, Literal
 
 from celery import Celery
 
-from producer.contract import DEFAULT_PRIORITY
+from producer.contract import DEFAULT_PRIORITY, HEALTH_COMMAND, MAX_PRIORITY, wire_priority
 from producer.settings import QueueSettings
 
 Role = Literal["worker", "producer"]
@@ -16,7 +17,6 @@ PAUSE_MAX = 0.25  # seconds: the longest pause between a producer's reconnects
 
 def celery_config(settings: QueueSettings) -> dict[str, Any]:
     """Celery settings for llava-queue (the decisions are listed in the README, "Architecture")."""
-    redis = settings.broker_url.split("://", 1)[0] in ("redis", "rediss", "sentinel")
     transport_options = {
         "visibility_timeout": settings.visibility_timeout,
         # Priorities: kombu's default Redis steps (0, 3, 6, 9; one list each, 0 served first) and separator,
@@ -53,11 +53,20 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "task_default_queue": settings.default_queue,
-        # LlavaClient priorities are 0..9 with 9 most urgent; Redis serves its 0 first (see SendOptions).
-        "task_default_priority": 9 - DEFAULT_PRIORITY if redis else DEFAULT_PRIORITY,
-        "task_queue_max_priority": 9,
+        "task_default_priority": wire_priority(DEFAULT_PRIORITY, settings.broker_url),
+        "task_queue_max_priority": MAX_PRIORITY,
         "worker_hijack_root_logger": False,
     }
+
+
+def worker_health(app: Celery, timeout: float = 2.0) -> dict[str, dict[str, Any]]:
+    """``{node name: health}`` for every worker that answers ``HEALTH_COMMAND`` within ``timeout`` seconds."""
+    replies = app.control.broadcast(HEALTH_COMMAND, reply=True, timeout=timeout) or []
+    health: dict[str, dict[str, Any]] = {}
+    for reply in replies:
+        for node, info in reply.items():
+            health[node] = info if isinstance(info, dict) else {"error": str(info)}
+    return health
 
 
 def attempt_timeout(broker_timeout: float) -> float:

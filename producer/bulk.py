@@ -9,11 +9,11 @@
 - **Records**: ``{"image", "job_id", "result"}`` or ``{"image", "job_id"?, "error": {"code", "message"}}``,
   written as the jobs finish (or in input order, see :class:`RecordSink`), each line flushed.
 - **Resume**: images whose last record in the output has a result, or a permanent error, are skipped; those
-  whose last record has a transient error (:data:`RETRIED_CODES`) are sent again. With an output file each
-  job's id comes from :func:`resume_job_id`, so a rerun collects the results of jobs that finished while it
-  was down (stopped, crashed, or given up waiting) instead of computing them again. A line cut short by a
-  crash is ignored (and the file gets a newline before anything is appended), so the last line for an image
-  wins.
+  whose last record has a transient error (:data:`~producer.errors.RETRYABLE_CODES`) are sent again. With an
+  output file each job's id comes from :func:`resume_job_id`, so a rerun collects the results of jobs that
+  finished while it was down (stopped, crashed, or given up waiting) instead of computing them again. A line
+  cut short by a crash is ignored (and the file gets a newline before anything is appended), so the last line
+  for an image wins.
 """
 
 from __future__ import annotations
@@ -27,20 +27,19 @@ from pathlib import Path
 from typing import IO, Any
 
 from producer.broker import broker_guard
-from producer.client import Job
 from producer.collector import ResultCollector
-from producer.errors import BrokerUnavailable, InvalidRequest, LlavaError, ResultTimeout
+from producer.contract import image_kind
+from producer.errors import RETRYABLE_CODES, BrokerUnavailable, InvalidRequest, LlavaError, ResultTimeout
+from producer.job import Job
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
-# Errors a later run may not get again: fetches, deadlines and lost workers. Every other code is permanent.
-RETRIED_CODES = frozenset({"fetch_failed", "timeout", "worker_lost", "result_timeout", "broker_unavailable"})
 
 Record = dict[str, Any]
 
 
 def _is_reference(target: str) -> bool:
     """A URL or ``data:`` URI (sent as is), not a local path."""
-    return target[:8].lower().startswith(("http://", "https://", "data:")) or "://" in target[:16]
+    return image_kind(target) in ("url", "data") or "://" in target[:16]
 
 
 def image_input(target: str) -> str | Path:
@@ -137,7 +136,7 @@ def _parse_line(line: str) -> Record | None:
 
 def is_settled(outcome: str | None) -> bool:
     """Whether an image with this previous outcome (``None``: a result; else an error code) is skipped."""
-    return outcome is None or outcome not in RETRIED_CODES
+    return outcome is None or outcome not in RETRYABLE_CODES
 
 
 def record_for(image: str, job: Job[Any] | None, outcome: Any) -> Record:

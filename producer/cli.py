@@ -41,9 +41,10 @@ from producer.bulk import (
     record_for,
     resume_job_id,
 )
-from producer.client import KINDS, Job, LlavaClient, check_params
+from producer.client import KINDS, LlavaClient, check_params
 from producer.errors import BrokerUnavailable, InvalidRequest
 from producer.flower import flower_command, flower_url
+from producer.job import Job
 from producer.report import Summary, make_progress, summary_table
 from producer.settings import ClientSettings, load_settings
 from producer.status import cluster_status

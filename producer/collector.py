@@ -5,7 +5,7 @@ On a Redis result backend Celery publishes every stored result on a pub/sub chan
 channel), then waits on that one pub/sub connection: a finished job wakes it at once, whatever the number of
 jobs. A job leaves the consumer as soon as it finished (Celery unsubscribes its channel) or is discarded, so
 a long-lived process keeps no subscription for a job nobody waits on any more. Backends without a result
-consumer are polled every ``poll_interval`` seconds.
+consumer are polled every ``_POLL_INTERVAL`` seconds.
 
 Celery gives each thread its own backend (``app.backend`` is thread-local) and a handle stays bound to the
 backend of the thread that made it, so the collector waits on the handles' own backends, from any thread:
@@ -20,16 +20,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery.result import AsyncResult
 
 from producer.errors import ResultTimeout
-
-if TYPE_CHECKING:
-    from producer.client import Job
+from producer.job import Job
 
 _WAIT_SLICE = 1.0  # longest single wait on the pub/sub socket; jobs added meanwhile are seen after it
+_POLL_INTERVAL = 0.5  # seconds between two looks at a backend without a result consumer
 
 
 class ResultCollector:
@@ -40,8 +39,7 @@ class ResultCollector:
     ``close()`` stops watching all. Use one collector from one thread.
     """
 
-    def __init__(self, poll_interval: float = 0.5) -> None:
-        self._poll_interval = poll_interval
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pending: dict[str, list[Job[Any]]] = {}
         self._done: deque[Job[Any]] = deque()
@@ -96,7 +94,7 @@ class ResultCollector:
         backends = list({id(result.backend): result.backend for result in firsts}.values())
         consumers: list[Any] = [getattr(backend, "result_consumer", None) for backend in backends]
         if None in consumers:
-            time.sleep(min(seconds, self._poll_interval))
+            time.sleep(min(seconds, _POLL_INTERVAL))
             for result in firsts:
                 result.ready()  # a finished one fires _finished
             return

@@ -1,4 +1,5 @@
-"""The wire contract between producers and workers: task names, request and result models.
+"""The wire contract between producers and workers: task names, request and result models, and the facts
+both sides share (image reference kinds, priorities, the broker kind, the health command, the limits).
 
 Any Celery client can enqueue a job: send task ``llava.caption`` | ``llava.vqa`` | ``llava.classify`` with
 one keyword argument, ``request``, holding the request model as a JSON object. The result is the matching
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     AfterValidator,
@@ -25,11 +27,14 @@ TASK_CAPTION = "llava.caption"
 TASK_VQA = "llava.vqa"
 TASK_CLASSIFY = "llava.classify"
 TASKS = (TASK_CAPTION, TASK_VQA, TASK_CLASSIFY)
-TASK_NOOP = "llava.noop"
+TASK_NOOP = "llava.noop"  # no request, returns {"worker": node}: the queue's own round trip
 # Message header: when the producer sent the job (epoch seconds); the worker derives queued_ms from it.
 SENT_AT_HEADER = "llava_sent_at"
 QUEUE_PREFIX = "llava."
-DEFAULT_PRIORITY = 4  # 0..9, 9 most urgent (LlavaClient); on Redis sent as 9 - priority (0 is served first)
+HEALTH_COMMAND = "llava_health"  # the worker's inspect command (worker/control.py): its health as a dict
+# Job priorities (LlavaClient): 0 lowest .. MAX_PRIORITY most urgent; see wire_priority for what is sent.
+MAX_PRIORITY = 9
+DEFAULT_PRIORITY = 4
 
 
 def model_queue(model: str) -> str:
@@ -37,7 +42,16 @@ def model_queue(model: str) -> str:
     return f"{QUEUE_PREFIX}{model}"
 
 
-# no request, returns {"worker": node}: the queue's own round trip
+def is_redis_url(url: str) -> bool:
+    """True for a Redis broker or result backend URL (``redis://``, ``rediss://``, ``sentinel://``)."""
+    return url.split("://", 1)[0] in ("redis", "rediss", "sentinel")
+
+
+def wire_priority(priority: int, broker_url: str) -> int:
+    """The Celery priority a job of ``priority`` is sent with: Redis serves its 0 first, so there it is
+    ``MAX_PRIORITY - priority``; other brokers serve the highest first and get ``priority`` as it is."""
+    return MAX_PRIORITY - priority if is_redis_url(broker_url) else priority
+
 
 DEFAULT_CAPTION_PROMPT = "What is shown in this image?"
 DEFAULT_CLASSIFY_PROMPT = "Classify the object in the image."
@@ -57,6 +71,23 @@ BLOB_PREFIX = "blob:sha256:"
 _BLOB_REFERENCE = re.compile(r"blob:sha256:[0-9a-f]{64}")
 
 
+ImageKind = Literal["url", "data", "blob", "path"]
+
+
+def image_kind(image: str) -> ImageKind | None:
+    """What a wire ``image`` names: an http(s) ``url``, a ``data`` URI, a ``blob`` reference (by its prefix:
+    :func:`blob_digest` checks the rest) or an absolute local ``path``; ``None``: none of them. Schemes are
+    matched case-insensitively."""
+    head = image[:8].lower()
+    if head.startswith(("http://", "https://")):
+        return "url"
+    if head.startswith("data:"):
+        return "data"
+    if image.startswith(BLOB_PREFIX):
+        return "blob"
+    return "path" if image.startswith("/") else None
+
+
 def is_blob_reference(image: str) -> bool:
     return _BLOB_REFERENCE.fullmatch(image) is not None
 
@@ -66,6 +97,21 @@ def blob_digest(reference: str) -> str:
     if not is_blob_reference(reference):
         raise ValueError(f"not a blob reference (want {BLOB_PREFIX}<64 hex digits>): {reference[:80]!r}")
     return reference.removeprefix(BLOB_PREFIX)
+
+
+def redact_url(url: str) -> str:
+    """What of an image URL may be logged or shown: no credentials, query string or fragment (they may
+    hold tokens)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+    except ValueError:
+        return "<unparsable URL>"
+    suffix = "?…" if parts.query else ""
+    shown = urlunsplit((parts.scheme, host, parts.path, "", "")) + suffix
+    return shown if len(shown) <= 200 else shown[:197] + "..."
 
 
 # The processor expands this placeholder into the image's tokens; in user text it would break the prompt.
@@ -126,11 +172,10 @@ class _Request(_WireModel):
     @field_validator("image")
     @classmethod
     def _image_reference(cls, value: str) -> str:
-        head = value[:16].lower()
-        if head.startswith(("http://", "https://", "data:")) or value.startswith("/"):
-            return value
-        if value.startswith(BLOB_PREFIX):
+        kind = image_kind(value)
+        if kind == "blob":
             blob_digest(value)  # a malformed reference is refused here, not at the store
+        if kind is not None:
             return value
         scheme = value.split(":", 1)[0] if ":" in value[:16] else ""
         hint = f"scheme {scheme!r} is not supported" if scheme else "not a URL, data: URI or absolute path"

@@ -1,8 +1,10 @@
 """The one error tree of llava-queue, shared by producer and worker.
 
 Every error a user can get is a :class:`LlavaError` with a stable ``code`` string and a human message.
-Permanent errors (``retryable = False``) are never retried; retryable ones may be retried by the worker
-(with backoff) before they reach the user.
+``retryable`` marks the transient ones (:data:`RETRYABLE_CODES`): the same job sent again later may succeed
+(a fetch, a deadline, a lost worker, an unreachable Redis). The worker retries a transient fetch failure
+itself (an instance may say otherwise: an HTTP 404 is a permanent ``fetch_failed``); ``llava-queue``'s
+resume sends jobs whose last error is transient again. Permanent errors are never retried.
 
 On the wire (Celery's JSON result backend) a failed job is stored as
 ``{"exc_type": "InvalidImage", "exc_module": "producer.errors", "exc_message": [MESSAGE, CODE]}``, so a client
@@ -80,12 +82,14 @@ class JobTimeout(LlavaError, TimeoutError):
     """The job ran past its deadline on the worker."""
 
     code = "timeout"
+    retryable = True
 
 
 class WorkerLost(LlavaError):
     """The worker died while running the job, more times than the redelivery cap allows."""
 
     code = "worker_lost"
+    retryable = True
 
 
 class InternalError(LlavaError):
@@ -98,6 +102,7 @@ class ResultTimeout(LlavaError, TimeoutError):
     """No result arrived within the time the caller waited; the job may still finish."""
 
     code = "result_timeout"
+    retryable = True
 
 
 class BrokerUnavailable(LlavaError):
@@ -125,6 +130,9 @@ ERRORS: dict[str, type[LlavaError]] = {
         BrokerUnavailable,
     )
 }
+
+
+RETRYABLE_CODES = frozenset(code for code, cls in ERRORS.items() if cls.retryable)
 
 
 def error_from_code(code: str, message: str) -> LlavaError:

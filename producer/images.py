@@ -14,8 +14,8 @@ import io
 import os
 from pathlib import Path
 from typing import Any, Union
-from urllib.parse import urlsplit, urlunsplit
 
+from producer.contract import image_kind, redact_url
 from producer.errors import ImageTooLarge, InvalidImage, InvalidRequest
 
 ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Any]
@@ -86,10 +86,10 @@ def to_wire(image: ImageInput, max_bytes: int) -> str:
 
 
 def _string_source(image: str, max_bytes: int) -> str | bytes:
-    lowered = image[:8].lower()
-    if lowered.startswith(("http://", "https://")):
+    kind = image_kind(image)
+    if kind == "url":
         return image
-    if lowered.startswith("data:"):
+    if kind == "data":
         _check_size(len(image) * 3 // 4, int(max_bytes * 1.05) + 4, "data: URI image")  # before decoding
         return _data_uri_bytes(image, max_bytes)
     shown = repr(image[:40]) + ("…" if len(image) > 40 else "")
@@ -125,20 +125,6 @@ def _png_bytes(image: Any, max_bytes: int) -> bytes:
     return buffer.getvalue()
 
 
-def redact_url(url: str) -> str:
-    """``url`` without credentials, query string or fragment (they may hold tokens)."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-    except ValueError:
-        return "<unparsable URL>"
-    suffix = "?…" if parts.query else ""
-    shown = urlunsplit((parts.scheme, host, parts.path, "", "")) + suffix
-    return shown if len(shown) <= 200 else shown[:197] + "..."
-
-
 def describe(data: bytes, sha256: str | None = None) -> str:
     """A byte-free description of inline image bytes for logs and Flower: type, size, short sha256
     (``sha256``: the hex digest when the caller has it already)."""
@@ -148,7 +134,7 @@ def describe(data: bytes, sha256: str | None = None) -> str:
 
 def redact(image: str) -> str:
     """A short, byte-free description of a wire image for logs and Flower: kind, size, short sha256."""
-    if image[:5].lower() != "data:":
+    if image_kind(image) != "data":
         return redact_url(image) if "://" in image[:12] else image[:200]
     header, _, payload = image[5:].partition(",")
     try:

@@ -25,7 +25,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from producer.bulk import RETRIED_CODES, Record
+from producer.bulk import Record
+from producer.errors import RETRYABLE_CODES
 
 OK = "succeeded"
 
@@ -97,7 +98,7 @@ class Summary:
         rows = [(OK, str(self.outcomes[OK]))]
         for code, count in sorted(self.outcomes.items()):
             if code != OK:
-                retry = " (retried next run)" if code in RETRIED_CODES else ""
+                retry = " (retried next run)" if code in RETRYABLE_CODES else ""
                 rows.append((f"failed: {code}{retry}", str(count)))
         for code, count in sorted(self.skipped.items()):
             what = "skipped: done earlier" if code == OK else f"skipped: failed earlier ({code})"

@@ -6,20 +6,19 @@ from typing import Any
 
 from celery import Celery
 
-from producer.contract import QUEUE_PREFIX
+from producer.app import worker_health
+from producer.contract import HEALTH_COMMAND, QUEUE_PREFIX, is_redis_url
 
-HEALTH_COMMAND = "llava_health"  # inspect command registered by the worker (worker/app.py)
+__all__ = [
+    "HEALTH_COMMAND",
+    "cluster_status",
+    "fleet_warnings",
+    "known_queues",
+    "queue_depths",
+    "worker_health",
+]
+
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis separator between a queue's name and its priority level
-
-
-def worker_health(app: Celery, timeout: float = 2.0) -> dict[str, dict[str, Any]]:
-    """``{node name: health}`` for every worker that answers within ``timeout`` seconds."""
-    replies = app.control.broadcast(HEALTH_COMMAND, reply=True, timeout=timeout) or []
-    health: dict[str, dict[str, Any]] = {}
-    for reply in replies:
-        for node, info in reply.items():
-            health[node] = info if isinstance(info, dict) else {"error": str(info)}
-    return health
 
 
 def queue_depths(app: Celery, queues: list[str]) -> dict[str, int]:
@@ -37,7 +36,7 @@ def queue_depths(app: Celery, queues: list[str]) -> dict[str, int]:
 
 def known_queues(app: Celery) -> set[str]:
     """Queues holding llava jobs, found on a Redis broker (each queue and priority level is a Redis list)."""
-    if app.conf.broker_url.split("://", 1)[0] not in ("redis", "rediss", "sentinel"):
+    if not is_redis_url(app.conf.broker_url):
         return set()
     found = set()
     with app.connection_for_write() as connection:

@@ -27,7 +27,7 @@ def create_app(settings: WorkerSettings, service: Service, app: Celery | None = 
     app = app or create_celery_app(settings, main="llava-worker")
     app.conf.task_queues = [Queue(name) for name in settings.consumed_queues]
     app.conf.worker_consumer = "worker.delivery:LlavaConsumer"
-    app.llava_service = service  # type: ignore[attr-defined]  # read by the llava_health inspect command
+    app.llava_service = service  # read by the llava_health inspect command
     ledger = DeliveryLedger(app, settings)
     service.on_model_start, service.on_model_end = ledger.model_started, ledger.model_finished
     service.images.blobs = ledger.blobs

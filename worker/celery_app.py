@@ -33,7 +33,8 @@ app.conf.update(
 @worker_init.connect(weak=False)
 def _load_model_and_tasks(sender: Any = None, **_: Any) -> None:
     """Before the worker consumes: load the model, register the tasks on ``app``."""
-    if getattr(sender, "app", None) is not app:
+    sender_app: Any = getattr(sender, "app", None)
+    if sender_app is not app:
         return
     from worker.app import create_app
     from worker.cli import configure_logging, start_service

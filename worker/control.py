@@ -6,8 +6,10 @@ from typing import Any
 
 from celery.worker.control import inspect_command
 
+from producer.contract import HEALTH_COMMAND
 
-@inspect_command()
+
+@inspect_command(name=HEALTH_COMMAND)
 def llava_health(state: Any) -> dict[str, Any]:
     """llava-queue worker health: model, device, loads, jobs done/failed, last error, queues."""
     service = getattr(state.consumer.app, "llava_service", None)

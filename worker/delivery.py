@@ -20,10 +20,10 @@ from typing import Any
 from celery import Celery, states
 from celery.worker.consumer import Consumer
 
+from producer.app import worker_health
 from producer.blobs import RedisBlobStore
 from producer.contract import TASKS, is_blob_reference
 from producer.errors import InvalidRequest, WorkerLost
-from producer.status import worker_health
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)

@@ -34,8 +34,8 @@ import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import HTTPError, SSLError
 
+from producer.contract import redact_url
 from producer.errors import FetchFailed, FetchForbidden, ImageTooLarge, InvalidRequest, JobTimeout
-from producer.images import redact_url
 
 log = logging.getLogger(__name__)
 

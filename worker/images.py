@@ -1,7 +1,9 @@
-"""Load the image a request names (http(s) URL, ``data:`` URI or allowed local path) as an RGB PIL image.
+"""Load the image a request names (blob reference, ``data:`` URI, http(s) URL or allowed local path) as an
+RGB PIL image.
 
-Every failure is a typed, coded error from :mod:`producer.errors`. This is the one module that touches
-untrusted image input; hardening (SSRF guard, format allow-list) lives here too.
+Every failure is a typed, coded error from :mod:`producer.errors`. URLs are fetched by :mod:`worker.fetch`
+(its SSRF guard and budgets); here: the blob read, ``data:`` URI decoding, the local-root allow-list, and
+decoding under the format allow-list and the byte and pixel caps.
 
 Memory: a decoded image is shrunk at once to what the LLaVA-NeXT processor can use (``keep_side``: its
 largest anyres grid side; JPEG is even decoded at 1/2..1/8 scale directly with ``draft``), and the pixels
@@ -29,7 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from redis.exceptions import RedisError
 
 from producer.blobs import BlobStore
-from producer.contract import is_blob_reference
+from producer.contract import image_kind
 from producer.errors import (
     FetchFailed,
     FetchForbidden,
@@ -172,14 +174,14 @@ def read_image_bytes(
     blobs: BlobStore | None = None,
 ) -> bytes:
     """The encoded bytes ``reference`` names; a fetch ends by ``fetch_deadline`` or ``deadline``."""
-    if is_blob_reference(reference):
+    kind = image_kind(reference)
+    if kind == "blob":
         return _read_blob(reference, blobs, settings.max_image_bytes)
-    head = reference[:8].lower()
-    if head.startswith("data:"):
+    if kind == "data":
         return _decode_data_uri(reference, settings.max_image_bytes)
-    if head.startswith(("http://", "https://")):
+    if kind == "url":
         return fetch(reference, fetch_policy(settings), resolve, deadline, fetches)
-    if reference.startswith("/"):
+    if kind == "path":
         return _read_local(Path(reference), settings)
     raise InvalidRequest("image must be an http(s) URL, a data: URI, a blob reference or an absolute path")
 

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 log = logging.getLogger("llava.launcher")
@@ -31,7 +32,7 @@ class LaunchError(RuntimeError):
     """The GPUs asked for cannot be found."""
 
 
-def discover_gpus(environ: dict[str, str] | None = None) -> list[str]:
+def discover_gpus(environ: Mapping[str, str] | None = None) -> list[str]:
     """GPU indices: from ``CUDA_VISIBLE_DEVICES`` if set, else one per ``nvidia-smi -L`` line."""
     environ = os.environ if environ is None else environ
     visible = environ.get("CUDA_VISIBLE_DEVICES")
@@ -68,7 +69,7 @@ def next_backoff(previous: float, ran_for: float) -> float:
     return min(previous * 2, BACKOFF_MAX_S)
 
 
-def child_env(gpu: str, metrics_port: int | None, environ: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(gpu: str, metrics_port: int | None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """A child's environment: its GPU only (set before it imports torch) and, when metrics are on, its own
     metrics port (the base port + the GPU index)."""
     environ = os.environ if environ is None else environ

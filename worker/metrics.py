@@ -160,6 +160,6 @@ def _counter(name: str, help_text: str, value: float | None) -> Metric:
 def serve_metrics(port: int, service: Service, address: str = "127.0.0.1") -> None:
     """Serve ``/metrics`` on ``address:port`` from a daemon thread."""
     _prime()
-    REGISTRY.register(HealthCollector(service))  # type: ignore[arg-type]
+    REGISTRY.register(HealthCollector(service))
     start_http_server(port, addr=address)
     log.info("Prometheus metrics on %s:%d (/metrics)", address, port)

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from producer.contract import model_queue
+from producer.contract import MAX_LABEL_CHARS, MAX_LABELS, MAX_TEXT_CHARS, model_queue
 from producer.settings import QueueSettings, load_settings
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
@@ -38,7 +38,8 @@ class WorkerSettings(QueueSettings):
         default="auto", description="auto: bfloat16 on cuda, float32 on cpu"
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        default="auto", description="attention kernel passed to from_pretrained (auto: sdpa)"
+        default="auto",
+        description="attention kernel (from_pretrained); auto: FlashAttention-2 where it can run, else sdpa",
     )
     quantization: Literal["none", "4bit", "8bit"] = Field(
         default="none", description="bitsandbytes weight quantization (CUDA only)"
@@ -97,9 +98,13 @@ class WorkerSettings(QueueSettings):
         description="task threads added to 2 x max_batch_size for jobs stalled on slow image servers",
     )
     # -- request limits (lower than or equal to the contract's hard limits)
-    max_text_chars: int = Field(default=2000, ge=1, le=2000, description="prompt / question length cap")
-    max_labels: int = Field(default=50, ge=1, le=100, description="labels per classify job")
-    max_label_chars: int = Field(default=100, ge=1, le=100, description="characters per label")
+    max_text_chars: int = Field(
+        default=MAX_TEXT_CHARS, ge=1, le=MAX_TEXT_CHARS, description="prompt / question length cap"
+    )
+    max_labels: int = Field(default=50, ge=1, le=MAX_LABELS, description="labels per classify job")
+    max_label_chars: int = Field(
+        default=MAX_LABEL_CHARS, ge=1, le=MAX_LABEL_CHARS, description="characters per label"
+    )
     # -- batching and the worker process
     max_batch_size: int = Field(default=8, ge=1, le=256, description="jobs per model call (1: batching off)")
     max_batch_wait_ms: float = Field(

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from devtools.devstack import RedisServer, WorkerProcess, stop_all
 from producer import LlavaClient
 from producer.settings import ClientSettings
 from tests.integration.image_server import ImageServer
-from worker.devstack import RedisServer, WorkerProcess, stop_all
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"

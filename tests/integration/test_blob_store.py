@@ -10,9 +10,9 @@ import uuid
 import pytest
 import redis
 
+from devtools.devstack import RedisServer
 from producer.blobs import RedisBlobStore, blob_reference
 from producer.errors import ImageTooLarge, InvalidImage
-from worker.devstack import RedisServer
 
 
 @pytest.fixture

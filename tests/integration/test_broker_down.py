@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import redis
 
+from devtools.devstack import RedisServer
 from producer import BrokerUnavailable, ClientSettings, LlavaClient
 from producer.cli import EXIT_BROKER_UNAVAILABLE
 from producer.cli import main as cli_main
 from tests.integration.conftest import IMAGES
-from worker.devstack import RedisServer
 
 BROKER_TIMEOUT = 3.0  # above 2 s, so that the old per-attempt arithmetic (1.5 x broker_timeout) fails BOUND
 BOUND = BROKER_TIMEOUT + 1.0  # the documented bound (broker_timeout) and a margin for one more attempt

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from devtools.devstack import WorkerProcess
 from producer import CaptionResult, LlavaClient
 from producer.settings import ClientSettings
 from tests.integration.conftest import IMAGES, TINY_CONFIG, worker_env
-from worker.devstack import WorkerProcess
 from worker.settings import WorkerSettings, load_settings
 
 pytestmark = pytest.mark.integration

@@ -46,7 +46,7 @@ def test_llava_queue_jobs_jsonl_and_exit_codes(client_settings, cache_dir, share
 
 
 def test_redis_down_is_one_line_and_exit_3(client_settings, cache_dir) -> None:
-    from worker.devstack import free_port
+    from devtools.devstack import free_port
 
     dead = f"redis://127.0.0.1:{free_port()}"
     env = worker_env(client_settings, cache_dir, LLAVA_BROKER_TIMEOUT="2")

@@ -143,8 +143,8 @@ def test_upload_limits_and_methods(web, client_settings, queue) -> None:
 def test_redis_down_is_503_within_the_broker_timeout(web, queue, down) -> None:
     from django.test import override_settings
 
+    from devtools.devstack import free_port
     from tests.integration.test_broker_down import BOUND, BROKER_TIMEOUT, failure_within, hung_redis
-    from worker.devstack import free_port
 
     with contextlib.ExitStack() as stack:
         url = (

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from devtools.devstack import RedisServer
 from producer import ClientSettings, LlavaClient, WorkerLost
 from producer.status import worker_health
 from tests.integration.conftest import IMAGES, Stack, WorkerCli, wait_for
 from worker.delivery import DeliveryLedger
-from worker.devstack import RedisServer
 
 FAST_FETCH = {"LLAVA_FETCH_RETRIES": "0", "LLAVA_FETCH_DEADLINE": "1", "LLAVA_FETCH_TIMEOUT": "1"}
 SLOW = {"LLAVA_FAULT_SLOW_MARKER": "[slow]", "LLAVA_FAULT_SLOW_STEP_S": "0.2"}

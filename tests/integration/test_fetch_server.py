@@ -94,7 +94,7 @@ def test_redirect_loop_and_redirect_to_metadata(image_server: ImageServer) -> No
 
 
 def test_connection_refused_is_retryable_fetch_failed() -> None:
-    from worker.devstack import free_port
+    from devtools.devstack import free_port
 
     error = fetch_error(f"http://127.0.0.1:{free_port()}/x.png")
     assert isinstance(error, FetchFailed) and error.retryable

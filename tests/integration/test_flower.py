@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from devtools.devstack import free_port
 from producer import InvalidImage, LlavaClient, LlavaError
 from producer.settings import ClientSettings
 from tests.integration.conftest import IMAGES, wait_for, worker_env
-from worker.devstack import free_port
 
 AUTH = ("admin", f"pw-{uuid.uuid4().hex[:6]}")
 

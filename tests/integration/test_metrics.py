@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from devtools.devstack import free_port
 from producer import FetchFailed, LlavaClient
 from producer.settings import ClientSettings
 from producer.status import worker_health
 from tests.integration.conftest import IMAGES, ROOT, TINY_CONFIG, StartWorker, wait_for, worker_env
 from tests.integration.image_server import ImageServer
-from worker.devstack import free_port
 
 pytestmark = pytest.mark.integration
 

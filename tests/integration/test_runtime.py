@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from worker.runtime import Prompt, Runtime, Sampling, StartupError
+from worker.runtime.tiny_model import build
 from worker.settings import WorkerSettings
-from worker.tiny_model import build
 
 IMAGES = Path(__file__).resolve().parents[2] / "examples" / "images"
 

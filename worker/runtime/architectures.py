@@ -17,17 +17,19 @@ from typing import Any
 import torch
 from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-# CLIP ViT-L/14 at 336 px: the vision tower of every llava-v1.6 checkpoint.
-_CLIP_L_336 = {
+# CLIP ViT-L/14 at 336 px: the vision tower of every llava-v1.6 checkpoint, and its anyres grid (also the
+# tiny checkpoints' "real" geometry).
+CLIP_IMAGE_SIZE, CLIP_PATCH_SIZE = 336, 14
+PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+_CLIP_L_336: dict[str, Any] = {
     "hidden_size": 1024,
     "intermediate_size": 4096,
     "num_hidden_layers": 24,
     "num_attention_heads": 16,
-    "image_size": 336,
-    "patch_size": 14,
+    "image_size": CLIP_IMAGE_SIZE,
+    "patch_size": CLIP_PATCH_SIZE,
     "projection_dim": 768,
 }
-_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class Checkpoint:
             vision_config=CLIPVisionConfig(**_CLIP_L_336),
             text_config=AutoConfig.for_model(text.pop("model_type"), **text),
             image_token_index=self.image_token_index,
-            image_grid_pinpoints=_PINPOINTS,
+            image_grid_pinpoints=[list(p) for p in PINPOINTS],
             vision_feature_layer=-2,
             vision_feature_select_strategy="default",
         )
@@ -156,13 +158,13 @@ def table() -> str:
 
 def build_random(name: str, out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Save the full-size ``name`` architecture with random weights (for GPU speed/memory checks)."""
-    from worker.templates import TEMPLATES
-    from worker.tiny_model import build_processor, build_tokenizer
+    from worker.runtime.templates import TEMPLATES
+    from worker.runtime.tiny_model import build_processor, build_tokenizer
 
     checkpoint = CHECKPOINTS[name]
     config = checkpoint.llava_config()
     torch.manual_seed(0)
-    model = LlavaNextForConditionalGeneration(config).to(dtype)
+    model = LlavaNextForConditionalGeneration._from_config(config, dtype=dtype)  # built in dtype: less memory
     model.save_pretrained(out)
     tokenizer = build_tokenizer(TEMPLATES[checkpoint.family])
     config.image_token_index = tokenizer.convert_tokens_to_ids("<image>")

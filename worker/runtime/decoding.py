@@ -174,13 +174,10 @@ class DecodeBatch:
         return {"input_ids": last, "position_ids": positions, "attention_mask": self.mask}
 
 
-def pick(row: Row, logits: torch.Tensor, eos_ids: set[int]) -> int:
+def pick(row: Row, logits: torch.Tensor) -> int:
     """The row's next token from its last logits (1-D): greedy, or temperature / top-p sampling with the
-    row's own generator; end-of-sequence is forbidden until ``min_new_tokens``."""
+    row's own generator."""
     logits = logits.float()
-    if len(row.tokens) < row.sampling.min_new_tokens and eos_ids:
-        logits = logits.clone()
-        logits[list(eos_ids)] = -torch.inf
     if row.sampling.temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits / row.sampling.temperature, dim=-1)

@@ -38,7 +38,7 @@ def resolve_model_source(settings: WorkerSettings) -> str:
                 "model_overrides (build from a config with random weights) needs model: tiny:<template>"
             )
         return settings.model
-    from worker import tiny_model
+    from worker.runtime import tiny_model
 
     template = settings.model.removeprefix("tiny:") or "mistral"
     if template not in tiny_model.TEMPLATES:
@@ -135,10 +135,10 @@ def image_processor_backend() -> str:
 
 def load_processor(source: str, settings: WorkerSettings, revision: str | None = None) -> LlavaNextProcessor:
     """The checkpoint's processor, left-padding, with its own chat template or the configured family's."""
-    from worker.templates import TEMPLATES
+    from worker.runtime.templates import TEMPLATES
 
     backend = image_processor_backend()
-    processor = LlavaNextProcessor.from_pretrained(source, revision=revision, backend=backend)
+    processor = LlavaNextProcessor.from_pretrained(source, revision=revision or "main", backend=backend)
     log.info("image processor: %s (%s)", type(processor.image_processor).__name__, backend)
     processor.tokenizer.padding_side = "left"  # batched generation needs left padding
     if not getattr(processor, "chat_template", None):

@@ -46,7 +46,6 @@ class Sampling:
     max_new_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
-    min_new_tokens: int = 0  # benchmarks force a length with it; jobs leave it at 0
     seed: int | None = None  # sampled rows of the continuous engine: None draws one from torch's RNG
 
 
@@ -193,8 +192,6 @@ class Runtime:
             return []
         inputs = self.collate(batch, pixels=False)
         options: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "do_sample": False}
-        if sampling.min_new_tokens:
-            options["min_new_tokens"] = sampling.min_new_tokens
         if sampling.temperature > 0:
             options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
         stop = _StopAtDeadlines(deadlines or [math.inf] * len(batch), step_hook)
@@ -336,7 +333,7 @@ class Runtime:
         return int(free * self.settings.gpu_memory_fraction) // self.kv_bytes_per_token()
 
     def _append(self, row: Row, logits: torch.Tensor) -> None:
-        row.tokens.append(pick(row, logits, self._eos_ids()))
+        row.tokens.append(pick(row, logits))
         row.ended = row.tokens[-1] in self._eos_ids() or len(row.tokens) >= row.sampling.max_new_tokens
 
     def _generator(self, sampling: Sampling) -> torch.Generator | None:

@@ -1,6 +1,6 @@
 """A throwaway local stack for the demo, the tests and the benchmarks: redis-server and worker processes.
 
-    python -m worker.devstack -- COMMAND [ARGS...]
+    python -m devtools.devstack -- COMMAND [ARGS...]
 
 runs COMMAND with ``LLAVA_BROKER_URL``/``LLAVA_RESULT_BACKEND`` pointing at a Redis that answers: the one
 already configured if it replies to PING, otherwise a ``redis-server`` started here on a free port (AOF on,
