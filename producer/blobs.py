@@ -16,7 +16,9 @@ naming; nothing else changes.
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import threading
 from typing import Protocol
 
 import redis
@@ -24,11 +26,6 @@ import redis
 from producer.contract import BLOB_PREFIX, blob_digest
 from producer.errors import ImageTooLarge, InvalidImage
 
-_CLAIM = """
-redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-return redis.call('EXPIRE', KEYS[1], ARGV[2])
-"""
 _RELEASE = """
 redis.call('SREM', KEYS[2], ARGV[1])
 if redis.call('SCARD', KEYS[2]) == 0 then
@@ -36,6 +33,7 @@ if redis.call('SCARD', KEYS[2]) == 0 then
 end
 return 0
 """
+RECENT_DIGESTS = 256  # digests a store remembers having put: their next put claims before uploading
 
 
 def blob_reference(data: bytes) -> str:
@@ -68,8 +66,9 @@ class RedisBlobStore:
     def __init__(self, client: redis.Redis, ttl: int) -> None:
         self.client = client
         self.ttl = ttl
-        self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)
+        self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._recent_lock = threading.Lock()
 
     @staticmethod
     def keys(digest: str) -> tuple[str, str]:
@@ -77,21 +76,44 @@ class RedisBlobStore:
 
     def put(self, data: bytes, job_id: str) -> str:
         reference = blob_reference(data)
-        blob, jobs = self.keys(blob_digest(reference))
-        # Claim first, then store: a release between the two can never see zero claims and delete.
-        if not self._claim(keys=[blob, jobs], args=[job_id, self.ttl]):
+        digest = blob_digest(reference)
+        blob, jobs = self.keys(digest)
+        # The claim comes before the bytes, so a release landing in between never sees zero claims. Bytes
+        # this store did not put lately go in the same transaction (one round trip; SET NX keeps a copy that
+        # is there); a resend (several job kinds, a resumed bulk run) claims first and uploads only if gone.
+        resend = self._remember(digest)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.sadd(jobs, job_id)
+        pipe.expire(jobs, self.ttl)
+        if not resend:
+            pipe.set(blob, data, ex=self.ttl, nx=True)
+        pipe.expire(blob, self.ttl)
+        if not pipe.execute()[-1]:
             self.client.set(blob, data, ex=self.ttl)
         return reference
+
+    def _remember(self, digest: str) -> bool:
+        """Note ``digest`` as put lately; whether it already was."""
+        with self._recent_lock:
+            seen = digest in self._recent
+            self._recent[digest] = None
+            self._recent.move_to_end(digest)
+            if len(self._recent) > RECENT_DIGESTS:
+                self._recent.popitem(last=False)
+        return seen
 
     def get(self, reference: str, max_bytes: int) -> bytes:
         digest = blob_digest(reference)
         blob, _ = self.keys(digest)
-        size = int(self.client.strlen(blob))
+        # One round trip, at most ``max_bytes`` read: the size for the cap, and the bytes.
+        pipe = self.client.pipeline(transaction=False)
+        pipe.strlen(blob)
+        pipe.getrange(blob, 0, max_bytes - 1)
+        size, data = pipe.execute()
         if size > max_bytes:
             raise ImageTooLarge(
                 f"blob image is {size} bytes, over the {max_bytes}-byte cap (max_image_bytes)"
             )
-        data = self.client.get(blob)
         if not isinstance(data, bytes) or not data:
             raise InvalidImage(
                 f"blob {digest[:12]}… is not in the blob store (it expired, was never stored, or its jobs "
