@@ -16,9 +16,7 @@ naming; nothing else changes.
 
 from __future__ import annotations
 
-import collections
 import hashlib
-import threading
 from typing import Protocol
 
 import redis
@@ -33,7 +31,6 @@ if redis.call('SCARD', KEYS[2]) == 0 then
 end
 return 0
 """
-RECENT_DIGESTS = 256  # digests a store remembers having put: their next put claims before uploading
 
 
 def blob_reference(data: bytes) -> str:
@@ -67,8 +64,6 @@ class RedisBlobStore:
         self.client = client
         self.ttl = ttl
         self._release = client.register_script(_RELEASE)
-        self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._recent_lock = threading.Lock()
 
     @staticmethod
     def keys(digest: str) -> tuple[str, str]:
@@ -76,31 +71,17 @@ class RedisBlobStore:
 
     def put(self, data: bytes, job_id: str) -> str:
         reference = blob_reference(data)
-        digest = blob_digest(reference)
-        blob, jobs = self.keys(digest)
-        # The claim comes before the bytes, so a release landing in between never sees zero claims. Bytes
-        # this store did not put lately go in the same transaction (one round trip; SET NX keeps a copy that
-        # is there); a resend (several job kinds, a resumed bulk run) claims first and uploads only if gone.
-        resend = self._remember(digest)
+        blob, jobs = self.keys(blob_digest(reference))
+        # One transaction, one round trip: the claim and the bytes land together (no release can come
+        # between them), SET NX keeps a copy already there (the bytes travel again but are not stored
+        # again), and both TTLs start anew.
         pipe = self.client.pipeline(transaction=True)
         pipe.sadd(jobs, job_id)
         pipe.expire(jobs, self.ttl)
-        if not resend:
-            pipe.set(blob, data, ex=self.ttl, nx=True)
+        pipe.set(blob, data, ex=self.ttl, nx=True)
         pipe.expire(blob, self.ttl)
-        if not pipe.execute()[-1]:
-            self.client.set(blob, data, ex=self.ttl)
+        pipe.execute()
         return reference
-
-    def _remember(self, digest: str) -> bool:
-        """Note ``digest`` as put lately; whether it already was."""
-        with self._recent_lock:
-            seen = digest in self._recent
-            self._recent[digest] = None
-            self._recent.move_to_end(digest)
-            if len(self._recent) > RECENT_DIGESTS:
-                self._recent.popitem(last=False)
-        return seen
 
     def get(self, reference: str, max_bytes: int) -> bytes:
         digest = blob_digest(reference)

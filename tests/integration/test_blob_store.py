@@ -50,10 +50,10 @@ def test_a_resend_after_release_stores_it_again(store: RedisBlobStore) -> None:
     assert store.get(reference, max_bytes=10_000) == data
 
 
-def test_a_producer_that_did_not_store_it_claims_the_stored_copy(store: RedisBlobStore) -> None:
+def test_a_second_producer_claims_the_stored_copy(store: RedisBlobStore) -> None:
     data = os.urandom(5000)
     reference = store.put(data, "a")
-    other = RedisBlobStore(store.client, ttl=600)  # sends the bytes with its claim: they are there, kept
+    other = RedisBlobStore(store.client, ttl=600)
     assert other.put(data, "b") == reference
     blob, jobs = store.keys(hashlib.sha256(data).hexdigest())
     assert store.client.smembers(jobs) == {b"a", b"b"}
