@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", type=int, default=40, help="image jobs for (c)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="llava-bench-claim-"))
     redis_server = RedisServer(data_dir=work / "redis").start()
     try:
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"] = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "args": {k: str(v) for k, v in vars(args).items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
