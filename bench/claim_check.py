@@ -6,7 +6,8 @@ For both producer modes (``LLAVA_BLOB_STORE=off``: a data: URI in the message; `
 once by hash, a ``blob:sha256:`` reference in the message), on one Redis and one tiny worker:
 (a) Redis bytes per queued job and message size (jobs queued on a queue nobody consumes; distinct images);
 (b) end to end minus worker time of one 1 MB image caption job (send, publish, fetch, decode, result), medians
-    after the same warm-up; (c) image-job and no-op throughput of the worker (a burst queued, then consumed).
+    after the same warm-up, and the round trip of a no-op job (the queue's own floor); (c) image-job and no-op
+    throughput of the worker (a burst queued, then consumed).
 Prints medians and ratios; writes JSON to bench/results/.
 """
 
@@ -115,7 +116,7 @@ def queued_cost(redis_server: RedisServer, client: LlavaClient, images: list[byt
 
 def outside_worker_ms(clients: dict[str, LlavaClient], queue: str, image: bytes, repeats: int) -> dict:
     """(b) End to end minus the worker's own time, one job at a time, the modes interleaved job by job (so
-    the machine's load hits both alike), after the same warm-up."""
+    the machine's load hits both alike), after the same warm-up; then no-op round trips the same way."""
     for client in clients.values():
         for _ in range(3):
             client.caption(image, queue=queue, max_new_tokens=1).get()
@@ -127,10 +128,17 @@ def outside_worker_ms(clients: dict[str, LlavaClient], queue: str, image: bytes,
             elapsed = (time.perf_counter() - started) * 1000
             runs[mode]["total"].append(elapsed)
             runs[mode]["outside"].append(elapsed - result.timings.total_ms)
+    noop: dict[str, list[float]] = {mode: [] for mode in clients}
+    for _ in range(repeats):  # after the image jobs, so that they run exactly as before this figure existed
+        for mode, client in clients.items():
+            started = time.perf_counter()
+            client.app.send_task(TASK_NOOP, queue=queue).get(timeout=60)
+            noop[mode].append((time.perf_counter() - started) * 1000)
     return {
         mode: {
             "end_to_end_ms_p50": statistics.median(run["total"]),
             "outside_worker_ms_p50": statistics.median(run["outside"]),
+            "noop_round_trip_ms_p50": statistics.median(noop[mode]),
         }
         for mode, run in runs.items()
     }
@@ -183,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", type=int, default=40, help="image jobs for (c)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="llava-bench-claim-"))
     redis_server = RedisServer(data_dir=work / "redis").start()
     try:
@@ -202,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"] = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "args": {k: str(v) for k, v in vars(args).items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)

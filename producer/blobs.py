@@ -24,11 +24,6 @@ import redis
 from producer.contract import BLOB_PREFIX, blob_digest
 from producer.errors import ImageTooLarge, InvalidImage
 
-_CLAIM = """
-redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-return redis.call('EXPIRE', KEYS[1], ARGV[2])
-"""
 _RELEASE = """
 redis.call('SREM', KEYS[2], ARGV[1])
 if redis.call('SCARD', KEYS[2]) == 0 then
@@ -68,7 +63,6 @@ class RedisBlobStore:
     def __init__(self, client: redis.Redis, ttl: int) -> None:
         self.client = client
         self.ttl = ttl
-        self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)
 
     @staticmethod
@@ -78,20 +72,29 @@ class RedisBlobStore:
     def put(self, data: bytes, job_id: str) -> str:
         reference = blob_reference(data)
         blob, jobs = self.keys(blob_digest(reference))
-        # Claim first, then store: a release between the two can never see zero claims and delete.
-        if not self._claim(keys=[blob, jobs], args=[job_id, self.ttl]):
-            self.client.set(blob, data, ex=self.ttl)
+        # One transaction, one round trip: the claim and the bytes land together (no release can come
+        # between them), SET NX keeps a copy already there (the bytes travel again but are not stored
+        # again), and both TTLs start anew.
+        pipe = self.client.pipeline(transaction=True)
+        pipe.sadd(jobs, job_id)
+        pipe.expire(jobs, self.ttl)
+        pipe.set(blob, data, ex=self.ttl, nx=True)
+        pipe.expire(blob, self.ttl)
+        pipe.execute()
         return reference
 
     def get(self, reference: str, max_bytes: int) -> bytes:
         digest = blob_digest(reference)
         blob, _ = self.keys(digest)
-        size = int(self.client.strlen(blob))
+        # One round trip, at most ``max_bytes`` read: the size for the cap, and the bytes.
+        pipe = self.client.pipeline(transaction=False)
+        pipe.strlen(blob)
+        pipe.getrange(blob, 0, max_bytes - 1)
+        size, data = pipe.execute()
         if size > max_bytes:
             raise ImageTooLarge(
                 f"blob image is {size} bytes, over the {max_bytes}-byte cap (max_image_bytes)"
             )
-        data = self.client.get(blob)
         if not isinstance(data, bytes) or not data:
             raise InvalidImage(
                 f"blob {digest[:12]}… is not in the blob store (it expired, was never stored, or its jobs "

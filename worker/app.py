@@ -85,15 +85,14 @@ def _deliver(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> dict[str, Any]:
-    stored = ledger.stored_result(context.job_id)
-    if stored is not None:
+    delivery = ledger.delivered(context.job_id)
+    if delivery.succeeded is not None:
         log.info("job %s already succeeded: returning its stored result", context.job_id)
-        return dict(stored)
+        return dict(delivery.succeeded)
     if args or set(kwargs) != {"request"}:
         error = InvalidRequest(_envelope_problem(args, kwargs))
         service.record_failure(error, context, task_name)
         raise error
-    delivery = ledger.delivered(context.job_id)
     verdict = ledger.verdict(delivery)
     if verdict is not None:
         service.record_failure(verdict, context, task_name)

@@ -33,10 +33,12 @@ BACKSTOP_FACTOR = 3  # deliveries allowed per counted model attempt before a job
 
 @dataclass(frozen=True)
 class Delivery:
-    """What the ledger knows when a job arrives: this delivery's number and earlier model attempts."""
+    """What the ledger knows when a job arrives: this delivery's number, earlier model attempts, and the
+    job's stored result if it already succeeded."""
 
     deliveries: int
     attempts: int
+    succeeded: Any | None = None
 
     @property
     def suspect(self) -> bool:
@@ -66,15 +68,22 @@ class DeliveryLedger:
         return f"llava-ledger-{job_id}"
 
     def delivered(self, job_id: str) -> Delivery:
-        """Count one more delivery of ``job_id`` (zeros when counting is off)."""
+        """Count one more delivery of ``job_id`` and read its stored success, in one round trip (zeros and
+        the backend's answer when counting is off)."""
         if self.client is None:
-            return Delivery(0, 0)
+            return Delivery(0, 0, self._succeeded(self.backend.get_task_meta(job_id)))
         pipe = self.client.pipeline()
+        pipe.get(self.backend.get_key_for_task(job_id))
         pipe.hincrby(self.key(job_id), "deliveries", 1)
         pipe.hget(self.key(job_id), "attempts")
         pipe.expire(self.key(job_id), self.expires)
-        deliveries, attempts, _ = pipe.execute()
-        return Delivery(int(deliveries), int(attempts or 0))
+        meta, deliveries, attempts, _ = pipe.execute()
+        stored = self._succeeded(self.backend.decode_result(meta)) if meta else None
+        return Delivery(int(deliveries), int(attempts or 0), stored)
+
+    @staticmethod
+    def _succeeded(meta: dict[str, Any]) -> Any | None:
+        return meta.get("result") if meta.get("status") == states.SUCCESS else None
 
     def verdict(self, delivery: Delivery) -> WorkerLost | None:
         """The error ending a job that killed its workers too often, or None to run it."""
@@ -124,10 +133,6 @@ class DeliveryLedger:
             self.blobs.release(image, job_id)
         except Exception as exc:  # the blob's TTL removes it later
             log.warning("could not release the blob of job %s: %s", job_id, exc)
-
-    def stored_result(self, job_id: str) -> Any | None:
-        meta = self.backend.get_task_meta(job_id)
-        return meta.get("result") if meta.get("status") == states.SUCCESS else None
 
 
 BLOB_READ_TIMEOUT = 5.0  # seconds per Redis operation on a blob: a hung store is a retryable fetch_failed

@@ -50,6 +50,19 @@ def test_a_resend_after_release_stores_it_again(store: RedisBlobStore) -> None:
     assert store.get(reference, max_bytes=10_000) == data
 
 
+def test_a_second_producer_claims_the_stored_copy(store: RedisBlobStore) -> None:
+    data = os.urandom(5000)
+    reference = store.put(data, "a")
+    other = RedisBlobStore(store.client, ttl=600)
+    assert other.put(data, "b") == reference
+    blob, jobs = store.keys(hashlib.sha256(data).hexdigest())
+    assert store.client.smembers(jobs) == {b"a", b"b"}
+    store.release(reference, "a")
+    assert other.get(reference, max_bytes=len(data)) == data
+    other.release(reference, "b")
+    assert not store.client.exists(blob, jobs)
+
+
 def test_tampered_and_oversized_blobs_are_refused(store: RedisBlobStore) -> None:
     data = os.urandom(2000)
     reference = store.put(data, uuid.uuid4().hex)
