@@ -235,10 +235,11 @@ def alone(runtime: Runtime, item: Item) -> Any:
 def submit_during_decoding(
     runtime: Runtime, steps: ObservedSteps, engine: ContinuousEngine, items: list[Item]
 ) -> list[Future]:
-    """Submit ``items`` from the engine's thread after a decode step: they all wait for the same next step."""
+    """Submit ``items`` from the engine's thread after the first decode step of a caption: they all wait for
+    the same next step (the caption's greedy answer on this checkpoint is longer than one token)."""
     futures: list[Future] = []
-    steps.after_step[2] = lambda: futures.extend(engine.submit(("score",), item, WAIT) for item in items)
-    sampling = Sampling(max_new_tokens=8, min_new_tokens=4)  # decodes past step 2 whatever it writes
+    steps.after_step[1] = lambda: futures.extend(engine.submit(("score",), item, WAIT) for item in items)
+    sampling = Sampling(max_new_tokens=8)
     caption = engine.submit(("generate", sampling), Item(runtime.prepare(prompts()[0])), WAIT)
     wait_for(lambda: futures, WAIT, "the classify jobs")
     caption.result(WAIT)
