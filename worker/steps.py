@@ -68,7 +68,7 @@ class RuntimeSteps:
 
     def join(self, row_id: int, key: Hashable, payload: Any) -> int:
         """A row whose prefill starts (KV reserved); its prompt tokens."""
-        marks = getattr(payload, "marks", frozenset())
+        marks: frozenset[str] = getattr(payload, "marks", frozenset())
         self._on_rows([payload], True)
         try:
             self.faults.before_model_call([marks])
