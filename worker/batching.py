@@ -16,7 +16,7 @@ from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from producer.errors import InternalError, JobTimeout, LlavaError
 
@@ -225,7 +225,14 @@ class DynamicBatcher(ModelThread):
         self._pending.clear()
 
 
-def _settle(job: Pending, result: Any = None, error: BaseException | None = None) -> None:
+class _Settled(Protocol):
+    """Any job with a future to complete (a :class:`Pending` here, the engine's jobs too)."""
+
+    @property
+    def future(self) -> Future: ...
+
+
+def _settle(job: _Settled, result: Any = None, error: BaseException | None = None) -> None:
     """Complete a job's future unless it was already (e.g. abandoned at shutdown)."""
     try:
         if error is not None:

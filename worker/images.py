@@ -250,7 +250,7 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=formats)
+            image: Image.Image = Image.open(io.BytesIO(data), formats=formats)
             _check_geometry(image.width, image.height, max_pixels, max_aspect_ratio)
             if keep_side:
                 _draft(image, keep_side)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from worker.faults import Faults
-from worker.runtime import Runtime
+from worker.runtime import Runtime, Sampling
 from worker.runtime.decoding import DecodeBatch, GrowingLayer, Pending, Row
 from worker.runtime.prefix import PrefixCache
 
@@ -48,7 +48,7 @@ class RuntimeSteps:
             question = len(getattr(query, "question", None) or "")
             labels = getattr(payload, "labels", None) or []
             return int(prompt + sum(len(label) + question + 4 for label in labels))
-        return prompt + key[1].max_new_tokens + GrowingLayer.SPARE  # type: ignore[index]
+        return prompt + _sampling(key).max_new_tokens + GrowingLayer.SPARE
 
     def prompt_tokens(self, payload: Any) -> int:
         """Prompt tokens a job's prefill computes (at most: a prefix-cache hit saves some)."""
@@ -68,11 +68,11 @@ class RuntimeSteps:
 
     def join(self, row_id: int, key: Hashable, payload: Any) -> int:
         """A row whose prefill starts (KV reserved); its prompt tokens."""
-        marks = getattr(payload, "marks", frozenset())
+        marks: frozenset[str] = getattr(payload, "marks", frozenset())
         self._on_rows([payload], True)
         try:
             self.faults.before_model_call([marks])
-            pending = self.runtime.begin_row(payload.prepared, key[1])  # type: ignore[index]
+            pending = self.runtime.begin_row(payload.prepared, _sampling(key))
         except BaseException:
             self._on_rows([payload], False)
             raise
@@ -138,3 +138,9 @@ class RuntimeSteps:
 
     def free_memory(self) -> None:
         self.runtime.free_memory()
+
+
+def _sampling(key: Hashable) -> Sampling:
+    """A generating job's sampling: its key is ``("generate", sampling)``."""
+    assert isinstance(key, tuple) and isinstance(key[1], Sampling)
+    return key[1]

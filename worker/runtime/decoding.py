@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 from transformers import DynamicCache
@@ -66,19 +66,41 @@ class Pending:
         return self.prepared.prompt_tokens - self.done
 
 
+class FilledLayer(Protocol):
+    """A cache layer holding tokens, as the engine uses it: a ``DynamicLayer`` of a language model's
+    ``DynamicCache`` once prefilled (see :func:`filled_layers`)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+class _BatchLayer(FilledLayer, Protocol):
+    """A layer of the decode batch's cache: a :class:`GrowingLayer` (made so by :meth:`DecodeBatch.join`)."""
+
+    _buffers: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def filled_layers(cache: DynamicCache) -> list[FilledLayer]:
+    """``cache``'s layers, each holding keys and values. transformers types ``Cache.layers`` as any kind of
+    layer (linear-attention and placeholder ones too) with keys and values ``None`` until the first update;
+    a LLaVA language model's prefilled ``DynamicCache`` holds only filled ``DynamicLayer``s."""
+    return cast("list[FilledLayer]", cache.layers)
+
+
 class GrowingLayer(DynamicLayer):
     """A cache layer whose decode steps write into spare columns of a buffer (reallocated ``SPARE``
     columns at a time) instead of concatenating the whole cache every step as ``DynamicLayer`` does."""
 
     SPARE = 32
+    _buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values with spare columns
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
+        if not self.is_initialized or self.keys is None or self.values is None:
             return super().update(key_states, value_states, *args, **kwargs)
         used, adding = self.keys.shape[-2], key_states.shape[-2]
-        buffers: tuple[torch.Tensor, torch.Tensor] | None = getattr(self, "_buffers", None)
+        buffers = self._buffers
         if buffers is None or not _prefix_of(self.keys, buffers[0]) or used + adding > buffers[0].shape[-2]:
             buffers = self._buffers = (_grown(self.keys, used + adding), _grown(self.values, used + adding))
         buffers[0][:, :, used : used + adding] = key_states
@@ -130,7 +152,7 @@ class DecodeBatch:
             self.rows, self.cache, self.mask = [row], cache, mask
             return
         width = max(self.width, mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+        for mine, theirs in zip(_batch_layers(self.cache), filled_layers(cache), strict=True):
             mine._buffers = None  # the old buffers go now, not at the next step
             mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
             mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
@@ -148,7 +170,7 @@ class DecodeBatch:
         mask = self.mask.index_select(0, index)
         cut = int((mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # leading all-padding columns
         self.mask = mask[:, cut:]
-        for layer in self.cache.layers:
+        for layer in _batch_layers(self.cache):
             layer._buffers = None  # the departed rows' KV is freed now
             layer.keys = layer.keys.index_select(0, index)[:, :, cut:]
             layer.values = layer.values.index_select(0, index)[:, :, cut:]
@@ -160,7 +182,7 @@ class DecodeBatch:
             return
         width = max(row.length for row in self.rows)
         self.mask = self.mask[:, :width]
-        for layer in self.cache.layers:
+        for layer in filled_layers(self.cache):
             layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
 
     def step_inputs(self) -> dict[str, torch.Tensor]:
@@ -196,11 +218,13 @@ def merge_left_padded(caches: Sequence[DynamicCache]) -> DynamicCache:
     width = max(_cache_width(cache) for cache in caches)
     merged = DynamicCache()
     for index in range(len(caches[0].layers)):
-        layers: list[Any] = [cache.layers[index] for cache in caches]  # DynamicLayer
+        layers = [filled_layers(cache)[index] for cache in caches]
         keys = torch.cat([_pad_left(layer.keys, width) for layer in layers])
         values = torch.cat([_pad_left(layer.values, width) for layer in layers])
-        for layer in layers:
-            layer.keys = layer.values = None
+        for cache in caches:
+            source = cache.layers[index]
+            assert isinstance(source, DynamicLayer)
+            source.keys = source.values = None
         merged.update(keys, values, index)
     return merged
 
@@ -216,9 +240,13 @@ def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
 
 
+def _batch_layers(cache: DynamicCache) -> list[_BatchLayer]:
+    return cast("list[_BatchLayer]", cache.layers)  # mypy cannot follow the ``__class__`` set in ``join``
+
+
 def _cache_width(cache: DynamicCache) -> int:
-    return int(cache.layers[0].keys.shape[2])
+    return int(filled_layers(cache)[0].keys.shape[2])
 
 
 def _cache_device(cache: DynamicCache) -> torch.device:
-    return cache.layers[0].keys.device
+    return filled_layers(cache)[0].keys.device

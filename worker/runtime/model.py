@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from PIL import Image
@@ -22,11 +22,14 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from producer.errors import InvalidRequest, JobTimeout
 from worker.runtime import scoring
-from worker.runtime.decoding import DecodeBatch, Pending, Row, merge_left_padded, pick
+from worker.runtime.decoding import DecodeBatch, Pending, Row, filled_layers, merge_left_padded, pick
 from worker.runtime.loading import load_model
 from worker.runtime.prefix import PrefixCache
 from worker.runtime.scoring import LabelQuery
 from worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +104,19 @@ class Runtime:
         self.attention = str(self.model.config._attn_implementation)
         self.image_token_id = int(self.model.config.image_token_id)
         self.pad_token_id = int(self.processor.tokenizer.pad_token_id)
-        self.context_length = settings.context_length or int(
-            self.model.config.text_config.max_position_embeddings
-        )
+        self.context_length = settings.context_length or int(self._text_config.max_position_embeddings)
         # transformers 5.2x renamed ``past_key_values`` to ``cache``; accept both.
         forward_args = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward_args else "past_key_values"
         torch.manual_seed(settings.seed)
         Runtime.loads += 1
         log.info("loaded model: %s", self.info())
+
+    @property
+    def _text_config(self) -> PreTrainedConfig:
+        # LlavaNextConfig types ``text_config`` as its constructor takes it (``dict | PreTrainedConfig |
+        # None``); once built it is always the language model's ``PreTrainedConfig``.
+        return cast("PreTrainedConfig", self.model.config.text_config)
 
     def info(self) -> dict[str, Any]:
         """What was loaded: model, source, dtype, device, attention, parameter count, load time."""
@@ -128,7 +135,10 @@ class Runtime:
 
     def prompt_text(self, text: str) -> str:
         """The full prompt for one image and ``text``, through the checkpoint's chat template."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        # transformers types a message's values as str; a multimodal content is a list of parts.
+        messages: list[dict[str, Any]] = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+        ]
         return str(self.processor.apply_chat_template(messages, add_generation_prompt=True))
 
     def prepare(
@@ -266,8 +276,8 @@ class Runtime:
             )
         pending.done = end
         if prefix is not None and pending.prefix_key is not None and end >= pending.prefix_length:
-            length, layers = pending.prefix_length, pending.cache.layers
-            kv = [(x.keys[:, :, :length], x.values[:, :, :length]) for x in layers]  # type: ignore[union-attr,index]
+            length, layers = pending.prefix_length, filled_layers(pending.cache)
+            kv = [(x.keys[:, :, :length], x.values[:, :, :length]) for x in layers]
             prefix.put(pending.prefix_key, length, kv)
             pending.prefix_key = None
         if pending.left:
@@ -317,7 +327,7 @@ class Runtime:
 
     def kv_bytes_per_token(self) -> int:
         """Bytes one token takes in the KV cache (keys and values of every layer)."""
-        text = self.model.config.text_config
+        text = self._text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         return 2 * text.num_hidden_layers * heads * head_dim * torch.finfo(self.dtype).bits // 8
@@ -472,7 +482,7 @@ class Runtime:
     def _attention_for_masks(self) -> Iterator[str]:
         """The language model's attention for a custom 4D mask: SDPA or eager as loaded; any other
         (FlashAttention-2 takes no such mask) is switched to SDPA for the call."""
-        loaded = str(self.model.config.text_config._attn_implementation)
+        loaded = str(self._text_config._attn_implementation)
         if loaded in ("sdpa", "eager"):
             yield loaded
             return
@@ -524,7 +534,8 @@ class _StopAtDeadlines(StoppingCriteria):
         for row, expired in enumerate(done.tolist()):
             if expired and self.struck_at[row] is None:
                 self.struck_at[row] = self.steps
-        return done.to(input_ids.device)
+        # transformers annotates ``torch.BoolTensor``, a legacy type that no torch op is typed to return.
+        return cast(torch.BoolTensor, done.to(input_ids.device))
 
     def cut_short(self, row: int, tokens: list[int], eos_ids: set[int], limit: int) -> bool:
         """Whether the deadline, not the row's end of sequence or its token limit, ended this row."""
