@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -32,7 +32,7 @@ from producer.contract import (
 )
 from producer.errors import InternalError, InvalidRequest, JobTimeout, LlavaError, ResourceExhausted
 from worker import metrics
-from worker.batching import Alone, Done, DynamicBatcher
+from worker.batching import SCORE, Alone, BatchKey, Done, DynamicBatcher
 from worker.engine import ContinuousEngine
 from worker.faults import Faults
 from worker.fetch import FetchAborted
@@ -265,10 +265,11 @@ class Service:
         item = _Item(
             prepared, deadline, work.labels, marks, context.job_id, context.isolated, query=work.query
         )
-        key: Any = ("score",) if work.labels else ("generate", work.sampling)
-        if context.isolated and self.settings.scheduler == "static":
-            key = Alone(context.job_id, key)  # a batch of its own (the engine reads item.isolated)
-        done = batcher.run(key, item, timeout=remaining)
+        key = SCORE if work.labels else BatchKey(work.sampling)
+        if context.isolated and isinstance(batcher, DynamicBatcher):  # the engine reads item.isolated
+            done = batcher.run(Alone(context.job_id, key), item, timeout=remaining)  # a batch of its own
+        else:
+            done = batcher.run(key, item, timeout=remaining)
         clock.lap("model")
         return self._result(task_name, work, done, context, clock)
 
@@ -298,7 +299,7 @@ class Service:
         text = f"{prompt} Answer with one of: {', '.join(request.labels)}."
         return _Work(text, request.labels, sampling, LabelQuery(text))
 
-    def _start_batch(self, key: Any, items: list[_Item]) -> list[Any]:
+    def _start_batch(self, key: Hashable, items: list[_Item]) -> list[Any]:
         job_ids = [item.job_id for item in items]
         self.on_model_start(job_ids)
         try:
@@ -306,7 +307,7 @@ class Service:
         finally:
             self.on_model_end(job_ids)
 
-    def _run_batch(self, key: Any, items: list[_Item]) -> list[Any]:
+    def _run_batch(self, key: Hashable, items: list[_Item]) -> list[Any]:
         """The static batcher's work for one batch. Out of memory: free the failed attempt's tensors (after
         leaving the ``except`` block, so nothing of it is still referenced), split the batch in halves and
         retry each; a single job that still does not fit fails alone with ``ResourceExhausted``."""
@@ -330,7 +331,7 @@ class Service:
         job_ids = [item.job_id for item in items]
         self.on_model_start(job_ids)
         try:
-            return self._call_model(self._started()[0], ("score",), items)
+            return self._call_model(self._started()[0], SCORE, items)
         finally:
             self.on_model_end(job_ids)
 
@@ -340,12 +341,13 @@ class Service:
         if items:
             (self.on_model_start if joined else self.on_model_end)([item.job_id for item in items])
 
-    def _call_model(self, runtime: Runtime, key: Any, items: list[_Item]) -> list[Any]:
+    def _call_model(self, runtime: Runtime, key: Hashable, items: list[_Item]) -> list[Any]:
         marks = [item.marks for item in items]
         self.faults.before_model_call(marks)
         if isinstance(key, Alone):
             key = key.key
-        if key[0] == "score":
+        assert isinstance(key, BatchKey)
+        if key.sampling is None:  # scoring labels
             queries = [i.query for i in items if i.query is not None]
             if len(queries) != len(items):
                 raise InternalError("a classify job reached the model without its label query")
@@ -354,7 +356,7 @@ class Service:
                 [i.prepared for i in items], labels, [i.deadline for i in items], queries=queries
             )
         hook = self.faults.step_hook(marks)
-        return runtime.generate([i.prepared for i in items], key[1], [i.deadline for i in items], hook)
+        return runtime.generate([i.prepared for i in items], key.sampling, [i.deadline for i in items], hook)
 
     def _result(self, task_name: str, work: _Work, done: Done, context: JobContext, clock: _Clock) -> dict:
         output = done.output
