@@ -1,4 +1,5 @@
-"""What a job does, between the Celery task and the runtime: validate, load the image, run, shape the result.
+"""What a job does, between the Celery task and the runtime: decode its request (its kind's entry in
+:mod:`worker.jobs`), load the image, prepare the prompt, run it on the model thread, encode the result.
 
 ``Service.run`` is the single place where exceptions become coded :mod:`producer.errors` (the worker's
 "interceptor"): tasks stay thin and never convert errors themselves.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -22,6 +22,7 @@ from worker.batching import SCORE, Alone, BatchKey, Done, DynamicBatcher
 from worker.engine import ContinuousEngine
 from worker.faults import Faults
 from worker.fetch import FetchAborted
+from worker.health import JobStats, health
 from worker.images import ImageLoader, keep_side_for
 from worker.jobs import JOB_KINDS
 from worker.runtime import Prepared, Prompt, Runtime
@@ -44,14 +45,6 @@ class JobContext:
 
     def isolated_if(self, suspect: bool) -> JobContext:
         return replace(self, isolated=True) if suspect else self
-
-
-@dataclass
-class _Stats:
-    jobs_done: int = 0
-    jobs_failed: int = 0
-    last_error: dict[str, str] | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass
@@ -104,8 +97,9 @@ class Requeue(Exception):
 
 
 class Service:
-    """Serves caption, VQA and classify jobs: each job's thread loads its image and runs the processor, then
-    hands the prepared prompt to the one model thread (:class:`DynamicBatcher`)."""
+    """Serves the job kinds of :data:`worker.jobs.JOB_KINDS`: each job's thread loads its image and runs the
+    processor, then hands the prepared prompt to the one model thread (:class:`ContinuousEngine`, or the
+    static :class:`DynamicBatcher`)."""
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
@@ -114,7 +108,7 @@ class Service:
         self.preprocess: PreprocessPool | None = None  # the processor's processes (preprocess_workers)
         self.faults = Faults.from_settings(settings)
         self.images = ImageLoader(settings)
-        self._stats = _Stats()
+        self.stats = JobStats()
         # Told the job ids of each batch as the model starts and ends it (the delivery ledger counts the
         # deaths of workers mid-call: see worker.delivery).
         self.on_model_start: Callable[[list[str]], None] = lambda job_ids: None
@@ -180,43 +174,13 @@ class Service:
             error = InternalError(f"{type(exc).__name__}: {exc}")
             self.record_failure(error, context, task_name)
             raise error from None
-        with self._stats.lock:
-            self._stats.jobs_done += 1
+        self.stats.succeeded()
         metrics.job_succeeded(task_name, result)
         return result
 
     def health(self) -> dict[str, Any]:
-        """Per-worker health: model loaded, device, loads, jobs done and failed, last error, batching."""
-        runtime, batcher = self.runtime, self.batcher
-        with self._stats.lock:
-            stats = {
-                "jobs_done": self._stats.jobs_done,
-                "jobs_failed": self._stats.jobs_failed,
-                "last_error": self._stats.last_error,
-            }
-        batching: dict[str, Any] = {"scheduler": self.settings.scheduler}
-        if isinstance(batcher, ContinuousEngine):
-            batching |= {"jobs_batched": batcher.jobs_run, "in_flight": batcher.in_flight, **batcher.status()}
-        elif batcher is not None:
-            batching |= {
-                "max_batch_size": self.settings.max_batch_size,
-                "batches_run": batcher.batches_run,
-                "jobs_batched": batcher.jobs_run,
-                "in_flight": batcher.in_flight,
-            }
-        return {
-            "model_loaded": runtime is not None,
-            "loads": Runtime.loads,
-            "memory": {"rss_mb": _rss_mb(), **(runtime.memory() if runtime else {})},
-            "queues": self.settings.consumed_queues,
-            "visibility_timeout": self.settings.visibility_timeout,
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "pid": os.getpid(),
-            **(runtime.info() if runtime else {"model": self.settings.served_model_name}),
-            **stats,
-            "batching": batching,
-            "preprocessing": self.preprocess.status() if self.preprocess else {"workers": 0},
-        }
+        """Per-worker health (see :func:`worker.health.health`)."""
+        return health(self.settings, self.runtime, self.batcher, self.preprocess, self.stats)
 
     def _serve(self, task_name: str, request: Any, context: JobContext) -> dict[str, Any]:
         clock = _Clock()
@@ -321,9 +285,7 @@ class Service:
         """Log a failed job once (job id + code) and count it."""
         log.warning("job %s (%s) failed: %s", context.job_id, task_name, error)
         metrics.job_failed(task_name, error)
-        with self._stats.lock:
-            self._stats.jobs_failed += 1
-            self._stats.last_error = {"job_id": context.job_id, **error.to_dict()}
+        self.stats.failed(context.job_id, error)
 
     def _started(self) -> tuple[Runtime, DynamicBatcher | ContinuousEngine]:
         if self.runtime is None or self.batcher is None:
@@ -340,13 +302,3 @@ def _bounded(error: LlavaError) -> LlavaError:
     if len(error.message) <= MAX_ERROR_CHARS:
         return error
     return type(error)(error.message[: MAX_ERROR_CHARS - 1] + "…", retryable=error.retryable)
-
-
-def _rss_mb() -> float | None:
-    """This process's resident memory in MB (Linux), or None."""
-    try:
-        with open("/proc/self/statm") as statm:
-            pages = int(statm.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return round(pages * os.sysconf("SC_PAGE_SIZE") / 1e6, 1)
