@@ -60,6 +60,7 @@ def _counting_steps(runtime: Any, prefix_tokens: int) -> Any:
 
 
 def run_once(runtime: Any, items: list[tuple[Any, int]], prefix_tokens: int) -> dict[str, Any]:
+    from worker.batching import BatchKey
     from worker.engine import ContinuousEngine
     from worker.runtime import Sampling
 
@@ -68,7 +69,7 @@ def run_once(runtime: Any, items: list[tuple[Any, int]], prefix_tokens: int) -> 
     try:
         started = time.perf_counter()
         futures = [
-            engine.submit(("generate", Sampling(max_new_tokens=n)), _Item(p), timeout=600) for p, n in items
+            engine.submit(BatchKey(Sampling(max_new_tokens=n)), _Item(p), timeout=600) for p, n in items
         ]
         finished: dict[int, float] = {}
         for index, future in enumerate(futures):

@@ -16,14 +16,18 @@ from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from producer.errors import InternalError, JobTimeout, LlavaError
+
+if TYPE_CHECKING:
+    from worker.runtime import Sampling
 
 log = logging.getLogger(__name__)
 
 Runner = Callable[[Hashable, list[Any]], Sequence[Any]]
 _Self = TypeVar("_Self", bound="ModelThread")
+_Key = TypeVar("_Key", bound=Hashable)
 
 
 @dataclass(eq=False)
@@ -44,6 +48,21 @@ class Done:
     output: Any
     batch_size: int
     waited: float
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Which jobs may share a model call: jobs scoring labels (no ``sampling``), or jobs generating with
+    equal ``sampling``."""
+
+    sampling: Sampling | None = None
+
+    @property
+    def scores(self) -> bool:
+        return self.sampling is None
+
+
+SCORE = BatchKey()  # the key of every classify job with labels
 
 
 @dataclass(frozen=True)
@@ -76,7 +95,7 @@ def plan(pending: Sequence[Pending], now: float, max_batch_size: int, max_wait: 
     return Plan(expired, [], max(0.0, next_change - now))
 
 
-class ModelThread:
+class ModelThread(Generic[_Key]):
     """What every scheduler of the one model thread shares: start, stop, enqueue, submit-and-wait with a
     deadline, and abandon at the end of a warm shutdown. Subclasses keep their queues and write
     :meth:`submit`, :meth:`_loop` and :meth:`_all_jobs` (every waiting and running job)."""
@@ -98,10 +117,10 @@ class ModelThread:
             self._cond.notify_all()
         self._thread.join(timeout)
 
-    def submit(self, key: Hashable, payload: Any, timeout: float) -> Future:
+    def submit(self, key: _Key, payload: Any, timeout: float) -> Future:
         raise NotImplementedError
 
-    def run(self, key: Hashable, payload: Any, timeout: float) -> Done:
+    def run(self, key: _Key, payload: Any, timeout: float) -> Done:
         """Submit and wait: the output, the job's error, or ``JobTimeout`` once ``timeout`` has passed (the
         job is cancelled then: a scheduler that can drop it does)."""
         future = self.submit(key, payload, timeout)
@@ -139,7 +158,7 @@ class ModelThread:
         raise NotImplementedError
 
 
-class DynamicBatcher(ModelThread):
+class DynamicBatcher(ModelThread[Hashable]):
     """Runs ``runner(key, payloads)`` on one thread, in batches planned by :func:`plan`.
 
     ``runner`` returns one output per payload (checked), where an exception instance fails just that job,

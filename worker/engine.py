@@ -38,13 +38,13 @@ import gc
 import itertools
 import logging
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from producer.errors import InternalError, JobTimeout, LlavaError, ResourceExhausted
-from worker.batching import Done, ModelThread, _settle
+from worker.batching import BatchKey, Done, ModelThread, _settle
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +177,10 @@ def _with(step: Step, **changes: Any) -> Step:
 class Steps(Protocol):
     """What the engine needs of the model (one thread calls it). Row ids are the engine's."""
 
-    def cost(self, key: Hashable, payload: Any) -> int: ...
+    def cost(self, key: BatchKey, payload: Any) -> int: ...
     def prompt_tokens(self, payload: Any) -> int: ...
     def classify(self, payloads: Sequence[Any]) -> list[Any]: ...
-    def join(self, row_id: int, key: Hashable, payload: Any) -> int: ...  # prompt tokens left to prefill
+    def join(self, row_id: int, key: BatchKey, payload: Any) -> int: ...  # prompt tokens left to prefill
     def prefill(self, row_id: int, tokens: int) -> int: ...  # tokens left; 0: the row decodes
     def step(self) -> None: ...
     def ended(self) -> list[int]: ...
@@ -199,7 +199,7 @@ class Steps(Protocol):
 @dataclass(eq=False)
 class _Job:
     ticket: Ticket
-    key: Hashable
+    key: BatchKey
     payload: Any
     enqueued: float
     future: Future = field(default_factory=Future)
@@ -212,7 +212,7 @@ class _Job:
         return self.prefill_left == 0
 
 
-class ContinuousEngine(ModelThread):
+class ContinuousEngine(ModelThread[BatchKey]):
     """Runs jobs on one model thread, step by step as :func:`schedule` decides. Same surface as
     :class:`worker.batching.DynamicBatcher` (``submit``/``run``/``abandon``/``stop``/``in_flight``)."""
 
@@ -237,8 +237,8 @@ class ContinuousEngine(ModelThread):
         self.steps_run = 0
         self.jobs_run = 0
 
-    def submit(self, key: Hashable, payload: Any, timeout: float) -> Future:
-        """Queue a job (``key``: ``("score",)`` or ``("generate", sampling)``); the future holds its
+    def submit(self, key: BatchKey, payload: Any, timeout: float) -> Future:
+        """Queue a job (``key``: scoring or generating with its sampling); the future holds its
         output or its error. ``payload.isolated`` (if set) makes it run with no other row in flight. A
         cancelled future (``run`` past its deadline) makes its row leave at the next step."""
         now = self._clock()
@@ -246,7 +246,7 @@ class ContinuousEngine(ModelThread):
             next(self._ids),
             self._steps.cost(key, payload),
             now + timeout,
-            classify=key == ("score",),
+            classify=key.scores,
             isolated=bool(getattr(payload, "isolated", False)),
             prefill=self._steps.prompt_tokens(payload),
         )

@@ -1,4 +1,5 @@
-"""What a job does, between the Celery task and the runtime: validate, load the image, run, shape the result.
+"""What a job does, between the Celery task and the runtime: decode its request (its kind's entry in
+:mod:`worker.jobs`), load the image, prepare the prompt, run it on the model thread, encode the result.
 
 ``Service.run`` is the single place where exceptions become coded :mod:`producer.errors` (the worker's
 "interceptor"): tasks stay thin and never convert errors themselves.
@@ -8,36 +9,23 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pydantic import ValidationError
-
-from producer.contract import (
-    DEFAULT_CAPTION_PROMPT,
-    DEFAULT_CLASSIFY_PROMPT,
-    DEFAULT_LABEL_QUESTION,
-    REQUEST_MODELS,
-    RESULT_MODELS,
-    TASK_CAPTION,
-    TASK_CLASSIFY,
-    TASK_VQA,
-    GenerationParams,
-    Timings,
-    validation_message,
-)
-from producer.errors import InternalError, InvalidRequest, JobTimeout, LlavaError, ResourceExhausted
+from producer.contract import Timings
+from producer.errors import InternalError, JobTimeout, LlavaError, ResourceExhausted
 from worker import metrics
-from worker.batching import Alone, Done, DynamicBatcher
+from worker.batching import SCORE, Alone, BatchKey, Done, DynamicBatcher
 from worker.engine import ContinuousEngine
 from worker.faults import Faults
 from worker.fetch import FetchAborted
+from worker.health import JobStats, health
 from worker.images import ImageLoader, keep_side_for
-from worker.runtime import LabelScores, Prepared, Prompt, Runtime, Sampling
+from worker.jobs import JOB_KINDS
+from worker.runtime import Prepared, Prompt, Runtime
 from worker.runtime.preprocessing import PoolStopped, PreprocessPool, default_workers
 from worker.runtime.scoring import LabelQuery, refuse_special_tokens
 from worker.settings import WorkerSettings
@@ -60,14 +48,6 @@ class JobContext:
 
 
 @dataclass
-class _Stats:
-    jobs_done: int = 0
-    jobs_failed: int = 0
-    last_error: dict[str, str] | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-@dataclass
 class _Clock:
     """Milliseconds per phase of one job."""
 
@@ -83,6 +63,21 @@ class _Clock:
     def total_ms(self) -> float:
         return round((time.perf_counter() - self.started) * 1000, 3)
 
+    def timings(self, done: Done, sent_at: float | None) -> Timings:
+        """The job's timings once the model answered (``sent_at``: when the producer sent it, if known)."""
+        total_ms = self.total_ms()
+        since_sent_ms = None if sent_at is None else (time.time() - sent_at) * 1000
+        wait_ms = round(done.waited * 1000, 3)
+        return Timings(
+            queued_ms=None if since_sent_ms is None else round(max(0.0, since_sent_ms - total_ms), 3),
+            image_ms=self.laps["image"],
+            preprocess_ms=self.laps["preprocess"],
+            batch_wait_ms=wait_ms,
+            inference_ms=round(max(0.0, self.laps["model"] - wait_ms), 3),
+            total_ms=total_ms,
+            batch_size=done.batch_size,
+        )
+
 
 @dataclass(frozen=True, eq=False)
 class _Item:
@@ -97,38 +92,14 @@ class _Item:
     query: LabelQuery | None = None  # how to score the labels (with labels)
 
 
-@dataclass(frozen=True)
-class _Work:
-    """What a parsed request asks of the model: a prompt, and labels to score or sampling to generate."""
-
-    text: str
-    labels: list[str] | None
-    sampling: Sampling
-    query: LabelQuery | None = None  # with labels: how to score them
-    thresholds: dict[str, float] | None = None  # multi-label: each label's threshold
-
-
-def _label_fields(labels: list[str], output: LabelScores, thresholds: dict[str, float] | None) -> dict:
-    """A classify result's label fields: top label, scores, log-probs; multi-label: labels over threshold."""
-    best = max(range(len(labels)), key=output.scores.__getitem__)
-    fields: dict[str, Any] = {
-        "label": labels[best],
-        "scores": dict(zip(labels, output.scores, strict=True)),
-        "logprobs": dict(zip(labels, output.logprobs, strict=True)),
-    }
-    if thresholds is not None:
-        given = zip(labels, output.scores, strict=True)
-        fields["labels"] = [label for label, score in given if score >= thresholds[label]]
-    return fields
-
-
 class Requeue(Exception):
     """The worker is shutting down and its grace period is over: give the job back to the queue."""
 
 
 class Service:
-    """Serves caption, VQA and classify jobs: each job's thread loads its image and runs the processor, then
-    hands the prepared prompt to the one model thread (:class:`DynamicBatcher`)."""
+    """Serves the job kinds of :data:`worker.jobs.JOB_KINDS`: each job's thread loads its image and runs the
+    processor, then hands the prepared prompt to the one model thread (:class:`ContinuousEngine`, or the
+    static :class:`DynamicBatcher`)."""
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
@@ -137,7 +108,7 @@ class Service:
         self.preprocess: PreprocessPool | None = None  # the processor's processes (preprocess_workers)
         self.faults = Faults.from_settings(settings)
         self.images = ImageLoader(settings)
-        self._stats = _Stats()
+        self.stats = JobStats()
         # Told the job ids of each batch as the model starts and ends it (the delivery ledger counts the
         # deaths of workers mid-call: see worker.delivery).
         self.on_model_start: Callable[[list[str]], None] = lambda job_ids: None
@@ -203,50 +174,20 @@ class Service:
             error = InternalError(f"{type(exc).__name__}: {exc}")
             self.record_failure(error, context, task_name)
             raise error from None
-        with self._stats.lock:
-            self._stats.jobs_done += 1
+        self.stats.succeeded()
         metrics.job_succeeded(task_name, result)
         return result
 
     def health(self) -> dict[str, Any]:
-        """Per-worker health: model loaded, device, loads, jobs done and failed, last error, batching."""
-        runtime, batcher = self.runtime, self.batcher
-        with self._stats.lock:
-            stats = {
-                "jobs_done": self._stats.jobs_done,
-                "jobs_failed": self._stats.jobs_failed,
-                "last_error": self._stats.last_error,
-            }
-        batching: dict[str, Any] = {"scheduler": self.settings.scheduler}
-        if isinstance(batcher, ContinuousEngine):
-            batching |= {"jobs_batched": batcher.jobs_run, "in_flight": batcher.in_flight, **batcher.status()}
-        elif batcher is not None:
-            batching |= {
-                "max_batch_size": self.settings.max_batch_size,
-                "batches_run": batcher.batches_run,
-                "jobs_batched": batcher.jobs_run,
-                "in_flight": batcher.in_flight,
-            }
-        return {
-            "model_loaded": runtime is not None,
-            "loads": Runtime.loads,
-            "memory": {"rss_mb": _rss_mb(), **(runtime.memory() if runtime else {})},
-            "queues": self.settings.consumed_queues,
-            "visibility_timeout": self.settings.visibility_timeout,
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "pid": os.getpid(),
-            **(runtime.info() if runtime else {"model": self.settings.served_model_name}),
-            **stats,
-            "batching": batching,
-            "preprocessing": self.preprocess.status() if self.preprocess else {"workers": 0},
-        }
+        """Per-worker health (see :func:`worker.health.health`)."""
+        return health(self.settings, self.runtime, self.batcher, self.preprocess, self.stats)
 
     def _serve(self, task_name: str, request: Any, context: JobContext) -> dict[str, Any]:
         clock = _Clock()
-        parsed = self._parse(task_name, request)
+        kind = JOB_KINDS[task_name]
+        parsed, work = kind.decode(request, self.settings)
         timeout = min(parsed.timeout_s or self.settings.job_timeout, self.settings.job_timeout)
         deadline = time.monotonic() + timeout
-        work = self._work(task_name, parsed)
         runtime, batcher = self._started()
         if work.labels:  # before the processor reads the labels in the prompt (exclusive mode)
             refuse_special_tokens(runtime.processor.tokenizer, work.labels)
@@ -255,8 +196,7 @@ class Service:
         except FetchAborted:
             raise Requeue("the worker shut down while the job's image was being fetched") from None
         clock.lap("image")
-        reserve = 0 if work.labels else work.sampling.max_new_tokens
-        prepared = self._prepare(runtime, Prompt(image, work.text), reserve, deadline)
+        prepared = self._prepare(runtime, Prompt(image, work.text), work.reserve, deadline)
         clock.lap("preprocess")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -265,12 +205,13 @@ class Service:
         item = _Item(
             prepared, deadline, work.labels, marks, context.job_id, context.isolated, query=work.query
         )
-        key: Any = ("score",) if work.labels else ("generate", work.sampling)
-        if context.isolated and self.settings.scheduler == "static":
-            key = Alone(context.job_id, key)  # a batch of its own (the engine reads item.isolated)
-        done = batcher.run(key, item, timeout=remaining)
+        if context.isolated and isinstance(batcher, DynamicBatcher):  # the engine reads item.isolated
+            done = batcher.run(Alone(context.job_id, work.key), item, timeout=remaining)  # a batch of its own
+        else:
+            done = batcher.run(work.key, item, timeout=remaining)
         clock.lap("model")
-        return self._result(task_name, work, done, context, clock)
+        timings = clock.timings(done, context.sent_at)
+        return kind.encode(work, done.output, timings, self.settings.served_model_name, context.worker)
 
     def _prepare(self, runtime: Runtime, prompt: Prompt, reserve: int, deadline: float) -> Prepared:
         """The processor's work, in this thread or in the preprocessing pool (waiting until ``deadline``)."""
@@ -281,24 +222,7 @@ class Service:
         except PoolStopped as exc:
             raise Requeue(str(exc)) from None
 
-    def _work(self, task_name: str, request: Any) -> _Work:
-        sampling = self._sampling(request.generation)
-        if task_name == TASK_CAPTION:
-            return _Work(request.prompt or DEFAULT_CAPTION_PROMPT, None, sampling)
-        if task_name == TASK_VQA:
-            return _Work(request.question, None, sampling)
-        prompt = request.prompt or DEFAULT_CLASSIFY_PROMPT
-        if not request.labels:
-            return _Work(prompt, None, sampling)
-        if request.multi_label:
-            question = request.question or DEFAULT_LABEL_QUESTION
-            longest = question.replace("{label}", max(request.labels, key=len))  # sizes the context check
-            thresholds = {label: request.threshold_of(label) for label in request.labels}
-            return _Work(longest, request.labels, sampling, LabelQuery(longest, question), thresholds)
-        text = f"{prompt} Answer with one of: {', '.join(request.labels)}."
-        return _Work(text, request.labels, sampling, LabelQuery(text))
-
-    def _start_batch(self, key: Any, items: list[_Item]) -> list[Any]:
+    def _start_batch(self, key: Hashable, items: list[_Item]) -> list[Any]:
         job_ids = [item.job_id for item in items]
         self.on_model_start(job_ids)
         try:
@@ -306,7 +230,7 @@ class Service:
         finally:
             self.on_model_end(job_ids)
 
-    def _run_batch(self, key: Any, items: list[_Item]) -> list[Any]:
+    def _run_batch(self, key: Hashable, items: list[_Item]) -> list[Any]:
         """The static batcher's work for one batch. Out of memory: free the failed attempt's tensors (after
         leaving the ``except`` block, so nothing of it is still referenced), split the batch in halves and
         retry each; a single job that still does not fit fails alone with ``ResourceExhausted``."""
@@ -330,7 +254,7 @@ class Service:
         job_ids = [item.job_id for item in items]
         self.on_model_start(job_ids)
         try:
-            return self._call_model(self._started()[0], ("score",), items)
+            return self._call_model(self._started()[0], SCORE, items)
         finally:
             self.on_model_end(job_ids)
 
@@ -340,12 +264,13 @@ class Service:
         if items:
             (self.on_model_start if joined else self.on_model_end)([item.job_id for item in items])
 
-    def _call_model(self, runtime: Runtime, key: Any, items: list[_Item]) -> list[Any]:
+    def _call_model(self, runtime: Runtime, key: Hashable, items: list[_Item]) -> list[Any]:
         marks = [item.marks for item in items]
         self.faults.before_model_call(marks)
         if isinstance(key, Alone):
             key = key.key
-        if key[0] == "score":
+        assert isinstance(key, BatchKey)
+        if key.sampling is None:  # scoring labels
             queries = [i.query for i in items if i.query is not None]
             if len(queries) != len(items):
                 raise InternalError("a classify job reached the model without its label query")
@@ -354,82 +279,13 @@ class Service:
                 [i.prepared for i in items], labels, [i.deadline for i in items], queries=queries
             )
         hook = self.faults.step_hook(marks)
-        return runtime.generate([i.prepared for i in items], key[1], [i.deadline for i in items], hook)
-
-    def _result(self, task_name: str, work: _Work, done: Done, context: JobContext, clock: _Clock) -> dict:
-        output = done.output
-        if work.labels:
-            fields = _label_fields(work.labels, output, work.thresholds)
-        else:
-            fields = {"label" if task_name == TASK_CLASSIFY else "text": output.text}
-        total_ms = clock.total_ms()
-        since_sent_ms = None if context.sent_at is None else (time.time() - context.sent_at) * 1000
-        wait_ms = round(done.waited * 1000, 3)
-        timings = Timings(
-            queued_ms=None if since_sent_ms is None else round(max(0.0, since_sent_ms - total_ms), 3),
-            image_ms=clock.laps["image"],
-            preprocess_ms=clock.laps["preprocess"],
-            batch_wait_ms=wait_ms,
-            inference_ms=round(max(0.0, clock.laps["model"] - wait_ms), 3),
-            total_ms=total_ms,
-            batch_size=done.batch_size,
-        )
-        result = RESULT_MODELS[task_name](
-            model=self.settings.served_model_name,
-            worker=context.worker,
-            prompt_tokens=output.prompt_tokens,
-            image_tokens=output.image_tokens,
-            generated_tokens=getattr(output, "generated_tokens", 0),
-            timings=timings,
-            **fields,
-        )
-        return result.model_dump(mode="json")
+        return runtime.generate([i.prepared for i in items], key.sampling, [i.deadline for i in items], hook)
 
     def record_failure(self, error: LlavaError, context: JobContext, task_name: str) -> None:
         """Log a failed job once (job id + code) and count it."""
         log.warning("job %s (%s) failed: %s", context.job_id, task_name, error)
         metrics.job_failed(task_name, error)
-        with self._stats.lock:
-            self._stats.jobs_failed += 1
-            self._stats.last_error = {"job_id": context.job_id, **error.to_dict()}
-
-    def _parse(self, task_name: str, request: Any) -> Any:
-        if not isinstance(request, dict):
-            raise InvalidRequest(f"the 'request' kwarg must be a JSON object, got {type(request).__name__}")
-        try:
-            parsed = REQUEST_MODELS[task_name].model_validate(request)
-        except ValidationError as exc:
-            raise InvalidRequest(validation_message(exc)) from None
-        self._check_limits(parsed)
-        return parsed
-
-    def _check_limits(self, request: Any) -> None:
-        """This worker's limits (settings), at or below the contract's hard limits."""
-        limits = self.settings
-        for name in ("prompt", "question"):
-            text = getattr(request, name, None)
-            if text is not None and len(text) > limits.max_text_chars:
-                raise InvalidRequest(
-                    f"{name} is {len(text)} characters, over the cap of {limits.max_text_chars} "
-                    "(max_text_chars)"
-                )
-        labels = getattr(request, "labels", None) or []
-        if len(labels) > limits.max_labels:
-            raise InvalidRequest(f"{len(labels)} labels, over the cap of {limits.max_labels} (max_labels)")
-        for label in labels:
-            if len(label) > limits.max_label_chars:
-                raise InvalidRequest(
-                    f"label {label[:20]!r}… is over {limits.max_label_chars} characters (max_label_chars)"
-                )
-
-    def _sampling(self, params: GenerationParams) -> Sampling:
-        cap = self.settings.max_new_tokens_cap
-        wanted = params.max_new_tokens or self.settings.max_new_tokens
-        if wanted > cap:
-            raise InvalidRequest(
-                f"max_new_tokens {wanted} is over this worker's cap of {cap} (max_new_tokens_cap)"
-            )
-        return Sampling(max_new_tokens=wanted, temperature=params.temperature, top_p=params.top_p)
+        self.stats.failed(context.job_id, error)
 
     def _started(self) -> tuple[Runtime, DynamicBatcher | ContinuousEngine]:
         if self.runtime is None or self.batcher is None:
@@ -446,13 +302,3 @@ def _bounded(error: LlavaError) -> LlavaError:
     if len(error.message) <= MAX_ERROR_CHARS:
         return error
     return type(error)(error.message[: MAX_ERROR_CHARS - 1] + "…", retryable=error.retryable)
-
-
-def _rss_mb() -> float | None:
-    """This process's resident memory in MB (Linux), or None."""
-    try:
-        with open("/proc/self/statm") as statm:
-            pages = int(statm.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return round(pages * os.sysconf("SC_PAGE_SIZE") / 1e6, 1)

@@ -4,9 +4,10 @@ of tests, and the prefix cache of images shared by several jobs (``prefix_cache_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from worker.batching import BatchKey
 from worker.faults import Faults
 from worker.runtime import Runtime, Sampling
 from worker.runtime.decoding import DecodeBatch, GrowingLayer, Pending, Row
@@ -38,12 +39,12 @@ class RuntimeSteps:
         capacity = runtime.settings.prefix_cache_tokens if prefix_tokens is None else prefix_tokens
         self.prefix = PrefixCache(capacity)  # off (0) unless prepared items carry image digests
 
-    def cost(self, key: Hashable, payload: Any) -> int:
+    def cost(self, key: BatchKey, payload: Any) -> int:
         """KV tokens a job needs: a generating row holds prompt + max_new_tokens (+ the cache's spare
         columns); a classify job holds its prompt once and every label's answer packed after it (no copy
         per label), bounded here by characters (a token is at least one character) plus end tokens."""
         prompt = payload.prepared.prompt_tokens
-        if key == ("score",):
+        if key.scores:
             query = getattr(payload, "query", None)
             question = len(getattr(query, "question", None) or "")
             labels = getattr(payload, "labels", None) or []
@@ -66,7 +67,7 @@ class RuntimeSteps:
     def classify(self, payloads: Sequence[Any]) -> list[Any]:
         return self._classify(list(payloads))
 
-    def join(self, row_id: int, key: Hashable, payload: Any) -> int:
+    def join(self, row_id: int, key: BatchKey, payload: Any) -> int:
         """A row whose prefill starts (KV reserved); its prompt tokens."""
         marks: frozenset[str] = getattr(payload, "marks", frozenset())
         self._on_rows([payload], True)
@@ -140,7 +141,7 @@ class RuntimeSteps:
         self.runtime.free_memory()
 
 
-def _sampling(key: Hashable) -> Sampling:
-    """A generating job's sampling: its key is ``("generate", sampling)``."""
-    assert isinstance(key, tuple) and isinstance(key[1], Sampling)
-    return key[1]
+def _sampling(key: BatchKey) -> Sampling:
+    """A generating job's sampling."""
+    assert key.sampling is not None
+    return key.sampling

@@ -22,6 +22,7 @@ from transformers import DynamicCache
 
 from producer.errors import InvalidRequest, JobTimeout, ResourceExhausted
 from tests.integration.conftest import IMAGES, wait_for
+from worker.batching import SCORE, BatchKey
 from worker.engine import ContinuousEngine
 from worker.faults import Faults
 from worker.runtime import Generation, Prepared, Prompt, Runtime, Sampling
@@ -123,7 +124,7 @@ def one_by_one(runtime: Runtime, prepared: Prepared, max_new_tokens: int) -> Gen
 
 
 def generate(engine: ContinuousEngine, item: Item, max_new_tokens: int, timeout: float = WAIT) -> Future:
-    return engine.submit(("generate", Sampling(max_new_tokens=max_new_tokens)), item, timeout)
+    return engine.submit(BatchKey(Sampling(max_new_tokens=max_new_tokens)), item, timeout)
 
 
 def test_greedy_rows_are_token_identical_to_one_by_one_generate(runtime: Runtime, make_engine) -> None:
@@ -201,7 +202,7 @@ def test_classify_between_decode_steps_finishes_before_long_captions(runtime: Ru
     classify: list[Future] = []
     query = LabelQuery(prompts()[3].text)
     job = Item(prepared[3], labels, query=query)
-    steps.after_step[2] = lambda: classify.append(engine.submit(("score",), job, WAIT))
+    steps.after_step[2] = lambda: classify.append(engine.submit(SCORE, job, WAIT))
     for index, item in enumerate(prepared[:3]):
         generate(engine, Item(item), 60).add_done_callback(note(f"caption{index}"))
     wait_for(lambda: classify, WAIT, "the classify job")
@@ -238,9 +239,9 @@ def submit_during_decoding(
     """Submit ``items`` from the engine's thread after the first decode step of a caption: they all wait for
     the same next step (the caption's greedy answer on this checkpoint is longer than one token)."""
     futures: list[Future] = []
-    steps.after_step[1] = lambda: futures.extend(engine.submit(("score",), item, WAIT) for item in items)
+    steps.after_step[1] = lambda: futures.extend(engine.submit(SCORE, item, WAIT) for item in items)
     sampling = Sampling(max_new_tokens=8)
-    caption = engine.submit(("generate", sampling), Item(runtime.prepare(prompts()[0])), WAIT)
+    caption = engine.submit(BatchKey(sampling), Item(runtime.prepare(prompts()[0])), WAIT)
     wait_for(lambda: futures, WAIT, "the classify jobs")
     caption.result(WAIT)
     return futures
@@ -333,7 +334,7 @@ def test_static_out_of_memory_frees_the_failed_attempt_before_retrying(tiny_chec
     try:
         service.faults = faults = _OomOnce()
         items = [runtime.prepare(p) for p in prompts()[:2]]
-        key = ("generate", Sampling(max_new_tokens=3))
+        key = BatchKey(Sampling(max_new_tokens=3))
         outputs = service._run_batch(key, [_Item(p, deadline=math.inf) for p in items])
         assert outputs == [one_by_one(runtime, p, 3) for p in items]
         assert faults.failed is not None and faults.alive_at_retry[0] is False
