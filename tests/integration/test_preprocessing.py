@@ -23,6 +23,7 @@ from producer.errors import InternalError
 from producer.status import worker_health
 from tests.integration.conftest import IMAGES, StartWorker, wait_for
 from worker.runtime import Prompt
+from worker.runtime.preprocessing import PreprocessPool
 from worker.service import JobContext, Requeue, Service
 from worker.settings import WorkerSettings
 
@@ -99,21 +100,7 @@ def test_the_pool_gives_the_same_tensors_and_answers_as_the_job_thread(
 def test_a_job_whose_preprocessing_process_is_killed_gets_a_coded_error_and_the_next_job_is_served(
     in_thread: Service, pooled: Service
 ) -> None:
-    pool = pooled.preprocess
-    assert pool is not None
-    [pid] = pool.status()["pids"]
-    os.kill(pid, signal.SIGSTOP)  # the job lands on a process that cannot run it before it is killed
-    outcome: dict[str, BaseException] = {}
-
-    def job() -> None:
-        try:
-            _caption(pooled, _uri("radar_chart.png"), "doomed")
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=job)
-    thread.start()
-    wait_for(lambda: pool.status()["in_flight"] == 1, WAIT, "the job to wait on the preprocessing pool")
+    pool, pid, thread, outcome = _job_on_a_stopped_process(pooled, "doomed")
     os.kill(pid, signal.SIGKILL)
     thread.join(WAIT)
     error = outcome.get("error")
@@ -130,21 +117,7 @@ def test_a_job_whose_preprocessing_process_is_killed_gets_a_coded_error_and_the_
 def test_jobs_waiting_on_the_pool_go_back_to_the_queue_when_the_grace_ends_and_the_pool_stops(
     pooled: Service,
 ) -> None:
-    pool = pooled.preprocess
-    assert pool is not None
-    [pid] = pool.status()["pids"]
-    os.kill(pid, signal.SIGSTOP)  # never finishes the job: the grace ends first, and stop must kill it
-    outcome: dict[str, BaseException] = {}
-
-    def job() -> None:
-        try:
-            _caption(pooled, _uri("radar_chart.png"), "late")
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=job)
-    thread.start()
-    wait_for(lambda: pool.status()["in_flight"] == 1, WAIT, "the job to wait on the preprocessing pool")
+    _, pid, thread, outcome = _job_on_a_stopped_process(pooled, "late")  # the grace ends first
     pooled.begin_shutdown(grace=0.0)
     thread.join(WAIT)
     assert isinstance(outcome.get("error"), Requeue)
@@ -176,3 +149,26 @@ def test_the_fast_image_processor_is_used_where_torchvision_imports(in_thread: S
     else:
         expected = "LlavaNextImageProcessor"
     assert in_thread.health()["image_processor"] == expected
+
+
+def _job_on_a_stopped_process(
+    pooled: Service, job_id: str
+) -> tuple[PreprocessPool, int, threading.Thread, dict[str, BaseException]]:
+    """A caption job waiting on the pool's one process, stopped (SIGSTOP) so that it never finishes the job:
+    the pool, that process's pid, the job's thread and where its error lands."""
+    pool = pooled.preprocess
+    assert pool is not None
+    [pid] = pool.status()["pids"]
+    os.kill(pid, signal.SIGSTOP)
+    outcome: dict[str, BaseException] = {}
+
+    def job() -> None:
+        try:
+            _caption(pooled, _uri("radar_chart.png"), job_id)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    wait_for(lambda: pool.status()["in_flight"] == 1, WAIT, "the job to wait on the preprocessing pool")
+    return pool, pid, thread, outcome
