@@ -9,6 +9,7 @@ from celery import Celery
 
 from producer.contract import DEFAULT_PRIORITY, HEALTH_COMMAND, MAX_PRIORITY, wire_priority
 from producer.settings import QueueSettings
+from producer.transport import TRANSPORT
 
 Role = Literal["worker", "producer"]
 ATTEMPT_MAX = 1.0  # seconds: the longest a producer's single attempt on Redis may take
@@ -26,7 +27,7 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
         "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 2)),
         "unacked_restore_throttle": 1,
     }
-    return {
+    config: dict[str, Any] = {
         # JSON only: pickle from the broker would be remote code execution.
         "task_serializer": "json",
         "result_serializer": "json",
@@ -57,6 +58,9 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
         "task_queue_max_priority": MAX_PRIORITY,
         "worker_hijack_root_logger": False,
     }
+    if settings.broker_url.split("://", 1)[0] in ("redis", "rediss"):
+        config["broker_transport"] = TRANSPORT  # kombu's, one client reused per channel (producer.transport)
+    return config
 
 
 def worker_health(app: Celery, timeout: float = 2.0) -> dict[str, dict[str, Any]]:

@@ -15,6 +15,7 @@ from producer.contract import SENT_AT_HEADER, TASK_NOOP, TASKS
 from producer.errors import InvalidRequest, LlavaError
 from worker import control  # noqa: F401  # registers the llava_health inspect command
 from worker.delivery import DeliveryLedger
+from worker.results import BACKENDS as RESULT_BACKENDS
 from worker.service import JobContext, Requeue, Service
 from worker.settings import WorkerSettings
 
@@ -25,6 +26,7 @@ def create_app(settings: WorkerSettings, service: Service, app: Celery | None = 
     """The worker's Celery app (``app``, or a new one): the shared configuration, the queues it consumes,
     one task per job kind."""
     app = app or create_celery_app(settings, main="llava-worker")
+    app.loader.override_backends = RESULT_BACKENDS  # one round trip per stored result (worker.results)
     app.conf.task_queues = [Queue(name) for name in settings.consumed_queues]
     app.conf.worker_consumer = "worker.delivery:LlavaConsumer"
     app.llava_service = service  # read by the llava_health inspect command
