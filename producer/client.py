@@ -20,7 +20,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from producer.app import attempt_timeout, create_celery_app
-from producer.blobs import BlobStore, RedisBlobStore
+from producer.blobs import BlobStore, RedisBlobStore, bytes_packer
 from producer.broker import broker_guard
 from producer.collector import aiter_completed, iter_completed
 from producer.contract import (
@@ -315,6 +315,7 @@ class LlavaClient:
             "socket_connect_timeout": attempt,
             "socket_timeout": self.settings.broker_timeout - attempt,
             "retry": Retry(NoBackoff(), 0),
+            "command_packer": bytes_packer(),  # the image's bytes go to the socket uncopied
         }
         return RedisBlobStore(backend._create_client(**params), ttl=self.settings.result_expires)
 
