@@ -1,4 +1,4 @@
-"""Worker settings: ``LLAVA_*`` environment over the YAML config over defaults (see producer.settings)."""
+"""Worker settings: ``LLAVA_*`` environment over the YAML config over defaults (see producer.app)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from producer.app import QueueSettings, load_settings
 from producer.contract import MAX_LABEL_CHARS, MAX_LABELS, MAX_TEXT_CHARS, model_queue
-from producer.settings import QueueSettings, load_settings
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
 # What of a job can run past its deadline: decoding and preprocessing one image already fetched (CPU; about a
