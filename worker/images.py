@@ -150,18 +150,6 @@ def keep_side_for(image_processor: Any) -> int:
     return max(sides, default=DEFAULT_KEEP_SIDE)
 
 
-def fetch_policy(settings: WorkerSettings) -> FetchPolicy:
-    return FetchPolicy.from_allow_list(
-        settings.fetch_allow,
-        max_bytes=settings.max_image_bytes,
-        timeout=settings.fetch_timeout,
-        deadline=settings.fetch_deadline,
-        max_redirects=settings.fetch_max_redirects,
-        retries=settings.fetch_retries,
-        backoff=settings.fetch_backoff,
-    )
-
-
 def read_image_bytes(
     reference: str,
     settings: WorkerSettings,
@@ -177,7 +165,7 @@ def read_image_bytes(
     if kind == "data":
         return decode_data_uri(reference, settings.max_image_bytes)
     if kind == "url":
-        return fetch(reference, fetch_policy(settings), resolve, deadline, fetches)
+        return fetch(reference, FetchPolicy.from_settings(settings), resolve, deadline, fetches)
     if kind == "path":
         return _read_local(Path(reference), settings)
     raise InvalidRequest("image must be an http(s) URL, a data: URI, a blob reference or an absolute path")
