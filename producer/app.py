@@ -44,6 +44,12 @@ class QueueSettings(BaseSettings):
         default=3600, ge=1, description="seconds before an unacknowledged job is redelivered (Redis)"
     )
     result_expires: int = Field(default=86400, ge=60, description="seconds results are kept")
+    max_image_bytes: int = Field(
+        default=20 * 1024 * 1024,
+        ge=1024,
+        description="image byte cap: workers refuse larger downloads and inline images, the producer refuses "
+        "larger inline images before sending",
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -77,6 +83,7 @@ def load_settings(cls: type[S], config_file: str | Path | None = None, **overrid
 
 
 Role = Literal["worker", "producer"]
+DEFAULT_BROKER_TIMEOUT = 5.0  # seconds: ClientSettings.broker_timeout's default (see fail_fast_config)
 ATTEMPT_MAX = 1.0  # seconds: the longest a producer's single attempt on Redis may take
 PAUSE_MAX = 0.25  # seconds: the longest pause between a producer's reconnects
 
@@ -191,7 +198,7 @@ def create_celery_app(
     main: str = "llava-queue",
     *,
     role: Role = "worker",
-    broker_timeout: float = 5.0,
+    broker_timeout: float = DEFAULT_BROKER_TIMEOUT,
 ) -> Celery:
     """A Celery app bound to ``settings`` (not set as the process-wide current app).
 

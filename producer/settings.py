@@ -9,22 +9,17 @@ from typing import Literal
 
 from pydantic import Field
 
-from producer.app import QueueSettings, load_settings
+from producer.app import DEFAULT_BROKER_TIMEOUT, QueueSettings, load_settings
 
 __all__ = ["ClientSettings", "QueueSettings", "load_settings"]
 
 
 class ClientSettings(QueueSettings):
-    """Producer-side settings."""
+    """Producer-side settings (with the shared ones of :class:`~producer.app.QueueSettings`)."""
 
-    max_image_bytes: int = Field(
-        default=20 * 1024 * 1024,
-        ge=1024,
-        description="inline images above this size are refused before sending",
-    )
     result_timeout: float = Field(default=300.0, gt=0, description="default seconds Job.get() waits")
     broker_timeout: float = Field(
-        default=5.0,
+        default=DEFAULT_BROKER_TIMEOUT,
         gt=0,
         le=120,
         description="seconds a send or a result read waits on an unreachable Redis before BrokerUnavailable",

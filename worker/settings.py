@@ -62,7 +62,6 @@ class WorkerSettings(QueueSettings):
     max_new_tokens_cap: int = Field(default=512, ge=1, description="jobs asking for more are refused")
     seed: int = Field(default=0, description="torch seed for sampled (temperature > 0) generation")
     # -- images (see README "Security")
-    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="download / inline byte cap")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="decoded width x height cap")
     max_aspect_ratio: float = Field(default=20.0, ge=1.0, description="longer side / shorter side cap")
     image_formats: Annotated[list[str], NoDecode] = Field(
