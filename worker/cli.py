@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--gpus", help="none (one process, default), all, or indices like 0,2: one worker per GPU"
     )
     parser.add_argument("--queues", help="comma-separated queues to consume")
-    parser.add_argument("--max-batch-size", type=int, help="jobs per model call (1: batching off)")
+    batch = "static scheduler: jobs per model call (1: batching off); sizes the task threads"
+    parser.add_argument("--max-batch-size", type=int, help=batch)
     threads = "task threads (default: 2 x max batch size + fetch threads)"
     parser.add_argument("--concurrency", type=int, help=threads)
     parser.add_argument("--hostname", help="Celery node name, e.g. gpu0@%%h")

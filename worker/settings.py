@@ -13,8 +13,8 @@ from producer.app import QueueSettings, load_settings
 from producer.contract import MAX_LABEL_CHARS, MAX_LABELS, MAX_TEXT_CHARS, model_queue
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
-# What of a job can run past its deadline: decoding and preprocessing one image already fetched (CPU; about a
-# second for an image at the 40 MP cap, which is shrunk right after decoding).
+# What of a job can run past its deadline: decoding one image already fetched, and preprocessing it in the
+# job's own thread (CPU; about a second for an image at the max_image_pixels cap, shrunk once decoded).
 _PAST_DEADLINE_S = 2.0
 
 
@@ -105,9 +105,14 @@ class WorkerSettings(QueueSettings):
         default=MAX_LABEL_CHARS, ge=1, le=MAX_LABEL_CHARS, description="characters per label"
     )
     # -- batching and the worker process
-    max_batch_size: int = Field(default=8, ge=1, le=256, description="jobs per model call (1: batching off)")
+    max_batch_size: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="static: jobs per model call (1: batching off); both schedulers: sizes the task threads",
+    )
     max_batch_wait_ms: float = Field(
-        default=10.0, ge=0, description="longest a partial batch waits for more compatible jobs"
+        default=10.0, ge=0, description="static: longest a partial batch waits for more compatible jobs"
     )
     scheduler: Literal["continuous", "static"] = Field(
         default="continuous",
@@ -155,7 +160,10 @@ class WorkerSettings(QueueSettings):
     )
     # -- losing nothing
     max_deliveries: int = Field(
-        default=3, ge=1, le=100, description="deliveries of a job (worker died each time) before WorkerLost"
+        default=3,
+        ge=1,
+        le=100,
+        description="times a job may reach the model with its worker dying each time before WorkerLost",
     )
     peer_check_timeout: float = Field(
         default=1.0,
@@ -176,7 +184,7 @@ class WorkerSettings(QueueSettings):
         default=None, description="TESTS ONLY: jobs with this text always OOM"
     )
     fault_crash_marker: str | None = Field(
-        default=None, description="TESTS ONLY: SIGKILL the worker when a job with this text runs"
+        default=None, description="TESTS ONLY: SIGKILL the worker when a job with this text reaches the model"
     )
     fault_slow_marker: str | None = Field(
         default=None, description="TESTS ONLY: jobs with this text decode slowly"
@@ -233,7 +241,8 @@ class WorkerSettings(QueueSettings):
     @property
     def longest_job_seconds(self) -> float:
         """The most a job can take on a worker: its fetch (ended by the job's deadline too), the decode budget
-        wait and the model all end by job_timeout; only decoding an image already fetched may run past it."""
+        wait, the preprocessing pool and the model all end by job_timeout; only decoding an image already
+        fetched, and preprocessing it in the job's own thread, may run past it."""
         return self.job_timeout + _PAST_DEADLINE_S
 
     @field_validator("image_formats")
