@@ -56,7 +56,8 @@ def _counting_steps(runtime: Any, prefix_tokens: int) -> Any:
             self.prefilled += pending.prepared.prompt_tokens - left - start
             return left
 
-    return Counting(runtime, Faults(), classify=lambda item: None, prefix_tokens=prefix_tokens)
+    faults = Faults.from_settings(runtime.settings)
+    return Counting(runtime, faults, classify=lambda item: None, prefix_tokens=prefix_tokens)
 
 
 def run_once(runtime: Any, items: list[tuple[Any, int]], prefix_tokens: int) -> dict[str, Any]:

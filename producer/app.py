@@ -1,17 +1,90 @@
-"""The Celery app factory shared by producer and worker, so both sides run the same configuration, and the
-health query both send (:func:`worker_health`)."""
+"""The settings both sides of the queue share and how they are read (:class:`QueueSettings`,
+:func:`load_settings`: environment ``LLAVA_*`` over a YAML file over defaults), the Celery app factory built
+from them, so both sides run the same configuration, and the health query both send (:func:`worker_health`).
+
+The YAML file comes from ``load_settings(..., config_file=...)`` (the CLIs' ``--config``) or from the
+``LLAVA_CONFIG`` environment variable. Keyword overrides (CLI flags) win over everything.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 from celery import Celery
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
 from producer.contract import DEFAULT_PRIORITY, HEALTH_COMMAND, MAX_PRIORITY, wire_priority
-from producer.settings import QueueSettings
 from producer.transport import TRANSPORT
 
+_config_file: ContextVar[Path | None] = ContextVar("llava_config_file", default=None)
+
+S = TypeVar("S", bound="QueueSettings")
+
+
+class QueueSettings(BaseSettings):
+    """Settings both sides of the queue must agree on.
+
+    Unknown keys are ignored here so that a producer can read a worker's YAML; the worker forbids them.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="LLAVA_", extra="ignore", validate_default=True)
+
+    broker_url: str = Field(default="redis://localhost:6379/0", description="Celery broker URL")
+    result_backend: str = Field(default="redis://localhost:6379/1", description="Celery result backend URL")
+    default_queue: str = Field(default="llava", min_length=1, description="queue jobs go to unless routed")
+    visibility_timeout: int = Field(
+        default=3600, ge=1, description="seconds before an unacknowledged job is redelivered (Redis)"
+    )
+    result_expires: int = Field(default=86400, ge=60, description="seconds results are kept")
+    max_image_bytes: int = Field(
+        default=20 * 1024 * 1024,
+        ge=1024,
+        description="image byte cap: workers refuse larger downloads and inline images, the producer refuses "
+        "larger inline images before sending",
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _config_file.get()
+        if config_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+
+def load_settings(cls: type[S], config_file: str | Path | None = None, **overrides: Any) -> S:
+    """Build ``cls`` from overrides > ``LLAVA_*`` env > YAML (``config_file`` or ``LLAVA_CONFIG``) > defaults.
+
+    Overrides whose value is ``None`` are ignored, so CLI flags that were not given fall through.
+    """
+    path = config_file or os.environ.get("LLAVA_CONFIG") or None
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    token = _config_file.set(Path(path) if path else None)
+    try:
+        return cls(**{key: value for key, value in overrides.items() if value is not None})
+    finally:
+        _config_file.reset(token)
+
+
 Role = Literal["worker", "producer"]
+DEFAULT_BROKER_TIMEOUT = 5.0  # seconds: ClientSettings.broker_timeout's default (see fail_fast_config)
 ATTEMPT_MAX = 1.0  # seconds: the longest a producer's single attempt on Redis may take
 PAUSE_MAX = 0.25  # seconds: the longest pause between a producer's reconnects
 
@@ -129,7 +202,7 @@ def create_celery_app(
     main: str = "llava-queue",
     *,
     role: Role = "worker",
-    broker_timeout: float = 5.0,
+    broker_timeout: float = DEFAULT_BROKER_TIMEOUT,
 ) -> Celery:
     """A Celery app bound to ``settings`` (not set as the process-wide current app).
 

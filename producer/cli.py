@@ -42,6 +42,7 @@ from producer.bulk import (
     resume_job_id,
 )
 from producer.client import KINDS, LlavaClient, check_params
+from producer.contract import DEFAULT_PRIORITY, DEFAULT_THRESHOLD, MAX_PRIORITY
 from producer.errors import BrokerUnavailable, InvalidRequest
 from producer.flower import flower_command, flower_url
 from producer.job import Job
@@ -71,8 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     flower = commands.add_parser(
         "flower", help="run Flower on the broker (needs the monitor extra; no torch)"
     )
-    flower.add_argument("--address", help="address to bind (default 127.0.0.1; others need basic auth)")
-    flower.add_argument("--port", type=int, help="port (default 5555)")
+    defaults = ClientSettings.model_fields
+    address = f"address to bind (default {defaults['flower_address'].default}; others need basic auth)"
+    flower.add_argument("--address", help=address)
+    flower.add_argument("--port", type=int, help=f"port (default {defaults['flower_port'].default})")
     return parser
 
 
@@ -89,14 +92,16 @@ def _job_arguments(sub: argparse.ArgumentParser, name: str) -> None:
         sub.add_argument("--labels", help="comma-separated labels to pick from (default: free-text class)")
         multi = "score each label on its own (yes/no); the result's labels are those at or above threshold"
         sub.add_argument("--multi-label", action="store_true", default=None, help=multi)
-        threshold = "--multi-label: a label is given at or above it: 0.5 (default), or per label: a=0.3,b=0.8"
+        threshold = f"--multi-label: a label is given at or above it: {DEFAULT_THRESHOLD} (default), or per "
+        threshold += "label: a=0.3,b=0.8"
         sub.add_argument("--threshold", type=_threshold, help=threshold)
         question = "--multi-label: the per-label question, with {label}"
         sub.add_argument("--question", help=question)
     sub.add_argument("--max-new-tokens", type=int)
     sub.add_argument("--model", help="send to the workers serving this model (queue llava.<model>)")
     sub.add_argument("--queue", help="queue to send to (default: settings.default_queue)")
-    sub.add_argument("--priority", type=int, help="0 (lowest) to 9 (most urgent); default 4")
+    priority = f"0 (lowest) to {MAX_PRIORITY} (most urgent); default {DEFAULT_PRIORITY}"
+    sub.add_argument("--priority", type=int, help=priority)
     sub.add_argument("--timeout", type=float, help="seconds to wait for each result, from its sending")
     in_flight = f"jobs queued or running at once (default {DEFAULT_IN_FLIGHT})"
     sub.add_argument("--in-flight", type=int, default=DEFAULT_IN_FLIGHT, help=in_flight)

@@ -8,6 +8,8 @@ result model as a JSON object. Failures are stored as coded errors (see :mod:`pr
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -22,6 +24,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from producer.errors import ImageTooLarge, InvalidImage
 
 TASK_CAPTION = "llava.caption"
 TASK_VQA = "llava.vqa"
@@ -97,6 +101,32 @@ def blob_digest(reference: str) -> str:
     if not is_blob_reference(reference):
         raise ValueError(f"not a blob reference (want {BLOB_PREFIX}<64 hex digits>): {reference[:80]!r}")
     return reference.removeprefix(BLOB_PREFIX)
+
+
+def decode_data_uri(uri: str, max_bytes: int) -> bytes:
+    """The image bytes of a ``data:<mime>;base64,<payload>`` URI, at most ``max_bytes`` (``max_image_bytes``).
+
+    The payload may be MIME-wrapped (whitespace is dropped). Raises :class:`~producer.errors.InvalidImage`
+    when it is not such a URI, not valid base64 or empty, and :class:`~producer.errors.ImageTooLarge` over the
+    cap: checked on the text before decoding (with room for MIME line breaks, 2 in 78 characters), then on the
+    bytes.
+    """
+    header, sep, payload = uri.partition(",")
+    if not sep or not header.lower().endswith(";base64"):
+        raise InvalidImage("a data: URI must look like data:<mime>;base64,<payload>")
+    if len(payload) * 3 // 4 > max_bytes * 1.05 + 4:
+        raise ImageTooLarge(f"the data: URI image is over the {max_bytes}-byte cap (max_image_bytes)")
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidImage(f"data: URI payload is not valid base64: {exc}") from None
+    if not data:
+        raise InvalidImage("data: URI payload is empty")
+    if len(data) > max_bytes:
+        raise ImageTooLarge(
+            f"the data: URI image is {len(data)} bytes, over the {max_bytes}-byte cap (max_image_bytes)"
+        )
+    return data
 
 
 def redact_url(url: str) -> str:

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Union
 
-from producer.contract import image_kind, redact_url
+from producer.contract import decode_data_uri, image_kind, redact_url
 from producer.errors import ImageTooLarge, InvalidImage, InvalidRequest
 
 ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Any]
@@ -90,8 +90,7 @@ def _string_source(image: str, max_bytes: int) -> str | bytes:
     if kind == "url":
         return image
     if kind == "data":
-        _check_size(len(image) * 3 // 4, int(max_bytes * 1.05) + 4, "data: URI image")  # before decoding
-        return _data_uri_bytes(image, max_bytes)
+        return decode_data_uri(image, max_bytes)
     shown = repr(image[:40]) + ("…" if len(image) > 40 else "")
     if "://" in image[:16]:
         raise InvalidRequest(f"unsupported image URL scheme in {shown}: a string must be http(s) or data:")
@@ -99,18 +98,6 @@ def _string_source(image: str, max_bytes: int) -> str | bytes:
         f"image {shown} is not an http(s) URL or a data: URI; a string is never read as a local file: "
         "pass a pathlib.Path (or bytes, or a PIL image) to send a local file"
     )
-
-
-def _data_uri_bytes(uri: str, max_bytes: int) -> bytes:
-    header, sep, payload = uri.partition(",")
-    if not sep or not header.lower().endswith(";base64"):
-        raise InvalidImage("a data: URI must look like data:<mime>;base64,<payload>")
-    try:
-        data = base64.b64decode("".join(payload.split()), validate=True)  # MIME line breaks allowed
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidImage(f"data: URI payload is not valid base64: {exc}") from None
-    _check_size(len(data), max_bytes, "data: URI image")
-    return data
 
 
 def _png_bytes(image: Any, max_bytes: int) -> bytes:

@@ -1,72 +1,25 @@
-"""Typed settings (pydantic-settings): environment ``LLAVA_*`` over a YAML file over defaults.
-
-The YAML file comes from ``load_settings(..., config_file=...)`` (the CLIs' ``--config``) or from the
-``LLAVA_CONFIG`` environment variable. Keyword overrides (CLI flags) win over everything.
+"""Producer-side settings (:class:`ClientSettings`); the settings both sides share, and how they are read
+(environment ``LLAVA_*`` over a YAML file over defaults), live beside the Celery app built from them:
+:class:`~producer.app.QueueSettings` and :func:`~producer.app.load_settings`, re-exported here.
 """
 
 from __future__ import annotations
 
-import os
-from contextvars import ContextVar
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
 from pydantic import Field
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    YamlConfigSettingsSource,
-)
 
-_config_file: ContextVar[Path | None] = ContextVar("llava_config_file", default=None)
+from producer.app import DEFAULT_BROKER_TIMEOUT, QueueSettings, load_settings
 
-S = TypeVar("S", bound="QueueSettings")
-
-
-class QueueSettings(BaseSettings):
-    """Settings both sides of the queue must agree on.
-
-    Unknown keys are ignored here so that a producer can read a worker's YAML; the worker forbids them.
-    """
-
-    model_config = SettingsConfigDict(env_prefix="LLAVA_", extra="ignore", validate_default=True)
-
-    broker_url: str = Field(default="redis://localhost:6379/0", description="Celery broker URL")
-    result_backend: str = Field(default="redis://localhost:6379/1", description="Celery result backend URL")
-    default_queue: str = Field(default="llava", min_length=1, description="queue jobs go to unless routed")
-    visibility_timeout: int = Field(
-        default=3600, ge=1, description="seconds before an unacknowledged job is redelivered (Redis)"
-    )
-    result_expires: int = Field(default=86400, ge=60, description="seconds results are kept")
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = _config_file.get()
-        if config_file is not None:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
-        return tuple(sources)
+__all__ = ["ClientSettings", "QueueSettings", "load_settings"]
 
 
 class ClientSettings(QueueSettings):
-    """Producer-side settings."""
+    """Producer-side settings (with the shared ones of :class:`~producer.app.QueueSettings`)."""
 
-    max_image_bytes: int = Field(
-        default=20 * 1024 * 1024,
-        ge=1024,
-        description="inline images above this size are refused before sending",
-    )
     result_timeout: float = Field(default=300.0, gt=0, description="default seconds Job.get() waits")
     broker_timeout: float = Field(
-        default=5.0,
+        default=DEFAULT_BROKER_TIMEOUT,
         gt=0,
         le=120,
         description="seconds a send or a result read waits on an unreachable Redis before BrokerUnavailable",
@@ -90,18 +43,3 @@ class ClientSettings(QueueSettings):
     flower_basic_auth: str | None = Field(
         default=None, pattern=r"^[^:]+:.+$", description="user:password Flower asks for (unset: no auth)"
     )
-
-
-def load_settings(cls: type[S], config_file: str | Path | None = None, **overrides: Any) -> S:
-    """Build ``cls`` from overrides > ``LLAVA_*`` env > YAML (``config_file`` or ``LLAVA_CONFIG``) > defaults.
-
-    Overrides whose value is ``None`` are ignored, so CLI flags that were not given fall through.
-    """
-    path = config_file or os.environ.get("LLAVA_CONFIG") or None
-    if path is not None and not Path(path).is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    token = _config_file.set(Path(path) if path else None)
-    try:
-        return cls(**{key: value for key, value in overrides.items() if value is not None})
-    finally:
-        _config_file.reset(token)

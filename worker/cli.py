@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import ValidationError
 
@@ -28,20 +28,27 @@ def package_version() -> str:
         return "unknown"
 
 
+def _choices(setting: str) -> tuple[str, ...]:
+    """The values a ``Literal`` setting takes, as its flag's choices."""
+    return get_args(WorkerSettings.model_fields[setting].annotation)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="llava-worker", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument("--config", help="YAML settings file (default: $LLAVA_CONFIG)")
     parser.add_argument("--model", help="hub id, local checkpoint dir, or tiny:<template>")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", choices=_choices("device"))
     parser.add_argument(
         "--gpus", help="none (one process, default), all, or indices like 0,2: one worker per GPU"
     )
     parser.add_argument("--queues", help="comma-separated queues to consume")
-    parser.add_argument("--max-batch-size", type=int, help="jobs per model call (1: batching off)")
-    parser.add_argument("--concurrency", type=int, help="task threads (default: 2 x max batch size)")
+    batch = "static scheduler: jobs per model call (1: batching off); sizes the task threads"
+    parser.add_argument("--max-batch-size", type=int, help=batch)
+    threads = "task threads (default: 2 x max batch size + fetch threads)"
+    parser.add_argument("--concurrency", type=int, help=threads)
     parser.add_argument("--hostname", help="Celery node name, e.g. gpu0@%%h")
-    parser.add_argument("--loglevel", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--loglevel", choices=_choices("loglevel"))
     return parser.parse_args(argv)
 
 

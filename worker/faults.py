@@ -19,11 +19,13 @@ from worker.settings import WorkerSettings
 
 @dataclass(frozen=True)
 class Faults:
-    oom_above_batch: int | None = None
-    oom_marker: str | None = None
-    crash_marker: str | None = None
-    slow_marker: str | None = None
-    slow_step_s: float = 0.0
+    """The ``fault_*`` settings of one worker (:meth:`from_settings`: the settings hold their defaults)."""
+
+    oom_above_batch: int | None
+    oom_marker: str | None
+    crash_marker: str | None
+    slow_marker: str | None
+    slow_step_s: float
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> Faults:

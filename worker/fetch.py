@@ -36,6 +36,7 @@ from urllib3.exceptions import HTTPError, SSLError
 
 from producer.contract import redact_url
 from producer.errors import FetchFailed, FetchForbidden, ImageTooLarge, InvalidRequest, JobTimeout
+from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -73,26 +74,36 @@ def system_resolver(host: str, port: int) -> list[str]:
 
 @dataclass(frozen=True)
 class FetchPolicy:
-    """Limits and the allow list for one worker (built from its settings)."""
+    """Limits and the allow list for one worker, built from its settings (:meth:`from_settings`: the
+    ``fetch_*`` settings and ``max_image_bytes`` hold the values and their defaults)."""
 
     max_bytes: int
-    timeout: float = 5.0
-    deadline: float = 15.0  # the whole fetch: every attempt, redirect and pause
-    max_redirects: int = 3
-    retries: int = 2
-    backoff: float = 0.5
-    allow_hosts: frozenset[str] = frozenset()
-    allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    timeout: float
+    deadline: float  # the whole fetch: every attempt, redirect and pause
+    max_redirects: int
+    retries: int
+    backoff: float
+    allow_hosts: frozenset[str]
+    allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
     @classmethod
-    def from_allow_list(cls, entries: list[str], **limits: float | int) -> FetchPolicy:
+    def from_settings(cls, settings: WorkerSettings) -> FetchPolicy:
         hosts, networks = set(), []
-        for entry in entries:
+        for entry in settings.fetch_allow:
             try:
                 networks.append(ipaddress.ip_network(entry, strict=False))
             except ValueError:
                 hosts.add(entry.lower().rstrip("."))
-        return cls(allow_hosts=frozenset(hosts), allow_networks=tuple(networks), **limits)  # type: ignore[arg-type]
+        return cls(
+            max_bytes=settings.max_image_bytes,
+            timeout=settings.fetch_timeout,
+            deadline=settings.fetch_deadline,
+            max_redirects=settings.fetch_max_redirects,
+            retries=settings.fetch_retries,
+            backoff=settings.fetch_backoff,
+            allow_hosts=frozenset(hosts),
+            allow_networks=tuple(networks),
+        )
 
     def allows(self, address: IPAddress) -> bool:
         return any(address in network for network in self.allow_networks)

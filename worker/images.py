@@ -2,8 +2,9 @@
 RGB PIL image.
 
 Every failure is a typed, coded error from :mod:`producer.errors`. URLs are fetched by :mod:`worker.fetch`
-(its SSRF guard and budgets); here: the blob read, ``data:`` URI decoding, the local-root allow-list, and
-decoding under the format allow-list and the byte and pixel caps.
+(its SSRF guard and budgets) and ``data:`` URIs decoded by the contract's
+:func:`~producer.contract.decode_data_uri` (the producer checks inline images with it too); here: the blob
+read, the local-root allow-list, and image decoding under the format allow-list and the byte and pixel caps.
 
 Memory: a decoded image is shrunk at once to what the LLaVA-NeXT processor can use (``keep_side``: its
 largest anyres grid side; JPEG is even decoded at 1/2..1/8 scale directly with ``draft``), and the pixels
@@ -12,12 +13,9 @@ decoded at full size at once in a worker are bounded by ``decode_pixel_budget`` 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import math
 import os
-import re
 import struct
 import threading
 import time
@@ -31,7 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from redis.exceptions import RedisError
 
 from producer.blobs import BlobStore
-from producer.contract import image_kind
+from producer.contract import decode_data_uri, image_kind
 from producer.errors import (
     FetchFailed,
     FetchForbidden,
@@ -47,7 +45,6 @@ from worker.settings import WorkerSettings
 # Until the processor is known (keep_side_for): LLaVA-NeXT's largest anyres grid side at 336 px is 1008 in the
 # llava-hf checkpoints; 1344 leaves room for 4-tile grids.
 DEFAULT_KEEP_SIDE = 1344
-_WHITESPACE = re.compile(r"\s+")
 # What Pillow can ``reduce`` in place of the full-size image; other modes are converted first.
 _REDUCIBLE = {"L", "LA", "RGB", "RGBA", "I", "F", "CMYK"}
 # What malformed image data makes Pillow raise, besides its own errors (truncated chunks, bad EXIF, ...).
@@ -153,18 +150,6 @@ def keep_side_for(image_processor: Any) -> int:
     return max(sides, default=DEFAULT_KEEP_SIDE)
 
 
-def fetch_policy(settings: WorkerSettings) -> FetchPolicy:
-    return FetchPolicy.from_allow_list(
-        settings.fetch_allow,
-        max_bytes=settings.max_image_bytes,
-        timeout=settings.fetch_timeout,
-        deadline=settings.fetch_deadline,
-        max_redirects=settings.fetch_max_redirects,
-        retries=settings.fetch_retries,
-        backoff=settings.fetch_backoff,
-    )
-
-
 def read_image_bytes(
     reference: str,
     settings: WorkerSettings,
@@ -178,9 +163,9 @@ def read_image_bytes(
     if kind == "blob":
         return _read_blob(reference, blobs, settings.max_image_bytes)
     if kind == "data":
-        return _decode_data_uri(reference, settings.max_image_bytes)
+        return decode_data_uri(reference, settings.max_image_bytes)
     if kind == "url":
-        return fetch(reference, fetch_policy(settings), resolve, deadline, fetches)
+        return fetch(reference, FetchPolicy.from_settings(settings), resolve, deadline, fetches)
     if kind == "path":
         return _read_local(Path(reference), settings)
     raise InvalidRequest("image must be an http(s) URL, a data: URI, a blob reference or an absolute path")
@@ -195,23 +180,6 @@ def _read_blob(reference: str, blobs: BlobStore | None, max_bytes: int) -> bytes
         return blobs.get(reference, max_bytes)
     except RedisError as exc:
         raise FetchFailed(f"the blob store did not answer: {type(exc).__name__}", retryable=True) from None
-
-
-def _decode_data_uri(uri: str, max_bytes: int) -> bytes:
-    header, sep, body = uri.partition(",")
-    if not sep or not header.lower().endswith(";base64"):
-        raise InvalidImage("data: URI must look like data:<mime>;base64,<payload>")
-    if len(body) * 3 // 4 > max_bytes * 1.05:  # leaves room for MIME line breaks (2 in 78 characters)
-        raise ImageTooLarge(f"inline image is over the {max_bytes}-byte cap (max_image_bytes)")
-    try:
-        data = base64.b64decode(_WHITESPACE.sub("", body), validate=True)  # MIME-wrapped base64 too
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidImage(f"data: URI payload is not valid base64: {exc}") from None
-    if not data:
-        raise InvalidImage("data: URI payload is empty")
-    if len(data) > max_bytes:
-        raise ImageTooLarge(f"inline image is over the {max_bytes}-byte cap (max_image_bytes)")
-    return data
 
 
 def _read_local(path: Path, settings: WorkerSettings) -> bytes:

@@ -1,4 +1,4 @@
-"""Worker settings: ``LLAVA_*`` environment over the YAML config over defaults (see producer.settings)."""
+"""Worker settings: ``LLAVA_*`` environment over the YAML config over defaults (see producer.app)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from producer.app import QueueSettings, load_settings
 from producer.contract import MAX_LABEL_CHARS, MAX_LABELS, MAX_TEXT_CHARS, model_queue
-from producer.settings import QueueSettings, load_settings
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
-# What of a job can run past its deadline: decoding and preprocessing one image already fetched (CPU; about a
-# second for an image at the 40 MP cap, which is shrunk right after decoding).
+# What of a job can run past its deadline: decoding one image already fetched, and preprocessing it in the
+# job's own thread (CPU; about a second for an image at the max_image_pixels cap, shrunk once decoded).
 _PAST_DEADLINE_S = 2.0
 
 
@@ -62,7 +62,6 @@ class WorkerSettings(QueueSettings):
     max_new_tokens_cap: int = Field(default=512, ge=1, description="jobs asking for more are refused")
     seed: int = Field(default=0, description="torch seed for sampled (temperature > 0) generation")
     # -- images (see README "Security")
-    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="download / inline byte cap")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="decoded width x height cap")
     max_aspect_ratio: float = Field(default=20.0, ge=1.0, description="longer side / shorter side cap")
     image_formats: Annotated[list[str], NoDecode] = Field(
@@ -106,9 +105,14 @@ class WorkerSettings(QueueSettings):
         default=MAX_LABEL_CHARS, ge=1, le=MAX_LABEL_CHARS, description="characters per label"
     )
     # -- batching and the worker process
-    max_batch_size: int = Field(default=8, ge=1, le=256, description="jobs per model call (1: batching off)")
+    max_batch_size: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="static: jobs per model call (1: batching off); both schedulers: sizes the task threads",
+    )
     max_batch_wait_ms: float = Field(
-        default=10.0, ge=0, description="longest a partial batch waits for more compatible jobs"
+        default=10.0, ge=0, description="static: longest a partial batch waits for more compatible jobs"
     )
     scheduler: Literal["continuous", "static"] = Field(
         default="continuous",
@@ -156,7 +160,10 @@ class WorkerSettings(QueueSettings):
     )
     # -- losing nothing
     max_deliveries: int = Field(
-        default=3, ge=1, le=100, description="deliveries of a job (worker died each time) before WorkerLost"
+        default=3,
+        ge=1,
+        le=100,
+        description="times a job may reach the model with its worker dying each time before WorkerLost",
     )
     peer_check_timeout: float = Field(
         default=1.0,
@@ -177,7 +184,7 @@ class WorkerSettings(QueueSettings):
         default=None, description="TESTS ONLY: jobs with this text always OOM"
     )
     fault_crash_marker: str | None = Field(
-        default=None, description="TESTS ONLY: SIGKILL the worker when a job with this text runs"
+        default=None, description="TESTS ONLY: SIGKILL the worker when a job with this text reaches the model"
     )
     fault_slow_marker: str | None = Field(
         default=None, description="TESTS ONLY: jobs with this text decode slowly"
@@ -234,7 +241,8 @@ class WorkerSettings(QueueSettings):
     @property
     def longest_job_seconds(self) -> float:
         """The most a job can take on a worker: its fetch (ended by the job's deadline too), the decode budget
-        wait and the model all end by job_timeout; only decoding an image already fetched may run past it."""
+        wait, the preprocessing pool and the model all end by job_timeout; only decoding an image already
+        fetched, and preprocessing it in the job's own thread, may run past it."""
         return self.job_timeout + _PAST_DEADLINE_S
 
     @field_validator("image_formats")

@@ -11,7 +11,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +51,16 @@ class Item:
     query: LabelQuery | None = None
 
 
+def faults(runtime: Runtime, **settings: Any) -> Faults:
+    """The faults of a worker with the runtime's settings and these ``fault_*`` ones."""
+    return Faults.from_settings(runtime.settings.model_copy(update=settings))
+
+
 class ObservedSteps(RuntimeSteps):
     """The real steps, counting decode steps and recording the KV held and the rows of each step."""
 
     def __init__(self, runtime: Runtime, faults: Faults | None = None) -> None:
-        super().__init__(runtime, faults or Faults(), self._score)
+        super().__init__(runtime, faults or Faults.from_settings(runtime.settings), self._score)
         self.classify_calls: list[int] = []  # how many jobs each classify call scored together
         self.count = 0
         self.peak_kv = 0
@@ -262,7 +267,7 @@ def test_classify_jobs_of_one_step_are_scored_together_as_each_alone(runtime: Ru
 
 
 def test_out_of_memory_of_classify_jobs_together_retries_each_alone(runtime: Runtime, make_engine) -> None:
-    steps = ObservedSteps(runtime, Faults(oom_marker="OOM"))
+    steps = ObservedSteps(runtime, faults(runtime, fault_oom_marker="OOM"))
     engine = make_engine(steps)
     items = classify_jobs(runtime, frozenset(), frozenset({"OOM"}), frozenset())
     items[2] = Item(items[2].prepared, ["cat", "a tag"], query=items[2].query)
@@ -294,7 +299,7 @@ def test_an_isolated_job_runs_with_no_other_row_in_flight(runtime: Runtime, make
 
 def test_out_of_memory_beside_others_retries_the_row_alone(runtime: Runtime, make_engine) -> None:
     prepared = [runtime.prepare(p) for p in prompts()[:3]]
-    steps = ObservedSteps(runtime, Faults(oom_above_batch=1))  # any step with two rows runs out of memory
+    steps = ObservedSteps(runtime, faults(runtime, fault_oom_above_batch=1))  # any step with two rows: OOM
     engine = make_engine(steps)
     futures = [generate(engine, Item(p), 6) for p in prepared]
     assert [f.result(WAIT).output for f in futures] == [one_by_one(runtime, p, 6) for p in prepared]
@@ -305,8 +310,8 @@ class _OomOnce(Faults):
     """Raises out-of-memory in the first decoding step, mid-``generate``, with its KV cache alive; records
     whether that cache is gone when the retry's first step runs."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, settings: WorkerSettings) -> None:
+        super().__init__(**asdict(Faults.from_settings(settings)))
         self.failed: weakref.ref | None = None
         self.alive_at_retry: list[bool] = []
 
@@ -332,7 +337,7 @@ def test_static_out_of_memory_frees_the_failed_attempt_before_retrying(tiny_chec
     service = Service(settings)
     runtime = service.start()
     try:
-        service.faults = faults = _OomOnce()
+        service.faults = faults = _OomOnce(settings)
         items = [runtime.prepare(p) for p in prompts()[:2]]
         key = BatchKey(Sampling(max_new_tokens=3))
         outputs = service._run_batch(key, [_Item(p, deadline=math.inf) for p in items])

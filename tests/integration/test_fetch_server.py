@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,9 +24,22 @@ from producer.errors import (
 from tests.integration.conftest import wait_for
 from tests.integration.image_server import GOOD_PNG, ImageServer, self_signed_certificate
 from worker.fetch import FetchAborted, FetchPolicy, FetchRegistry, fetch
+from worker.settings import WorkerSettings
 
-POLICY = FetchPolicy.from_allow_list(
-    ["127.0.0.1/32"], max_bytes=1_000_000, timeout=1.0, deadline=1.5, max_redirects=3, retries=2, backoff=0.05
+
+def policy_for(allow: list[str], **settings: Any) -> FetchPolicy:
+    """The fetch policy of a worker with these settings and ``fetch_allow=allow``."""
+    return FetchPolicy.from_settings(WorkerSettings(fetch_allow=allow, **settings))
+
+
+POLICY = policy_for(
+    ["127.0.0.1/32"],
+    max_image_bytes=1_000_000,
+    fetch_timeout=1.0,
+    fetch_deadline=1.5,
+    fetch_max_redirects=3,
+    fetch_retries=2,
+    fetch_backoff=0.05,
 )
 
 
@@ -44,7 +58,7 @@ def test_good_image_and_redirect_to_it(image_server: ImageServer) -> None:
 
 def test_loopback_is_refused_without_the_allow_list(image_server: ImageServer) -> None:
     before = image_server.hits["/good.png"]
-    error = fetch_error(image_server.url("/good.png"), FetchPolicy(max_bytes=1_000_000))
+    error = fetch_error(image_server.url("/good.png"), policy_for([], max_image_bytes=1_000_000))
     assert isinstance(error, FetchForbidden) and "loopback" in error.message
     assert image_server.hits["/good.png"] == before  # refused before connecting
 
@@ -52,7 +66,7 @@ def test_loopback_is_refused_without_the_allow_list(image_server: ImageServer) -
 def test_slow_drip_hits_the_deadline(image_server: ImageServer) -> None:
     error = fetch_error(
         image_server.url("/drip"),
-        FetchPolicy.from_allow_list(["127.0.0.1"], max_bytes=10**6, deadline=0.5, retries=0),
+        policy_for(["127.0.0.1"], max_image_bytes=10**6, fetch_deadline=0.5, fetch_retries=0),
     )
     assert isinstance(error, FetchFailed) and "fetch_deadline" in error.message
 
@@ -114,14 +128,16 @@ def timed_error(url: str, policy: FetchPolicy, **kwargs: object) -> tuple[BaseEx
 
 def test_headers_dripped_byte_by_byte_end_at_the_fetch_deadline(image_server: ImageServer) -> None:
     # each byte comes well within fetch_timeout (a per-read timeout would wait for ever), retries allowed
-    policy = FetchPolicy.from_allow_list(["127.0.0.1"], max_bytes=10**6, timeout=5, deadline=1.5, retries=3)
+    policy = policy_for(
+        ["127.0.0.1"], max_image_bytes=10**6, fetch_timeout=5, fetch_deadline=1.5, fetch_retries=3
+    )
     error, took = timed_error(image_server.url("/drip-headers"), policy)
     assert isinstance(error, FetchFailed) and "1.5 s (fetch_deadline)" in error.message
     assert 1.5 <= took < 1.5 + MARGIN
 
 
 def test_the_jobs_deadline_caps_the_fetch(image_server: ImageServer) -> None:
-    policy = FetchPolicy.from_allow_list(["127.0.0.1"], max_bytes=10**6, timeout=5, deadline=60)
+    policy = policy_for(["127.0.0.1"], max_image_bytes=10**6, fetch_timeout=5, fetch_deadline=60)
     error, took = timed_error(image_server.url("/drip-headers"), policy, deadline=time.monotonic() + 1.0)
     assert isinstance(error, JobTimeout) and error.code == "timeout"
     assert took < 1.0 + MARGIN
@@ -129,8 +145,8 @@ def test_the_jobs_deadline_caps_the_fetch(image_server: ImageServer) -> None:
 
 def test_retries_and_backoff_pauses_stay_inside_the_budget(image_server: ImageServer) -> None:
     before = image_server.hits["/status-500"]
-    policy = FetchPolicy.from_allow_list(
-        ["127.0.0.1"], max_bytes=10**6, deadline=1.0, retries=10, backoff=0.3
+    policy = policy_for(
+        ["127.0.0.1"], max_image_bytes=10**6, fetch_deadline=1.0, fetch_retries=10, fetch_backoff=0.3
     )  # alone, the pauses would add up to 0.3 x (2^10 - 1) s
     error, took = timed_error(image_server.url("/status-500"), policy)
     assert isinstance(error, FetchFailed) and "HTTP 500" in error.message
@@ -152,7 +168,7 @@ def silent_server() -> Iterator[int]:
 
 
 def test_a_stalled_tls_handshake_ends_at_the_budget(silent_server: int) -> None:
-    policy = FetchPolicy.from_allow_list(["127.0.0.1"], max_bytes=10**6, timeout=30, deadline=1.0)
+    policy = policy_for(["127.0.0.1"], max_image_bytes=10**6, fetch_timeout=30, fetch_deadline=1.0)
     error, took = timed_error(f"https://127.0.0.1:{silent_server}/x.png", policy)
     assert isinstance(error, FetchFailed) and "fetch_deadline" in error.message
     assert took < 1.0 + MARGIN
@@ -182,7 +198,9 @@ def dripping_handshake_server() -> Iterator[int]:
 
 def test_a_dripped_tls_handshake_ends_at_the_budget(dripping_handshake_server: int) -> None:
     # every byte comes well within the per-read timeout; the handshake as a whole is what is bounded
-    policy = FetchPolicy.from_allow_list(["127.0.0.1"], max_bytes=10**6, timeout=30, deadline=1.0, retries=0)
+    policy = policy_for(
+        ["127.0.0.1"], max_image_bytes=10**6, fetch_timeout=30, fetch_deadline=1.0, fetch_retries=0
+    )
     error, took = timed_error(f"https://127.0.0.1:{dripping_handshake_server}/x.png", policy)
     assert isinstance(error, FetchFailed) and "fetch_deadline" in error.message
     assert took < 1.0 + MARGIN
@@ -190,7 +208,7 @@ def test_a_dripped_tls_handshake_ends_at_the_budget(dripping_handshake_server: i
 
 def test_abort_ends_running_fetches_at_once_and_refuses_new_ones(image_server: ImageServer) -> None:
     registry = FetchRegistry()
-    policy = FetchPolicy.from_allow_list(["127.0.0.1"], max_bytes=10**6, timeout=5, deadline=60)
+    policy = policy_for(["127.0.0.1"], max_image_bytes=10**6, fetch_timeout=5, fetch_deadline=60)
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -245,7 +263,9 @@ def test_https_fetch_verifies_the_certificate(
 
 
 def test_https_headers_dripped_byte_by_byte_end_at_the_fetch_deadline(https_server: ImageServer) -> None:
-    policy = FetchPolicy.from_allow_list(["127.0.0.1"], max_bytes=10**6, timeout=5, deadline=1.5, retries=3)
+    policy = policy_for(
+        ["127.0.0.1"], max_image_bytes=10**6, fetch_timeout=5, fetch_deadline=1.5, fetch_retries=3
+    )
     error, took = timed_error(https_server.url("/drip-headers"), policy)
     assert isinstance(error, FetchFailed) and "1.5 s (fetch_deadline)" in error.message
     assert 1.5 <= took < 1.5 + MARGIN
@@ -253,7 +273,7 @@ def test_https_headers_dripped_byte_by_byte_end_at_the_fetch_deadline(https_serv
 
 def test_abort_ends_a_running_https_fetch_at_once(https_server: ImageServer) -> None:
     registry = FetchRegistry()
-    policy = FetchPolicy.from_allow_list(["127.0.0.1"], max_bytes=10**6, timeout=5, deadline=60)
+    policy = policy_for(["127.0.0.1"], max_image_bytes=10**6, fetch_timeout=5, fetch_deadline=60)
     errors: list[BaseException] = []
 
     def run() -> None:

@@ -10,6 +10,7 @@ import ipaddress
 import socket
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -25,8 +26,15 @@ from worker.fetch import (
     fetch,
     system_resolver,
 )
+from worker.settings import WorkerSettings
 
-EMPTY = FetchPolicy(max_bytes=1000)
+
+def policy_for(allow: list[str], **settings: Any) -> FetchPolicy:
+    """The fetch policy of a worker with these settings and ``fetch_allow=allow``."""
+    return FetchPolicy.from_settings(WorkerSettings(fetch_allow=allow, **settings))
+
+
+EMPTY = policy_for([], max_image_bytes=1024)
 
 BLOCKED = [
     ("127.0.0.1", "loopback"),
@@ -169,11 +177,11 @@ def test_forbidden_message_hides_the_address_and_names_the_setting() -> None:
 
 @pytest.fixture
 def allowing() -> FetchPolicy:
-    return FetchPolicy.from_allow_list(["127.0.0.1/32", "internal.example", "10.0.0.0/8"], max_bytes=1000)
+    return policy_for(["127.0.0.1/32", "internal.example", "10.0.0.0/8"], max_image_bytes=1024)
 
 
 def test_allow_list_is_split_into_hosts_and_networks(allowing: FetchPolicy) -> None:
-    assert allowing.max_bytes == 1000
+    assert allowing.max_bytes == 1024
     assert allowing.allow_hosts == frozenset({"internal.example"})
     assert set(allowing.allow_networks) == {
         ipaddress.ip_network("127.0.0.1/32"),
@@ -221,7 +229,7 @@ def test_allow_listed_host_may_resolve_anywhere(allowing: FetchPolicy, host: str
 
 
 def test_allow_listed_host_name_entry_is_normalised() -> None:
-    policy = FetchPolicy.from_allow_list(["Internal.Example."], max_bytes=1000)
+    policy = policy_for(["Internal.Example."], max_image_bytes=1024)
     assert policy.allow_hosts == frozenset({"internal.example"})
     assert checked_addresses("internal.example", 80, policy, stub("10.0.0.1"))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from producer.settings import ClientSettings, load_settings
+from producer.settings import ClientSettings, QueueSettings, load_settings
 from worker.settings import DEFAULT_MODEL, WorkerSettings
 
 
@@ -95,3 +95,14 @@ def test_visibility_timeout_must_exceed_the_longest_job_fetch_included() -> None
     assert settings.longest_job_seconds == 32
     with pytest.raises(ValidationError, match="visibility_timeout"):
         load_settings(WorkerSettings, job_timeout=30, visibility_timeout=32)
+
+
+def test_settings_both_sides_share_are_defined_once() -> None:
+    """The image byte cap, broker and backend are fields of QueueSettings, inherited alike by both sides."""
+    shared = QueueSettings.model_fields
+    assert {"broker_url", "result_backend", "max_image_bytes"} <= set(shared)
+    for side in (ClientSettings, WorkerSettings):
+        assert {name: repr(side.model_fields[name]) for name in shared} == {
+            name: repr(field) for name, field in shared.items()
+        }
+    assert load_settings(ClientSettings).max_image_bytes == load_settings(WorkerSettings).max_image_bytes
