@@ -213,8 +213,8 @@ class _Job:
 
 
 class ContinuousEngine(ModelThread[BatchKey]):
-    """Runs jobs on one model thread, step by step as :func:`schedule` decides. Same surface as
-    :class:`worker.batching.DynamicBatcher` (``submit``/``run``/``abandon``/``stop``/``in_flight``)."""
+    """Runs jobs on one model thread, step by step as :func:`schedule` decides. One of the two executors of
+    :mod:`worker.executor` (``run``/``abandon``/``stop``/``status``), beside the static batcher."""
 
     def __init__(
         self,
@@ -260,18 +260,21 @@ class ContinuousEngine(ModelThread[BatchKey]):
         return jobs
 
     @property
-    def in_flight(self) -> int:
-        with self._cond:
-            return len(self._waiting) + len(self._running)
+    def steps(self) -> Steps:
+        """What runs the model's steps."""
+        return self._steps
 
     def status(self) -> dict[str, Any]:
-        """KV tokens budgeted (for rows), reserved, held now and free; the prefix cache's share and what it
-        holds; running rows (prefilling ones included); steps run."""
+        """Jobs run and in flight; KV tokens budgeted (for rows), reserved, held now and free; the prefix
+        cache's share and what it holds; running rows (prefilling ones included); steps run."""
         with self._cond:
             reserved = footprint([job.ticket.tokens for job in self._running.values()])
             rows = len(self._running)
             prefilling = sum(not job.decoding for job in self._running.values())
+            in_flight = len(self._waiting) + rows
         return {
+            "jobs_batched": self.jobs_run,
+            "in_flight": in_flight,
             "kv_tokens_budget": self.budget,
             "kv_tokens_reserved": reserved,
             "kv_tokens_used": self._steps.kv_tokens,

@@ -6,14 +6,15 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from producer.errors import LlavaError
-from worker.batching import DynamicBatcher
-from worker.engine import ContinuousEngine
 from worker.runtime import Runtime
 from worker.runtime.preprocessing import PreprocessPool
 from worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from worker.executor import Executor
 
 
 @dataclass
@@ -46,7 +47,7 @@ class JobStats:
 def health(
     settings: WorkerSettings,
     runtime: Runtime | None,
-    batcher: DynamicBatcher | ContinuousEngine | None,
+    executor: Executor | None,
     preprocess: PreprocessPool | None,
     stats: JobStats,
 ) -> dict[str, Any]:
@@ -61,23 +62,9 @@ def health(
         "pid": os.getpid(),
         **(runtime.info() if runtime else {"model": settings.served_model_name}),
         **stats.snapshot(),
-        "batching": _batching(settings, batcher),
+        "batching": {"scheduler": settings.scheduler, **(executor.status() if executor else {})},
         "preprocessing": preprocess.status() if preprocess else {"workers": 0},
     }
-
-
-def _batching(settings: WorkerSettings, batcher: DynamicBatcher | ContinuousEngine | None) -> dict[str, Any]:
-    batching: dict[str, Any] = {"scheduler": settings.scheduler}
-    if isinstance(batcher, ContinuousEngine):
-        batching |= {"jobs_batched": batcher.jobs_run, "in_flight": batcher.in_flight, **batcher.status()}
-    elif batcher is not None:
-        batching |= {
-            "max_batch_size": settings.max_batch_size,
-            "batches_run": batcher.batches_run,
-            "jobs_batched": batcher.jobs_run,
-            "in_flight": batcher.in_flight,
-        }
-    return batching
 
 
 def _rss_mb() -> float | None:

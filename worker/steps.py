@@ -15,9 +15,9 @@ from worker.runtime.prefix import PrefixCache
 
 
 class RuntimeSteps:
-    """Engine steps over a runtime. ``payload`` has ``prepared`` and ``marks`` (the service's item); the
-    classify payloads of a step go together to ``classify`` (the service's call of
-    ``Runtime.score_labels``: one output or error each)."""
+    """Engine steps over a runtime. ``payload`` has ``prepared`` and ``marks`` (a
+    :class:`worker.executor.Item`); the classify payloads of a step go together to ``classify``
+    (:func:`worker.executor.scorer`: one ``Runtime.score_labels`` call, one output or error each)."""
 
     def __init__(
         self,

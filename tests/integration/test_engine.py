@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import base64
 import inspect
-import math
 import threading
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +23,12 @@ from producer.errors import InvalidRequest, JobTimeout, ResourceExhausted
 from tests.integration.conftest import IMAGES, wait_for
 from worker.batching import SCORE, BatchKey
 from worker.engine import ContinuousEngine
+from worker.executor import Item, ModelHooks, StaticExecutor, scorer
 from worker.faults import Faults
 from worker.runtime import Generation, Prepared, Prompt, Runtime, Sampling
 from worker.runtime.decoding import GrowingLayer
 from worker.runtime.scoring import LabelQuery
-from worker.service import Service, _Item
+from worker.service import Service
 from worker.settings import WorkerSettings
 from worker.steps import RuntimeSteps
 
@@ -38,17 +38,6 @@ WAIT = 120  # seconds: a generous bound on any wait
 @pytest.fixture(scope="module")
 def runtime(tiny_checkpoint: Path) -> Runtime:
     return Runtime(WorkerSettings(model=str(tiny_checkpoint), device="cpu", dtype="float32"))
-
-
-@dataclass(frozen=True, eq=False)
-class Item:
-    """A job's payload as the service builds it (prepared prompt, labels for classify, fault marks)."""
-
-    prepared: Prepared
-    labels: list[str] | None = None
-    isolated: bool = False
-    marks: frozenset[str] = frozenset()
-    query: LabelQuery | None = None
 
 
 def faults(runtime: Runtime, **settings: Any) -> Faults:
@@ -61,6 +50,7 @@ class ObservedSteps(RuntimeSteps):
 
     def __init__(self, runtime: Runtime, faults: Faults | None = None) -> None:
         super().__init__(runtime, faults or Faults.from_settings(runtime.settings), self._score)
+        self._scorer = scorer(runtime, self.faults, ModelHooks())
         self.classify_calls: list[int] = []  # how many jobs each classify call scored together
         self.count = 0
         self.peak_kv = 0
@@ -70,12 +60,9 @@ class ObservedSteps(RuntimeSteps):
         self.after_step: dict[int, Callable[[], object]] = {}  # step count -> action (on the engine's thread)
 
     def _score(self, items: list[Item]) -> list[Any]:
-        """The service's classify: fault injection, then one scoring call for the step's jobs."""
+        """The worker's classify (fault injection, then one scoring call for the step's jobs), counted."""
         self.classify_calls.append(len(items))
-        self.faults.before_model_call([item.marks for item in items])
-        queries = [item.query for item in items]
-        labels = [item.labels or [] for item in items]
-        return self.runtime.score_labels([item.prepared for item in items], labels, queries=queries)  # type: ignore[arg-type]
+        return self._scorer(items)
 
     def prefill(self, row_id: int, tokens: int) -> int:
         left = super().prefill(row_id, tokens)
@@ -332,19 +319,48 @@ class _OomOnce(Faults):
         self.alive_at_retry.append(self.failed() is not None)
 
 
-def test_static_out_of_memory_frees_the_failed_attempt_before_retrying(tiny_checkpoint: Path) -> None:
-    settings = WorkerSettings(model=str(tiny_checkpoint), device="cpu", dtype="float32", scheduler="static")
-    service = Service(settings)
-    runtime = service.start()
-    try:
-        service.faults = faults = _OomOnce(settings)
-        items = [runtime.prepare(p) for p in prompts()[:2]]
-        key = BatchKey(Sampling(max_new_tokens=3))
-        outputs = service._run_batch(key, [_Item(p, deadline=math.inf) for p in items])
-        assert outputs == [one_by_one(runtime, p, 3) for p in items]
-        assert faults.failed is not None and faults.alive_at_retry[0] is False
-    finally:
-        service.stop()
+def test_static_out_of_memory_frees_the_failed_attempt_before_retrying(runtime: Runtime) -> None:
+    faults = _OomOnce(runtime.settings)
+    started: list[list[str]] = []
+    static = StaticExecutor(runtime, faults, ModelHooks(started.append), max_batch_size=4, max_wait=0.0)
+    items = [runtime.prepare(p) for p in prompts()[:2]]
+    key = BatchKey(Sampling(max_new_tokens=3))
+    outputs = static.run_batch(key, [Item(p, job_id=f"job-{i}") for i, p in enumerate(items)])
+    assert outputs == [one_by_one(runtime, p, 3) for p in items]
+    assert faults.failed is not None and faults.alive_at_retry[0] is False
+    assert started == [["job-0", "job-1"]]  # the delivery hooks see the batch once, not once per half
+
+
+class _CountedFaults(Faults):
+    """Out of memory for any batch holding an ``OOM``-marked job; records the size of each model call."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        marked = settings.model_copy(update={"fault_oom_marker": "OOM"})
+        super().__init__(**asdict(Faults.from_settings(marked)))
+        self.calls: list[int] = []
+
+    def before_model_call(self, marks: Any) -> None:
+        self.calls.append(len(marks))
+        super().before_model_call(marks)
+
+
+def test_static_out_of_memory_halves_the_batch_until_the_job_that_does_not_fit_fails_alone(
+    runtime: Runtime,
+) -> None:
+    faults = _CountedFaults(runtime.settings)
+    started: list[list[str]] = []
+    static = StaticExecutor(runtime, faults, ModelHooks(started.append), max_batch_size=4, max_wait=0.0)
+    prepared = [runtime.prepare(p) for p in prompts()]
+    marks = [frozenset({"OOM"}) if i == 1 else frozenset() for i in range(4)]
+    items = [
+        Item(p, marks=m, job_id=f"job-{i}") for i, (p, m) in enumerate(zip(prepared, marks, strict=True))
+    ]
+    outputs = static.run_batch(BatchKey(Sampling(max_new_tokens=3)), items)
+    assert faults.calls == [4, 2, 1, 1, 2]  # all four, the first half, each of it alone, the second half
+    assert isinstance(outputs[1], ResourceExhausted)
+    expected = [one_by_one(runtime, p, 3) for p in prepared]
+    assert [outputs[i] for i in (0, 2, 3)] == [expected[i] for i in (0, 2, 3)]
+    assert started == [[f"job-{i}" for i in range(4)]]
 
 
 def test_service_serves_through_the_engine_and_health_reports_the_kv_budget(tiny_checkpoint: Path) -> None:
@@ -517,7 +533,9 @@ def test_service_reuses_an_images_prefix_and_health_reports_the_prefix_cache(tin
         caption = service.run("llava.caption", {"image": image}, JobContext("job-1", "test"))
         answer = service.run("llava.vqa", {"image": image, "question": "What?"}, JobContext("job-2", "test"))
         batching = service.health()["batching"]
-        steps = service.batcher._steps  # type: ignore[union-attr]
+        engine = service.host.executor
+        assert isinstance(engine, ContinuousEngine) and isinstance(engine.steps, RuntimeSteps)
+        steps = engine.steps
     finally:
         service.stop()
     assert caption["text"] is not None and answer["text"] is not None

@@ -73,8 +73,8 @@ def _running(pid: int) -> bool:
 def test_the_pool_gives_the_same_tensors_and_answers_as_the_job_thread(
     in_thread: Service, pooled: Service
 ) -> None:
-    runtime, pool = in_thread.runtime, pooled.preprocess
-    assert runtime is not None and pool is not None and in_thread.preprocess is None
+    runtime, pool = in_thread.host.runtime, pooled.host.preprocess
+    assert runtime is not None and pool is not None and in_thread.host.preprocess is None
     prompts = [
         Prompt(Image.open(IMAGES / "stop_sign.jpg").convert("RGB"), "What does the sign say?"),
         Prompt(Image.new("RGB", (100, 300), (10, 200, 10)), "What colour is this?"),
@@ -156,7 +156,7 @@ def _job_on_a_stopped_process(
 ) -> tuple[PreprocessPool, int, threading.Thread, dict[str, BaseException]]:
     """A caption job waiting on the pool's one process, stopped (SIGSTOP) so that it never finishes the job:
     the pool, that process's pid, the job's thread and where its error lands."""
-    pool = pooled.preprocess
+    pool = pooled.host.preprocess
     assert pool is not None
     [pid] = pool.status()["pids"]
     os.kill(pid, signal.SIGSTOP)
