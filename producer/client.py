@@ -72,15 +72,16 @@ class SendOptions:
 
     - ``model``: the short name of the checkpoint to run it (its queue is ``llava.<model>``, see
       :func:`~producer.contract.model_queue`); ``queue`` names a queue directly; neither: the default queue.
-    - ``priority``: 0 (lowest) to 9 (most urgent), default 4. On Redis, where Celery serves 0 first, it is
-      sent as ``9 - priority`` (:func:`~producer.contract.wire_priority`).
+    - ``priority``: 0 (lowest) to ``MAX_PRIORITY`` (most urgent), default ``DEFAULT_PRIORITY`` (both in
+      :mod:`producer.contract`). On Redis, where Celery serves 0 first, it is sent as
+      ``MAX_PRIORITY - priority`` (:func:`~producer.contract.wire_priority`).
     - ``job_id``: your own id, making the send idempotent (see :meth:`LlavaClient._submit`).
     - ``timeout_s``: the job's time on the worker, capped by its ``job_timeout``.
     - ``on_success``: a Celery task (its name, or a :class:`~celery.canvas.Signature`) the worker sends
       when the job succeeds, with the result (a JSON object) as its one positional argument (a Celery
       ``link``). ``on_error``: one sent with the failed job's id when it fails (``link_error``; read the
       error with ``client.job(job_id).get()``). Tasks given by name go to ``callback_queue`` (default
-      ``celery``, the queue a plain Celery worker consumes); a Signature keeps its own routing.
+      :data:`CALLBACK_QUEUE`, the queue a plain Celery worker consumes); a Signature keeps its own routing.
     """
 
     model: str | None = None
@@ -146,7 +147,7 @@ class LlavaClient:
         )
 
     def caption(self, image: ImageInput, prompt: str | None = None, **options: Any) -> Job[CaptionResult]:
-        """Describe ``image`` (``prompt`` defaults to "What is shown in this image?").
+        """Describe ``image`` (``prompt`` defaults to ``DEFAULT_CAPTION_PROMPT`` of :mod:`producer.contract`).
 
         ``options``: where and how to send it (:class:`SendOptions`: ``model``, ``queue``, ``priority``,
         ``job_id``, ``timeout_s``, ``on_success``, ``on_error``, ``callback_queue``) and decoding
@@ -171,9 +172,9 @@ class LlavaClient:
     ) -> Job[ClassifyResult]:
         """Pick the most likely of ``labels`` (``scores``: probabilities over them); without labels, the
         model's free-text class as ``label``. ``multi_label=True``: each label scored on its own (P(yes) to
-        ``question``, default "Is there {label} in this image? Answer Yes or No."), the result's ``labels``
-        those at or above ``threshold`` (default 0.5; a dict gives one per label). ``options`` as for
-        :meth:`caption`. See :class:`~producer.contract.ClassifyRequest` for the formulas."""
+        ``question``, default ``DEFAULT_LABEL_QUESTION``), the result's ``labels`` those at or above
+        ``threshold`` (default ``DEFAULT_THRESHOLD``; a dict gives one per label). ``options`` as for
+        :meth:`caption`. See :class:`~producer.contract.ClassifyRequest` for the formulas and defaults."""
         fields: dict[str, Any] = {"labels": labels, "prompt": prompt, "multi_label": multi_label or None}
         fields |= {"threshold": threshold, "question": question}
         return self._submit(TASK_CLASSIFY, ClassifyRequest, image, fields, options)

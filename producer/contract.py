@@ -215,7 +215,7 @@ class _Request(_WireModel):
 
 
 class CaptionRequest(_Request):
-    """Describe an image. ``prompt`` defaults to "What is shown in this image?"."""
+    """Describe an image. ``prompt`` defaults to ``DEFAULT_CAPTION_PROMPT``."""
 
     prompt: Text | None = None
     generation: GenerationParams = GenerationParams()
@@ -229,7 +229,7 @@ class VQARequest(_Request):
 
 
 class ClassifyRequest(_Request):
-    """Score ``labels`` for an image, or (no labels) answer "Classify the object in the image.".
+    """Score ``labels`` for an image, or (no labels) answer ``DEFAULT_CLASSIFY_PROMPT`` (or ``prompt``).
 
     Exclusive mode (default): the labels are answers to ``prompt`` + "Answer with one of: <labels>.";
     ``logprob(label)`` = the sum of the log-probabilities of the label's tokens and of the chat template's
@@ -239,7 +239,7 @@ class ClassifyRequest(_Request):
     Multi-label mode (``multi_label=True``): each label on its own, asked ``question`` (default
     ``DEFAULT_LABEL_QUESTION``, ``{label}`` replaced); score = P("Yes") / (P("Yes") + P("No")), each answer's
     probability as above; ``labels`` in the result = those scoring at or above ``threshold`` (one number,
-    or one per label; labels not in the dict use 0.5).
+    or one per label; labels not in the dict use ``DEFAULT_THRESHOLD``).
     """
 
     labels: list[Label] | None = Field(default=None, min_length=1, max_length=MAX_LABELS)

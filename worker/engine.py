@@ -1,9 +1,10 @@
 """Continuous batching: every step admits waiting jobs within the KV budget, then decodes ONE token for
 every running row; a row leaves the moment it ends and its KV memory is free for the next admission.
 
-The rules are one pure function, :func:`schedule` (no clocks, no locks, unit-tested without sleeps); the
-thread in :class:`ContinuousEngine` executes its decisions through a :class:`Steps` object (for the real
-model, :class:`RuntimeSteps` over :mod:`worker.runtime.decoding`).
+The rules are one pure function, :func:`worker.scheduler.schedule` (no clocks, no locks, unit-tested without
+sleeps; the KV budget is explained there); the thread in :class:`ContinuousEngine` executes its decisions
+through a :class:`Steps` object (for the real model, :class:`worker.steps.RuntimeSteps` over
+:mod:`worker.runtime.decoding`).
 
 Design choice (measured on CPU, fp32, tiny real-geometry checkpoint; numbers in the README, Performance):
 an in-house step loop over a left-padded ``DynamicCache``. Each new row is prefilled alone (no padding, so
@@ -21,15 +22,6 @@ token-identical to one-by-one ``generate`` (tested). Decode steps write into spa
 ~2.5k tokens: ~17.5 -> ~8-11 ms a step on CPU). In the serving scenario (bench/serving.py) it served 1.28x
 the static batcher's jobs/s on a quiet run of this 2-core CPU (2.12x under heavy load), 4 forward passes
 per job instead of 30.
-
-KV budget: a left-padded cache holds ``rows x width`` positions, and a row's length never passes its prompt
-plus its ``max_new_tokens``; so admission reserves ``rows x max(prompt + max_new_tokens)`` (the padded
-footprint), never over-committing. A paged cache would not pay for the padding; that is left for later.
-A long prompt is prefilled in chunks (at most ``prefill_tokens`` a step, decode steps between them); its
-row holds its whole reservation from admission. The steps' prefix cache (same image, several jobs) has
-its own share, set aside from the budget.
-The classify jobs of a step are scored together in one forward pass over their merged, left-padded
-caches, so they are budgeted together too (:func:`classify_footprint`), beside the running rows.
 """
 
 from __future__ import annotations
@@ -45,133 +37,9 @@ from typing import Any, Protocol
 
 from producer.errors import InternalError, JobTimeout, LlavaError, ResourceExhausted
 from worker.batching import BatchKey, Done, ModelThread, _settle
+from worker.scheduler import Step, Ticket, footprint, schedule
 
 log = logging.getLogger(__name__)
-
-
-# -- the pure scheduler
-
-
-@dataclass(frozen=True)
-class Ticket:
-    """A job as the scheduler sees it: KV tokens it needs, its deadline, its kind, whether it runs alone."""
-
-    id: int
-    tokens: int  # generate: prompt + max_new_tokens (held while running); classify: its peak (transient)
-    deadline: float
-    classify: bool = False
-    isolated: bool = False
-    prefill: int = 0  # prompt tokens still to prefill (a running row's > 0: it is prefilled in chunks)
-
-
-@dataclass(frozen=True)
-class Step:
-    """What the engine does now, in this order: fail ``expired``/``timed_out``/``too_big``, score
-    ``classify``, start ``admit`` (KV reserved), prefill ``chunks`` (row id, tokens; a row whose prompt
-    is done joins the decode batch), then one decode step if ``decode``."""
-
-    expired: list[int] = field(default_factory=list)  # waiting jobs past their deadline
-    timed_out: list[int] = field(default_factory=list)  # running rows past their deadline
-    too_big: list[int] = field(default_factory=list)  # jobs that would not fit even alone
-    classify: list[int] = field(default_factory=list)
-    admit: list[int] = field(default_factory=list)
-    chunks: list[tuple[int, int]] = field(default_factory=list)
-    decode: bool = False
-
-    @property
-    def idle(self) -> bool:
-        """Nothing to do until a job arrives."""
-        failing = self.expired or self.timed_out or self.too_big
-        return not (failing or self.classify or self.admit or self.chunks or self.decode)
-
-
-def footprint(tokens: Sequence[int]) -> int:
-    """KV positions a left-padded batch of rows reserving ``tokens`` may reach: rows x the widest."""
-    return len(tokens) * max(tokens, default=0)
-
-
-def schedule(
-    waiting: Sequence[Ticket],
-    running: Sequence[Ticket],
-    now: float,
-    budget: int,
-    max_rows: int,
-    prefill_tokens: int | None = None,
-) -> Step:
-    """The next step for ``waiting`` jobs (arrival order) and ``running`` rows. Pure: no clocks, no locks.
-
-    A step prefills at most ``prefill_tokens`` prompt tokens (a step of big prefills would stall the
-    running rows and any classify job behind them): rows already prefilling go on first, oldest first, then
-    new jobs take the rest, a long prompt in chunks over several steps (its KV reserved from its first).
-    Generate jobs join in arrival order while ``footprint`` stays within ``budget``, rows within
-    ``max_rows`` and prefill tokens are left this step; the first that does not fit stops later generate
-    jobs (no starvation), but a classify job behind it runs if the transient peak of the step's classify
-    jobs, scored together (:func:`classify_footprint`), still fits beside the rows. An isolated job waits
-    until no row runs, then runs alone; nothing is admitted beside it or behind it meanwhile.
-    """
-    timed_out = [row.id for row in running if row.deadline <= now]
-    rows = [row for row in running if row.deadline > now]
-    expired = [job.id for job in waiting if job.deadline <= now]
-    too_big = [job.id for job in waiting if job.deadline > now and job.tokens > budget]
-    live = [job for job in waiting if job.deadline > now and job.tokens <= budget]
-    step = Step(expired=expired, timed_out=timed_out, too_big=too_big)
-    prefill_left = prefill_tokens if prefill_tokens is not None else sum(j.prefill for j in [*rows, *live])
-    for row in rows:
-        if row.prefill and prefill_left:
-            step.chunks.append((row.id, min(row.prefill, prefill_left)))
-            prefill_left -= step.chunks[-1][1]
-    if any(row.isolated for row in rows):
-        return _with(step, decode=_decoding(step, rows))
-    held = [row.tokens for row in rows]
-    scored: list[Ticket] = []  # the step's classify jobs
-    blocked = False
-    for job in live:
-        if job.isolated:
-            if not held and not step.classify and not step.admit:
-                (step.classify if job.classify else step.admit).append(job.id)
-            break
-        if job.classify:
-            if footprint(held) + classify_footprint([*scored, job]) <= budget:
-                scored.append(job)
-                step.classify.append(job.id)
-        elif not blocked and _fits(job, held, budget, max_rows, prefill_left):
-            held.append(job.tokens)
-            step.admit.append(job.id)
-            if job.prefill:
-                step.chunks.append((job.id, min(job.prefill, prefill_left)))
-                prefill_left -= step.chunks[-1][1]
-        else:
-            blocked = True
-    admitted = [job for job in live if job.id in step.admit]
-    return _with(step, decode=_decoding(step, [*rows, *admitted]))
-
-
-def classify_footprint(jobs: Sequence[Ticket]) -> int:
-    """KV positions classify jobs scored together may reach: each image's prompt (``prefill``) left-padded to
-    the longest, then its labels' tokens (``tokens - prefill``) padded to the most: rows x (widest prompt +
-    widest labels), at least the sum of their peaks."""
-    if not jobs:
-        return 0
-    prompt = max(job.prefill for job in jobs)
-    return len(jobs) * (prompt + max(job.tokens - job.prefill for job in jobs))
-
-
-def _fits(job: Ticket, held: list[int], budget: int, max_rows: int, prefill_left: int) -> bool:
-    room = len(held) < max_rows and footprint([*held, job.tokens]) <= budget
-    return room and (prefill_left > 0 or not job.prefill)
-
-
-def _decoding(step: Step, rows: Sequence[Ticket]) -> bool:
-    """Whether any row decodes after this step's prefills (its prompt done before or by its chunk)."""
-    chunks = dict(step.chunks)
-    return any(row.prefill == chunks.get(row.id, 0) for row in rows)
-
-
-def _with(step: Step, **changes: Any) -> Step:
-    return Step(**{**step.__dict__, **changes})
-
-
-# -- executing it
 
 
 class Steps(Protocol):
@@ -447,7 +315,7 @@ class ContinuousEngine(ModelThread[BatchKey]):
 
     def _requeue_isolated(self, job: _Job) -> None:
         log.warning("out of memory beside %d rows: a job runs again alone", len(self._running))
-        ticket = _isolated(job.ticket)
+        ticket = replace(job.ticket, isolated=True)
         retry = _Job(ticket, job.key, job.payload, job.enqueued, job.future, prefill_left=ticket.prefill)
         with self._cond:
             self._waiting.insert(0, retry)
@@ -466,10 +334,6 @@ class ContinuousEngine(ModelThread[BatchKey]):
             _settle(job, error=error)
         self._waiting.clear()
         self._running.clear()
-
-
-def _isolated(ticket: Ticket) -> Ticket:
-    return Ticket(ticket.id, ticket.tokens, ticket.deadline, ticket.classify, True, ticket.prefill)
 
 
 def _too_big(tokens: int, budget: int) -> str:

@@ -39,7 +39,8 @@ from producer.errors import (
     JobTimeout,
     LlavaError,
 )
-from worker.fetch import FetchAborted, FetchPolicy, FetchRegistry, Resolver, fetch, system_resolver
+from worker.fetch import FetchAborted, FetchRegistry, fetch
+from worker.fetch_policy import FetchPolicy, Resolver, system_resolver
 from worker.settings import WorkerSettings
 
 # Until the processor is known (keep_side_for): LLaVA-NeXT's largest anyres grid side at 336 px is 1008 in the

@@ -23,7 +23,8 @@ from producer.errors import (
 )
 from tests.integration.conftest import wait_for
 from tests.integration.image_server import GOOD_PNG, ImageServer, self_signed_certificate
-from worker.fetch import FetchAborted, FetchPolicy, FetchRegistry, fetch
+from worker.fetch import FetchAborted, FetchRegistry, fetch
+from worker.fetch_policy import FetchPolicy
 from worker.settings import WorkerSettings
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.engine import Step, Ticket, classify_footprint, footprint, schedule
+from worker.scheduler import Step, Ticket, classify_footprint, footprint, schedule
 
 NOW = 100.0
 

@@ -15,17 +15,8 @@ from typing import Any
 import pytest
 
 from producer.errors import FetchFailed, FetchForbidden, JobTimeout
-from worker.fetch import (
-    FetchAborted,
-    FetchBudget,
-    FetchPolicy,
-    FetchRegistry,
-    Resolver,
-    blocked_reason,
-    checked_addresses,
-    fetch,
-    system_resolver,
-)
+from worker.fetch import FetchAborted, FetchBudget, FetchRegistry, fetch
+from worker.fetch_policy import FetchPolicy, Resolver, blocked_reason, checked_addresses, system_resolver
 from worker.settings import WorkerSettings
 
 

@@ -108,30 +108,8 @@ def build_config(
     from transformers import AutoConfig, CLIPVisionConfig, LlavaNextConfig
 
     overrides = dict(overrides or {})
-    vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": geometry.image_size,
-        "patch_size": geometry.patch_size,
-        "projection_dim": 32,
-        **overrides.pop("vision_config", {}),
-    }
-    text = {
-        "model_type": "llama",
-        "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 8192,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        **overrides.pop("text_config", {}),
-    }
+    vision = _toy_vision(geometry, overrides.pop("vision_config", {}))
+    text = _toy_text(tokenizer, overrides.pop("text_config", {}))
     if text["vocab_size"] < len(tokenizer):
         raise ValueError(
             f"text_config.vocab_size {text['vocab_size']} is below the tokenizer's {len(tokenizer)}"
@@ -150,6 +128,38 @@ def build_config(
         image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
         **top,
     )
+
+
+def _toy_vision(geometry: Geometry, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The CLIP vision tower's fields at toy sizes, with the checkpoint's geometry and ``overrides``."""
+    return {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": geometry.image_size,
+        "patch_size": geometry.patch_size,
+        "projection_dim": 32,
+        **overrides,
+    }
+
+
+def _toy_text(tokenizer, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The language model's fields at toy sizes (Llama unless ``overrides`` names another ``model_type``)."""
+    return {
+        "model_type": "llama",
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 8192,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **overrides,
+    }
 
 
 def build_processor(tokenizer, template: Template, config):  # -> LlavaNextProcessor
