@@ -9,6 +9,11 @@ its job's reference when the job ends (success, coded failure, redelivery cap); 
 blob. A worker that dies mid-job releases nothing, so the redelivered job still finds its blob. A TTL on both
 keys is only the fallback for producers that die between storing and sending, or messages that never run.
 
+Resends: a store remembers the digests it stored or claimed within the TTL (a bounded, thread-safe LRU); for
+those it first sends only the job's claim (a script that claims and refreshes the TTLs only if the bytes are
+still there), and uploads them (one more round trip) only if they are gone. A first-time image is one round
+trip, the claim and the bytes in one transaction.
+
 The store is one small interface (:class:`BlobStore`); :class:`RedisBlobStore` is the default, in the
 result-backend Redis. Another store (S3-compatible, say) implements the same three calls with the same key
 naming; nothing else changes.
@@ -17,6 +22,9 @@ naming; nothing else changes.
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
+from collections import OrderedDict
 from typing import Protocol
 
 import redis
@@ -31,6 +39,18 @@ if redis.call('SCARD', KEYS[2]) == 0 then
   return redis.call('DEL', KEYS[1], KEYS[2])
 end
 return 0
+"""
+
+# The claim of a resend: atomic like the release, so a claim either finds the bytes and keeps them (a release
+# that runs after it sees the claim) or claims nothing (returns 0: upload them).
+_CLAIM_IF_STORED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
 """
 
 
@@ -65,14 +85,42 @@ class BlobStore(Protocol):
         ...
 
 
+class RecentDigests:
+    """The digests a store stored or claimed lately, and when (``time.monotonic()``): at most ``size``, the
+    least recent dropped first; shared by the threads that send through one client."""
+
+    def __init__(self, ttl: float, size: int = 1024) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def note(self, digest: str, at: float) -> None:
+        with self._lock:
+            self._seen[digest] = at
+            self._seen.move_to_end(digest)
+            while len(self._seen) > self.size:
+                self._seen.popitem(last=False)
+
+    def fresh(self, digest: str, now: float) -> bool:
+        """Whether ``digest`` was noted less than ``ttl`` seconds before ``now`` (its keys may still be
+        there; older ones have surely expired)."""
+        with self._lock:
+            at = self._seen.get(digest)
+        return at is not None and now - at < self.ttl
+
+
 class RedisBlobStore:
     """Blobs in Redis: ``llava-blob-<hex>`` (raw bytes) and ``llava-blob-jobs-<hex>`` (the jobs that need
-    them), both expiring after ``ttl`` seconds unless released first."""
+    them), both expiring after ``ttl`` seconds unless released first. A resend of an image this store stored
+    or claimed within ``ttl`` sends only its claim while the bytes are still there."""
 
-    def __init__(self, client: redis.Redis, ttl: int) -> None:
+    def __init__(self, client: redis.Redis, ttl: int, recent: int = 1024) -> None:
         self.client = client
         self.ttl = ttl
+        self.recent = RecentDigests(ttl, size=recent)
         self._release = client.register_script(_RELEASE)
+        self._claim_if_stored = client.register_script(_CLAIM_IF_STORED)
 
     @staticmethod
     def keys(digest: str) -> tuple[str, str]:
@@ -80,17 +128,31 @@ class RedisBlobStore:
 
     def put(self, data: bytes, job_id: str) -> str:
         reference = blob_reference(data)
-        blob, jobs = self.keys(blob_digest(reference))
+        digest = blob_digest(reference)
+        keys = self.keys(digest)
+        sent_at = time.monotonic()  # before the call: the keys' TTL starts no earlier than this
+        # A first-time image: straight to the upload. One noted lately: the claim alone, the upload if the
+        # bytes are gone (released by their last job, expired, or deleted as tampered).
+        if not (self.recent.fresh(digest, sent_at) and self._claim(keys, job_id)):
+            self._store(keys, data, job_id)
+        self.recent.note(digest, sent_at)
+        return reference
+
+    def _claim(self, keys: tuple[str, str], job_id: str) -> bool:
+        """If the bytes are stored: claim them for ``job_id``, refresh both TTLs, True; else False."""
+        return bool(self._claim_if_stored(keys=list(keys), args=[job_id, self.ttl]))
+
+    def _store(self, keys: tuple[str, str], data: bytes, job_id: str) -> None:
+        blob, jobs = keys
         # One transaction, one round trip: the claim and the bytes land together (no release can come
-        # between them), SET NX keeps a copy already there (the bytes travel again but are not stored
-        # again), and both TTLs start anew.
+        # between them), SET NX keeps a copy already there (stored by another producer: the bytes travel
+        # again but are not stored again), and both TTLs start anew.
         pipe = self.client.pipeline(transaction=True)
         pipe.sadd(jobs, job_id)
         pipe.expire(jobs, self.ttl)
         pipe.set(blob, data, ex=self.ttl, nx=True)
         pipe.expire(blob, self.ttl)
         pipe.execute()
-        return reference
 
     def get(self, reference: str, max_bytes: int) -> bytes:
         digest = blob_digest(reference)

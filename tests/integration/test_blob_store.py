@@ -1,23 +1,57 @@
 """The blob store on a real Redis: stored once per content hash, claimed per job, deleted with the last claim,
-checked against its hash when read."""
+checked against its hash when read; a resend of a stored image sends only its claim."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
 
 from devtools.devstack import RedisServer
-from producer.blobs import RedisBlobStore, blob_reference
+from producer.blobs import RedisBlobStore, blob_reference, bytes_packer
 from producer.errors import ImageTooLarge, InvalidImage
+from tests.integration.conftest import wait_for
 
 
 @pytest.fixture
 def store(redis_server: RedisServer) -> RedisBlobStore:
     return RedisBlobStore(redis.Redis.from_url(redis_server.url(1)), ttl=600)
+
+
+@pytest.fixture(scope="module")
+def quiet_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A Redis of this module's own, no worker on it: its command counts move only with what a test sends."""
+    server = RedisServer(data_dir=tmp_path_factory.mktemp("redis-quiet")).start()
+    yield server
+    server.stop()
+
+
+def counting_store(server: RedisServer, ttl: int = 600) -> RedisBlobStore:
+    """A store built as ``LlavaClient`` builds it (the bytes packer), on an emptied quiet Redis."""
+    client = redis.Redis.from_url(server.url(0), command_packer=bytes_packer())
+    client.flushall()
+    return RedisBlobStore(client, ttl=ttl)
+
+
+def commands(client: redis.Redis) -> dict[str, int]:
+    """How many times each command ran on the server (``INFO commandstats``; ``INFO`` itself left out)."""
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): s["calls"] for name, s in stats.items() if name != "cmdstat_info"}
+
+
+def sent_since(before: dict[str, int], client: redis.Redis) -> dict[str, int]:
+    deltas = {name: calls - before.get(name, 0) for name, calls in commands(client).items()}
+    return {name: delta for name, delta in deltas.items() if delta}
+
+
+def received_bytes(client: redis.Redis) -> int:
+    return int(client.info("stats")["total_net_input_bytes"])
 
 
 def test_one_copy_per_content_however_many_jobs(store: RedisBlobStore) -> None:
@@ -78,3 +112,76 @@ def test_keys_expire_as_a_fallback(store: RedisBlobStore) -> None:
     store.put(data, "a")
     for key in store.keys(hashlib.sha256(data).hexdigest()):
         assert 0 < store.client.ttl(key) <= 600
+
+
+def test_a_first_time_image_is_one_transaction(quiet_server: RedisServer) -> None:
+    store = counting_store(quiet_server)
+    before = commands(store.client)
+    store.put(os.urandom(50_000), "a")
+    # No existence check or script before the upload: the claim and the bytes in one MULTI/EXEC.
+    assert sent_since(before, store.client) == {"multi": 1, "sadd": 1, "expire": 2, "set": 1, "exec": 1}
+
+
+def test_a_resend_of_a_stored_image_sends_only_its_claim(quiet_server: RedisServer) -> None:
+    store, data = counting_store(quiet_server), os.urandom(1 << 20)
+    reference = store.put(data, "a")
+    before, received = commands(store.client), received_bytes(store.client)
+    assert store.put(data, "b") == reference
+    sent = sent_since(before, store.client)
+    assert "set" not in sent and "exec" not in sent, sent  # the bytes did not travel
+    assert received_bytes(store.client) - received < 10_000  # of a 1 MB image
+    blob, jobs = store.keys(hashlib.sha256(data).hexdigest())
+    assert store.client.smembers(jobs) == {b"a", b"b"}
+    assert all(0 < store.client.ttl(key) <= 600 for key in (blob, jobs))
+    store.release(reference, "a")
+    assert store.get(reference, max_bytes=len(data)) == data  # "b" still holds it
+    store.release(reference, "b")
+    assert not store.client.exists(blob, jobs)
+
+
+def test_a_resend_after_the_bytes_left_stores_them_again(quiet_server: RedisServer) -> None:
+    store, data = counting_store(quiet_server), os.urandom(100_000)
+    reference = store.put(data, "a")
+    store.put(data, "b")  # a claim-only resend
+    store.release(reference, "a")
+    store.release(reference, "b")  # the last claim: the bytes are deleted
+    before = commands(store.client)
+    assert store.put(data, "c") == reference
+    # One round trip more than a first-time image: the claim that found nothing, then the upload.
+    assert sent_since(before, store.client) == {
+        "evalsha": 1, "exists": 1, "multi": 1, "sadd": 1, "expire": 2, "set": 1, "exec": 1
+    }  # fmt: skip
+    assert store.get(reference, max_bytes=len(data)) == data
+    assert store.client.smembers(store.keys(hashlib.sha256(data).hexdigest())[1]) == {b"c"}
+
+
+def test_a_resend_after_the_ttl_is_one_transaction_again(quiet_server: RedisServer) -> None:
+    store, data = counting_store(quiet_server, ttl=1), os.urandom(1000)
+    reference = store.put(data, "a")
+    blob, _ = store.keys(hashlib.sha256(data).hexdigest())
+    wait_for(lambda: not store.client.exists(blob), 10, "the blob to expire")
+    before = commands(store.client)
+    store.put(data, "b")  # noted more than a TTL ago: surely gone, so no claim is tried first
+    assert "evalsha" not in sent_since(before, store.client)
+    assert store.get(reference, max_bytes=len(data)) == data
+
+
+def at_once(start: threading.Barrier, call: Callable[..., object], *args: object) -> object:
+    start.wait()
+    return call(*args)
+
+
+def test_a_release_racing_a_resend_never_leaves_a_claim_without_its_bytes(store: RedisBlobStore) -> None:
+    data = os.urandom(20_000)
+    blob, jobs = store.keys(hashlib.sha256(data).hexdigest())
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(100):
+            reference = store.put(data, "first")  # noted: the resend below tries the claim alone first
+            start = threading.Barrier(2, timeout=10)
+            release = pool.submit(at_once, start, store.release, reference, "first")
+            resend = pool.submit(at_once, start, store.put, data, "second")
+            release.result(timeout=10), resend.result(timeout=10)
+            assert store.client.smembers(jobs) == {b"second"}
+            assert store.get(reference, max_bytes=len(data)) == data
+            store.release(reference, "second")
+            assert not store.client.exists(blob, jobs)

@@ -114,3 +114,19 @@ def test_a_missing_or_tampered_blob_is_invalid_image(client: LlavaClient, shared
         sent = client.app.send_task(TASK_CAPTION, kwargs={"request": request}, queue=queue)
         with pytest.raises(InvalidImage, match=message):
             client.job(sent.id).get(timeout=60)
+
+
+def test_resends_claim_the_stored_image_or_store_it_again(client: LlavaClient, shared_worker) -> None:
+    """The tagging flow (one image, several job kinds) claims the stored copy; once the last job ended and
+    the image left, the next resend stores it again, and every job succeeds."""
+    _, _, queue = shared_worker
+    image = noise_png(96, 11)
+    blob, claims = RedisBlobStore.keys(hashlib.sha256(image).hexdigest())
+    backend = redis.Redis.from_url(client.settings.result_backend)
+    jobs = [client.caption(image, queue=queue, max_new_tokens=2)]
+    jobs.append(client.vqa(image, "What is it?", queue=queue, max_new_tokens=2))
+    assert all(job.get(timeout=60).generated_tokens >= 1 for job in jobs)
+    wait_for(lambda: not backend.exists(blob, claims), 10, "the image to leave with its last job")
+    again = client.caption(image, queue=queue, max_new_tokens=2)  # the claim finds nothing: stored again
+    assert again.get(timeout=60).generated_tokens >= 1
+    wait_for(lambda: not backend.exists(blob, claims), 10, "the image to leave with its last job")
