@@ -5,9 +5,9 @@
 For both producer modes (``LLAVA_BLOB_STORE=off``: a data: URI in the message; ``redis``: the bytes stored
 once by hash, a ``blob:sha256:`` reference in the message), on one Redis and one tiny worker:
 (a) Redis bytes per queued job and message size (jobs queued on a queue nobody consumes; distinct images);
-(b) end to end minus worker time of one 1 MB image caption job (send, publish, fetch, decode, result), medians
-    after the same warm-up, and the round trip of a no-op job (the queue's own floor); (c) image-job and no-op
-    throughput of the worker (a burst queued, then consumed).
+(b) end to end minus worker time of one 1 MB image caption job (send, publish, fetch, decode, result), a new
+    image each job, medians after the same warm-up, and the round trip of a no-op job (the queue's own floor);
+(c) image-job and no-op throughput of the worker (a burst queued, then consumed).
 Prints medians and ratios; writes JSON to bench/results/.
 """
 
@@ -114,15 +114,18 @@ def queued_cost(redis_server: RedisServer, client: LlavaClient, images: list[byt
     }
 
 
-def outside_worker_ms(clients: dict[str, LlavaClient], queue: str, image: bytes, repeats: int) -> dict:
+def outside_worker_ms(clients: dict[str, LlavaClient], queue: str, kilobytes: int, repeats: int) -> dict:
     """(b) End to end minus the worker's own time, one job at a time, the modes interleaved job by job (so
-    the machine's load hits both alike), after the same warm-up; then no-op round trips the same way."""
+    the machine's load hits both alike), after the same warm-up; then no-op round trips the same way. Each
+    job sends a new image (same size, other pixels), as a moderation flow does: every job pays the upload."""
+    images = iter([noise_png(kilobytes, 1000 + i) for i in range((repeats + 3) * len(clients))])
     for client in clients.values():
         for _ in range(3):
-            client.caption(image, queue=queue, max_new_tokens=1).get()
+            client.caption(next(images), queue=queue, max_new_tokens=1).get()
     runs: dict[str, dict[str, list[float]]] = {mode: {"total": [], "outside": []} for mode in clients}
     for _ in range(repeats):
         for mode, client in clients.items():
+            image = next(images)
             started = time.perf_counter()
             result = client.caption(image, queue=queue, max_new_tokens=1).get()
             elapsed = (time.perf_counter() - started) * 1000
@@ -163,7 +166,7 @@ def run_modes(redis_server: RedisServer, worker: tuple[Any, str, str], args: arg
         results: dict[str, dict[str, float]] = {
             mode: queued_cost(redis_server, client, distinct) for mode, client in clients.items()
         }
-        for mode, figures in outside_worker_ms(clients, queue, image, args.repeats).items():
+        for mode, figures in outside_worker_ms(clients, queue, args.image_kb, args.repeats).items():
             results[mode] |= figures
         bursts: dict[str, dict[str, list[float]]] = {mode: {"image": [], "noop": []} for mode in clients}
         for _ in range(3):  # modes alternated, medians: the machine's load hits both alike
