@@ -177,7 +177,8 @@ def test_a_rerun_collects_jobs_that_finished_while_it_was_down(
     finally:
         broker.close()
     first.send_signal(signal.SIGINT)
-    assert first.wait(60) == 130 and "rerun with the same --out" in first.communicate()[1]
+    code, stderr = first.wait(60), first.communicate()[1]
+    assert code == 130 and "rerun with the same --out" in stderr, (code, stderr[-2000:])
     assert not out.exists() or out.read_text() == ""  # nothing finished before the interruption
 
     _, node = start_worker(queue)
