@@ -177,7 +177,13 @@ def test_a_rerun_collects_jobs_that_finished_while_it_was_down(
     finally:
         broker.close()
     first.send_signal(signal.SIGINT)
-    code, stderr = first.wait(60), first.communicate()[1]
+    # communicate, not wait: its stderr is read meanwhile (a full pipe would block the CLI, not end it)
+    try:
+        stderr = first.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        first.kill()
+        raise AssertionError(f"interrupted, the CLI did not exit: {first.communicate()[1][-2000:]}") from None
+    code = first.returncode
     assert code == 130 and "rerun with the same --out" in stderr, (code, stderr[-2000:])
     assert not out.exists() or out.read_text() == ""  # nothing finished before the interruption
 
