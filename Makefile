@@ -12,6 +12,10 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 export LLAVA_BROKER_URL ?= redis://localhost:6379/0
 export LLAVA_RESULT_BACKEND ?= redis://localhost:6379/1
 DEVSTACK := $(BIN)/python -m devtools.devstack --
+# The suite runs in TEST_PROCS pytest-xdist processes, a test file to each (every process has its own Redis and
+# workers); TEST_PROCS=0 runs it in this process alone.
+TEST_PROCS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist loadfile
 
 .PHONY: demo test coverage lint unit integration images install clean bench bench-memory soak flower
 
@@ -28,11 +32,11 @@ demo: install
 	$(DEVSTACK) $(BIN)/python examples/demo.py
 
 test: install lint
-	$(DEVSTACK) $(BIN)/python -m pytest -q
+	$(DEVSTACK) $(PYTEST)
 
 # Line coverage of producer/ and worker/, the worker subprocesses included (see pyproject.toml).
 coverage: install
-	$(DEVSTACK) $(BIN)/python -m pytest -q --cov --cov-report=term
+	$(DEVSTACK) $(PYTEST) --cov --cov-report=term
 
 lint: install
 	$(BIN)/ruff check .
@@ -40,10 +44,10 @@ lint: install
 	$(BIN)/mypy
 
 unit: install
-	$(BIN)/python -m pytest -q tests/unit
+	$(PYTEST) tests/unit
 
 integration: install
-	$(DEVSTACK) $(BIN)/python -m pytest -q tests/integration
+	$(DEVSTACK) $(PYTEST) tests/integration
 
 images: install
 	$(BIN)/python examples/make_images.py

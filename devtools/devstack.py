@@ -136,11 +136,13 @@ class WorkerProcess:
 
 
 def stop_all(workers: list[WorkerProcess], sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
-    """Stop ``workers`` together: signal them all first, then wait for each (their shutdowns overlap)."""
+    """Stop ``workers`` together: signal them all first, then wait for them within one ``timeout`` in all
+    (their shutdowns overlap); those still running then are killed."""
     for worker in workers:
         worker.send_signal(sig)
+    deadline = time.monotonic() + timeout
     for worker in workers:
-        worker.stop(sig, timeout)
+        worker.stop(sig, max(deadline - time.monotonic(), 0.0))
 
 
 def main(argv: list[str] | None = None) -> int:

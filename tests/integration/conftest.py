@@ -39,8 +39,14 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where workers build (once) and find the tiny checkpoints."""
-    path = Path(os.environ.get("LLAVA_TEST_CACHE_DIR", tmp_path_factory.mktemp("llava-cache")))
+    """Where workers build (once) and find the tiny checkpoints: ``LLAVA_TEST_CACHE_DIR``, else one directory
+    for the run that its pytest-xdist processes share (a checkpoint is built aside, then renamed in place)."""
+    configured = os.environ.get("LLAVA_TEST_CACHE_DIR")
+    if configured:
+        path = Path(configured)
+    else:
+        run = tmp_path_factory.getbasetemp()
+        path = (run.parent if os.environ.get("PYTEST_XDIST_WORKER") else run) / "llava-cache"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

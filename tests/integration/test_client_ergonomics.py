@@ -138,7 +138,11 @@ def test_await_wait_keeps_the_event_loop_running(client, fresh, queue) -> None:
 
     async def scenario() -> tuple[CaptionResult, list[str]]:
         waiting = asyncio.create_task(fresh.job(job_id).wait(60))  # the job is not even sent yet
-        await asyncio.sleep(0.3)  # the loop runs while wait() waits
+        channel = fresh.app.backend.get_key_for_task(job_id)
+        deadline = time.monotonic() + 30
+        while not sum(count for _, count in fresh.app.backend.client.pubsub_numsub(channel)):
+            assert time.monotonic() < deadline, "wait() never subscribed to the job's result"
+            await asyncio.sleep(0.05)  # the loop runs while wait() waits
         assert not waiting.done()
         client.caption(RADAR, queue=queue, job_id=job_id)
         result = await waiting

@@ -4,15 +4,13 @@ config, and the start-up refusals (FlashAttention-2 or 4-bit on a CPU, CLIP with
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
 from producer import LlavaClient
-from tests.integration.conftest import IMAGES, ROOT, worker_env
+from tests.integration.conftest import IMAGES, ROOT, WorkerCli
 from worker.runtime import StartupError, resolve_model_source
 from worker.runtime.loading import load_processor
 from worker.settings import WorkerSettings
@@ -102,27 +100,17 @@ def test_custom_config_serves_a_caption(client: LlavaClient, family_workers) -> 
     assert result.image_tokens > 500
 
 
-def run_worker(client_settings, cache_dir, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", "--config", str(ROOT / "configs" / "tiny.yaml"), *args],
-        env=worker_env(client_settings, cache_dir, **env),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_four_bit_on_cpu_stops_the_worker(worker_cli: WorkerCli) -> None:
+    status, output = worker_cli(LLAVA_QUANTIZATION="4bit")
+    assert status == 1
+    assert "quantization=4bit needs a CUDA GPU" in output
 
 
-def test_four_bit_on_cpu_stops_the_worker(client_settings, cache_dir) -> None:
-    result = run_worker(client_settings, cache_dir, LLAVA_QUANTIZATION="4bit")
-    assert result.returncode == 1
-    assert "quantization=4bit needs a CUDA GPU" in result.stderr
-
-
-def test_clip_with_full_features_stops_the_worker(client_settings, cache_dir, tmp_path: Path) -> None:
+def test_clip_with_full_features_stops_the_worker(worker_cli: WorkerCli, tmp_path: Path) -> None:
     config = tmp_path / "full.yaml"
     config.write_text(
         (ROOT / "configs" / "custom-config.yaml").read_text().replace("strategy: default", "strategy: full")
     )
-    result = run_worker(client_settings, cache_dir, "--config", str(config))
-    assert result.returncode == 1
-    assert "keeps CLIP's CLS token" in result.stderr
+    status, output = worker_cli("--config", str(config))
+    assert status == 1
+    assert "keeps CLIP's CLS token" in output

@@ -105,7 +105,7 @@ def test_bare_celery_client_uses_the_json_wire_form(
     reply = json.loads(output.stdout.strip().splitlines()[-1])
     assert reply["imported"] == []
     result = CaptionResult.model_validate(reply["result"])
-    assert result.worker == hostname and result.kind == "caption" and 1 <= result.generated_tokens <= 4
+    assert result.worker == hostname and 1 <= result.generated_tokens <= 4  # model_validate: a caption
 
 
 def test_producer_import_pulls_in_no_torch_transformers_or_worker() -> None:

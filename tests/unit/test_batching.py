@@ -122,3 +122,26 @@ def test_a_job_keyed_alone_runs_at_once_by_itself() -> None:
     assert step.batch == [alone]
     step = plan([mate, alone], now=0.0, max_batch_size=8, max_wait=5.0)
     assert step.batch == [] and step.wait == 5.0
+
+
+def test_abandon_fails_the_running_batch_and_the_waiting_jobs_at_once() -> None:
+    """A warm shutdown's grace ends: every job still in the batcher fails with the given error now."""
+    running, release = threading.Event(), threading.Event()
+
+    def runner(key, payloads):
+        running.set()
+        release.wait(30)
+        return payloads
+
+    batcher = DynamicBatcher(runner, max_batch_size=1, max_wait=0).start()
+    first = batcher.submit("k", "running", timeout=30)
+    assert running.wait(30)
+    waiting = batcher.submit("k", "waiting", timeout=30)
+    assert batcher.in_flight == 2
+    assert batcher.abandon(InternalError("grace over")) == 2
+    for future in (first, waiting):
+        with pytest.raises(InternalError, match="grace over"):
+            future.result(0)
+    release.set()
+    batcher.stop()
+    assert batcher.in_flight == 0
