@@ -169,7 +169,8 @@ def test_a_rerun_collects_jobs_that_finished_while_it_was_down(
     queue = f"parked-{uuid.uuid4().hex[:8]}"
     out = tmp_path / "tags.jsonl"
     args = [sys.executable, "-m", "producer.cli", "caption", str(photos), "--out", str(out), "--queue", queue]
-    first = subprocess.Popen([*args, "--max-new-tokens", "1"], env=env, stderr=subprocess.PIPE, text=True)
+    dumps = env | {"PYTHONFAULTHANDLER": "1"}  # SIGABRT prints every thread's stack (if it hangs below)
+    first = subprocess.Popen([*args, "--max-new-tokens", "1"], env=dumps, stderr=subprocess.PIPE, text=True)
     broker = redis.Redis.from_url(client_settings.broker_url)
     try:
         queued = lambda: sum(broker.llen(key) for key in broker.scan_iter(match=f"{queue}*"))  # noqa: E731
@@ -181,8 +182,9 @@ def test_a_rerun_collects_jobs_that_finished_while_it_was_down(
     try:
         stderr = first.communicate(timeout=60)[1]
     except subprocess.TimeoutExpired:
-        first.kill()
-        raise AssertionError(f"interrupted, the CLI did not exit: {first.communicate()[1][-2000:]}") from None
+        first.send_signal(signal.SIGABRT)
+        stacks = first.communicate(timeout=30)[1]
+        raise AssertionError(f"interrupted, the CLI did not exit; its threads:\n{stacks[-6000:]}") from None
     code = first.returncode
     assert code == 130 and "rerun with the same --out" in stderr, (code, stderr[-2000:])
     assert not out.exists() or out.read_text() == ""  # nothing finished before the interruption
