@@ -23,7 +23,7 @@ from pydantic_settings import (
 )
 
 from producer.contract import DEFAULT_PRIORITY, HEALTH_COMMAND, MAX_PRIORITY, wire_priority
-from producer.transport import TRANSPORT
+from producer.transport import RESULT_BACKENDS, TRANSPORT
 
 _config_file: ContextVar[Path | None] = ContextVar("llava_config_file", default=None)
 
@@ -213,4 +213,5 @@ def create_celery_app(
     app.conf.update(celery_config(settings))
     if role == "producer":
         app.conf.update(fail_fast_config(settings, broker_timeout))
+        app.loader.override_backends = RESULT_BACKENDS  # subscribes to results only to wait (transport.py)
     return app

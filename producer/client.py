@@ -51,6 +51,7 @@ from producer.errors import (
 from producer.images import ImageInput, data_uri, describe, image_source, redact
 from producer.job import Job
 from producer.settings import ClientSettings, load_settings
+from producer.transport import ResultBackend
 
 CALLBACK_QUEUE = "celery"  # where a callback given by name goes: the queue a plain Celery worker consumes
 
@@ -269,9 +270,11 @@ class LlavaClient:
                 link_error=send.callback(self.app, send.on_error),
             )
         job: Job[Any] = Job(async_result, result_model, timeout, task_name)
-        # Celery subscribes to every sent job's result channel; a web request that answers 202 never waits,
-        # so subscribe only while something waits (get/wait/as_completed subscribe, then read the result).
-        job.release()
+        # Subscribe to the result only while something waits (get/wait/as_completed subscribe, then read the
+        # result): a web request that answers 202 never waits. Our Redis backend does not subscribe on send
+        # (producer.transport); Celery's own backends do, so their subscription is released here.
+        if not isinstance(self.app.backend, ResultBackend):
+            job.release()
         return job
 
     def _wire_image(self, source: str | bytes, job_id: str) -> tuple[str, str]:

@@ -1,4 +1,5 @@
-"""kombu's Redis transport with one reused client per channel.
+"""The Redis wire, two small subclasses: kombu's Redis transport with one reused client per channel, and
+Celery's Redis result backend that subscribes to a job's result only when something waits for it.
 
 kombu's Redis channel builds a new ``redis.Redis`` for every publish, event and acknowledgement
 (``Channel.conn_or_acquire``), on the same connection pool each time; building one costs about as much as the
@@ -9,6 +10,12 @@ threads is safe, and commands, timeouts and reconnects are exactly kombu's.
 
 Used for ``redis://`` and ``rediss://`` brokers (:func:`producer.app.celery_config`); any other broker URL
 keeps kombu's own transport.
+
+Celery's Redis backend subscribes to every sent job's result channel as the job is sent; a web request that
+answers 202 never waits, so the producer then had to unsubscribe again: two pub/sub commands per job for
+nothing. :class:`ResultBackend` (the producer's, ``redis://`` and ``rediss://`` result backends) does not
+subscribe on send; ``get``, ``wait`` and the collectors subscribe, then read the stored result, so a result
+stored before the subscription is found all the same.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from celery.backends.redis import RedisBackend
 from kombu.transport import redis as kombu_redis
 
 
@@ -38,4 +46,10 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class ResultBackend(RedisBackend):
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        """Celery subscribes here to the sent job's channel; this backend waits until something waits."""
+
+
 TRANSPORT = f"{__name__}:Transport"
+RESULT_BACKENDS = {"redis": f"{__name__}:ResultBackend", "rediss": f"{__name__}:ResultBackend"}
