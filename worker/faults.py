@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, settings_group
 
 
 @dataclass(frozen=True)
@@ -29,13 +29,7 @@ class Faults:
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> Faults:
-        return cls(
-            oom_above_batch=settings.fault_oom_above_batch,
-            oom_marker=settings.fault_oom_marker,
-            crash_marker=settings.fault_crash_marker,
-            slow_marker=settings.fault_slow_marker,
-            slow_step_s=settings.fault_slow_step_s,
-        )
+        return settings_group(cls, settings, "fault_")
 
     def marks(self, text: str) -> frozenset[str]:
         """Which markers ``text`` carries."""

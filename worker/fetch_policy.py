@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from producer.errors import FetchFailed, FetchForbidden
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, settings_group
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], list[str]]
@@ -68,13 +68,11 @@ class FetchPolicy:
                 networks.append(ipaddress.ip_network(entry, strict=False))
             except ValueError:
                 hosts.add(entry.lower().rstrip("."))
-        return cls(
+        return settings_group(
+            cls,
+            settings,
+            "fetch_",
             max_bytes=settings.max_image_bytes,
-            timeout=settings.fetch_timeout,
-            deadline=settings.fetch_deadline,
-            max_redirects=settings.fetch_max_redirects,
-            retries=settings.fetch_retries,
-            backoff=settings.fetch_backoff,
             allow_hosts=frozenset(hosts),
             allow_networks=tuple(networks),
         )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
@@ -275,3 +276,14 @@ class WorkerSettings(QueueSettings):
 def get_settings() -> WorkerSettings:
     """The process's settings from env and ``LLAVA_CONFIG`` (cached). Tests build their own instead."""
     return load_settings(WorkerSettings)
+
+
+G = TypeVar("G")
+
+
+def settings_group(group: type[G], settings: WorkerSettings, prefix: str, **derived: Any) -> G:
+    """The frozen dataclass ``group`` (a group of settings, e.g. :class:`worker.faults.Faults`) built from
+    ``settings``: each field from the setting named ``prefix + field``, except those given in ``derived``
+    (computed from other settings). The settings hold every default; a group holds none of its own."""
+    names = [f.name for f in dataclasses.fields(group) if f.name not in derived]  # type: ignore[arg-type]
+    return group(**{name: getattr(settings, prefix + name) for name in names}, **derived)

@@ -8,6 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from producer.settings import ClientSettings, QueueSettings, load_settings
+from worker.faults import Faults
+from worker.fetch_policy import FetchPolicy
 from worker.settings import DEFAULT_MODEL, WorkerSettings
 
 
@@ -106,3 +108,11 @@ def test_settings_both_sides_share_are_defined_once() -> None:
             name: repr(field) for name, field in shared.items()
         }
     assert load_settings(ClientSettings).max_image_bytes == load_settings(WorkerSettings).max_image_bytes
+
+
+def test_a_settings_group_takes_each_field_from_its_prefixed_setting() -> None:
+    settings = WorkerSettings(fault_oom_marker="OOM", fault_slow_step_s=0.25, fetch_retries=4, fetch_timeout=3.5)
+    faults = Faults.from_settings(settings)
+    assert (faults.oom_marker, faults.slow_step_s, faults.crash_marker) == ("OOM", 0.25, None)
+    policy = FetchPolicy.from_settings(settings)
+    assert (policy.retries, policy.timeout, policy.max_bytes) == (4, 3.5, settings.max_image_bytes)
