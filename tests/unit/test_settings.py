@@ -111,8 +111,8 @@ def test_settings_both_sides_share_are_defined_once() -> None:
 
 
 def test_a_settings_group_takes_each_field_from_its_prefixed_setting() -> None:
-    settings = WorkerSettings(fault_oom_marker="OOM", fault_slow_step_s=0.25, fetch_retries=4, fetch_timeout=3.5)
+    settings = WorkerSettings(fault_oom_marker="OOM", fault_slow_step_s=0.5, fetch_retries=4, fetch_timeout=3)
     faults = Faults.from_settings(settings)
-    assert (faults.oom_marker, faults.slow_step_s, faults.crash_marker) == ("OOM", 0.25, None)
+    assert (faults.oom_marker, faults.slow_step_s, faults.crash_marker) == ("OOM", 0.5, None)
     policy = FetchPolicy.from_settings(settings)
-    assert (policy.retries, policy.timeout, policy.max_bytes) == (4, 3.5, settings.max_image_bytes)
+    assert (policy.retries, policy.timeout, policy.max_bytes) == (4, 3, settings.max_image_bytes)
