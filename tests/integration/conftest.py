@@ -88,6 +88,41 @@ def worker_env(client_settings: ClientSettings, cache_dir: Path, **extra: str) -
 
 
 StartWorker = Callable[..., tuple[WorkerProcess, str]]
+_LIVE: list[WorkerProcess] = []  # every worker this test process started (for the stacks of a failure)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report carries the thread stacks of the workers still running (a job that never
+    finished shows where it waits)."""
+    report = yield
+    if report.when == "call" and report.failed:
+        running = [worker for worker in _LIVE if worker.process and worker.process.poll() is None]
+        stacks = _worker_stacks(running)
+        if stacks:
+            report.sections.append(("thread stacks of the running workers (SIGUSR1)", stacks))
+    return report
+
+
+def _worker_stacks(live: list[WorkerProcess], wait: float = 5.0) -> str:
+    """Celery's SIGUSR1 handler logs every thread's stack; collect what each live worker logs, within
+    ``wait`` seconds in all."""
+    sizes = {id(worker): worker.log_path.stat().st_size for worker in live}
+    for worker in live:
+        os.kill(worker.process.pid, signal.SIGUSR1)  # type: ignore[union-attr]
+    deadline = time.monotonic() + wait
+    dumps = []
+    for worker in live:
+        text = ""
+        while time.monotonic() < deadline:
+            with open(worker.log_path, "rb") as log:
+                log.seek(sizes[id(worker)])
+                text = log.read().decode(errors="replace")
+            if "LOCAL VARIABLES" in text:  # the end of Celery's dump
+                break
+            time.sleep(0.1)
+        dumps.append(f"--- {worker.log_path.name}\n{text[-20_000:]}")
+    return "\n".join(dumps)
 
 
 @dataclass
@@ -111,6 +146,7 @@ class Workers:
         environment = worker_env(self.settings, self.cache_dir, **env)
         worker = WorkerProcess(args, environment, self.logs / f"{hostname}.log")
         self.started.append(worker.start())
+        _LIVE.append(worker)
         if wait:
             worker.wait_ready(self.client.app, hostname)
         return worker, hostname
