@@ -14,6 +14,11 @@ those it first sends only the job's claim (a script that claims and refreshes th
 still there), and uploads them (one more round trip) only if they are gone. A first-time image is one round
 trip, the claim and the bytes in one transaction.
 
+Layout: the bytes wait as a Redis hash, ``n`` (the byte size) and fields ``0``, ``1``, ... (consecutive
+chunks of :data:`CHUNK` bytes), not as one string: Redis's allocator (jemalloc) rounds one large allocation up
+to its size class, up to a quarter more (a 1,048,849-byte string takes 1,310,720 bytes), while each full chunk
+fills its class exactly; a plain string (``SET``, a foreign client) is still read.
+
 The store is one small interface (:class:`BlobStore`); :class:`RedisBlobStore` is the default, in the
 result-backend Redis. Another store (S3-compatible, say) implements the same three calls with the same key
 naming; nothing else changes.
@@ -33,6 +38,13 @@ from redis.connection import Encoder, PythonRespSerializer
 from producer.contract import BLOB_PREFIX, blob_digest
 from producer.errors import ImageTooLarge, InvalidImage
 
+# The bytes are stored as chunks of CHUNK bytes: a chunk's sds takes CHUNK + 5 (sdshdr16; 9 for sdshdr32) +
+# 1 (NUL) <= 65,536 bytes, exactly jemalloc's 64 KiB size class, so a full chunk wastes at most a few bytes;
+# only the last, shorter chunk is rounded up (under 8 KiB: the classes from 32 to 64 KiB are 8 KiB apart),
+# plus tens of bytes per field (its name and hash entry). One string of the whole image would be rounded up
+# by up to a quarter of its size instead. Check with ``MEMORY USAGE <key> SAMPLES 0`` (0: count every field).
+CHUNK = 65_520
+
 _RELEASE = """
 redis.call('SREM', KEYS[2], ARGV[1])
 if redis.call('SCARD', KEYS[2]) == 0 then
@@ -51,6 +63,30 @@ redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
+"""
+
+
+# The worker's read, one round trip, the cap checked before any byte travels: the size (summed from the
+# chunks' lengths, not taken from ``n``), then, if within ARGV[1], the bytes. Reply: {} if missing; {size} if
+# over the cap; else {size, n, chunk 0, chunk 1, ...} (n and the chunks as stored, false where absent). A
+# plain string (a foreign client's SET) is {size, size, bytes}. HGET per chunk, not one HMGET: no limit on
+# how many chunks Lua can unpack.
+_READ = """
+local kind = redis.call('TYPE', KEYS[1]).ok
+local cap = tonumber(ARGV[1])
+if kind == 'string' then
+  local size = redis.call('STRLEN', KEYS[1])
+  if size > cap then return {size} end
+  return {size, size, redis.call('GET', KEYS[1])}
+end
+if kind ~= 'hash' then return {} end
+local chunks = redis.call('HLEN', KEYS[1]) - 1
+local size = 0
+for i = 0, chunks - 1 do size = size + redis.call('HSTRLEN', KEYS[1], i) end
+if size > cap then return {size} end
+local reply = {size, redis.call('HGET', KEYS[1], 'n')}
+for i = 0, chunks - 1 do reply[i + 3] = redis.call('HGET', KEYS[1], i) end
+return reply
 """
 
 
@@ -111,9 +147,10 @@ class RecentDigests:
 
 
 class RedisBlobStore:
-    """Blobs in Redis: ``llava-blob-<hex>`` (raw bytes) and ``llava-blob-jobs-<hex>`` (the jobs that need
-    them), both expiring after ``ttl`` seconds unless released first. A resend of an image this store stored
-    or claimed within ``ttl`` sends only its claim while the bytes are still there."""
+    """Blobs in Redis: ``llava-blob-<hex>`` (the raw bytes, a hash of chunks: see :data:`CHUNK`) and
+    ``llava-blob-jobs-<hex>`` (the jobs that need them), both expiring after ``ttl`` seconds unless released
+    first. A resend of an image this store stored or claimed within ``ttl`` sends only its claim while the
+    bytes are still there."""
 
     def __init__(self, client: redis.Redis, ttl: int, recent: int = 1024) -> None:
         self.client = client
@@ -121,6 +158,7 @@ class RedisBlobStore:
         self.recent = RecentDigests(ttl, size=recent)
         self._release = client.register_script(_RELEASE)
         self._claim_if_stored = client.register_script(_CLAIM_IF_STORED)
+        self._read = client.register_script(_READ)
 
     @staticmethod
     def keys(digest: str) -> tuple[str, str]:
@@ -145,33 +183,34 @@ class RedisBlobStore:
     def _store(self, keys: tuple[str, str], data: bytes, job_id: str) -> None:
         blob, jobs = keys
         # One transaction, one round trip: the claim and the bytes land together (no release can come
-        # between them), SET NX keeps a copy already there (stored by another producer: the bytes travel
-        # again but are not stored again), and both TTLs start anew.
+        # between them) and both TTLs start anew. A copy already there (another producer's) is replaced by
+        # the same bytes (the key is their sha256), which also mends a tampered one: DEL first, so that a
+        # plain-string copy (a foreign client's SET) or stray fields of another chunking do not stay.
         pipe = self.client.pipeline(transaction=True)
         pipe.sadd(jobs, job_id)
         pipe.expire(jobs, self.ttl)
-        pipe.set(blob, data, ex=self.ttl, nx=True)
+        pipe.delete(blob)
+        pipe.hset(blob, items=chunked(data))
         pipe.expire(blob, self.ttl)
         pipe.execute()
 
     def get(self, reference: str, max_bytes: int) -> bytes:
         digest = blob_digest(reference)
         blob, _ = self.keys(digest)
-        # One round trip, at most ``max_bytes`` read: the size for the cap, and the bytes.
-        pipe = self.client.pipeline(transaction=False)
-        pipe.strlen(blob)
-        pipe.getrange(blob, 0, max_bytes - 1)
-        size, data = pipe.execute()
-        if size > max_bytes:
+        reply = self._read(keys=[blob], args=[max_bytes])
+        if reply and reply[0] > max_bytes:
             raise ImageTooLarge(
-                f"blob image is {size} bytes, over the {max_bytes}-byte cap (max_image_bytes)"
+                f"blob image is {reply[0]} bytes, over the {max_bytes}-byte cap (max_image_bytes)"
             )
-        if not isinstance(data, bytes) or not data:
+        if not reply:
             raise InvalidImage(
                 f"blob {digest[:12]}… is not in the blob store (it expired, was never stored, or its jobs "
                 "already ended): send the image again"
             )
-        if hashlib.sha256(data).hexdigest() != digest:
+        if reply[0] == 0:
+            raise InvalidImage(f"blob {digest[:12]}… is empty: an image has bytes")
+        data = b"".join(chunk or b"" for chunk in reply[2:])
+        if _declared_size(reply[1]) != len(data) or hashlib.sha256(data).hexdigest() != digest:
             self.client.delete(blob)  # a resend of the real bytes stores them again
             raise InvalidImage(f"blob {digest[:12]}… does not match its sha256 (tampered or corrupted)")
         return data
@@ -179,3 +218,22 @@ class RedisBlobStore:
     def release(self, reference: str, job_id: str) -> None:
         blob, jobs = self.keys(blob_digest(reference))
         self._release(keys=[blob, jobs], args=[job_id])
+
+
+def chunked(data: bytes) -> list[str | int | memoryview]:
+    """The fields of a stored blob, for ``HSET``: ``n``, the size, then ``0``, the first :data:`CHUNK`
+    bytes, ``1``, the next, ... (views of ``data``, not copies: the bytes packer hands them to the socket as
+    they are)."""
+    view = memoryview(data)
+    fields: list[str | int | memoryview] = ["n", len(data)]
+    for index, start in enumerate(range(0, len(data), CHUNK)):
+        fields += [index, view[start : start + CHUNK]]
+    return fields
+
+
+def _declared_size(n: object) -> int | None:
+    """A stored blob's ``n`` as a number, or None if it is missing or not a decimal integer."""
+    try:
+        return int(n)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
