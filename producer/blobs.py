@@ -14,6 +14,11 @@ those it first sends only the job's claim (a script that claims and refreshes th
 still there), and uploads them (one more round trip) only if they are gone. A first-time image is one round
 trip, the claim and the bytes in one transaction.
 
+Layout: the bytes wait as a Redis hash, ``n`` (the byte size) and fields ``0``, ``1``, ... (consecutive
+chunks of :data:`CHUNK` bytes), not as one string: Redis's allocator (jemalloc) rounds one large allocation up
+to its size class, up to a quarter more (a 1,048,849-byte string takes 1,310,720 bytes), while each full chunk
+fills its class exactly; a plain string (``SET``, a foreign client) is still read.
+
 The store is one small interface (:class:`BlobStore`); :class:`RedisBlobStore` is the default, in the
 result-backend Redis. Another store (S3-compatible, say) implements the same three calls with the same key
 naming; nothing else changes.
@@ -32,6 +37,13 @@ from redis.connection import Encoder, PythonRespSerializer
 
 from producer.contract import BLOB_PREFIX, blob_digest
 from producer.errors import ImageTooLarge, InvalidImage
+
+# The bytes are stored as chunks of CHUNK bytes: a chunk's sds takes CHUNK + 5 (sdshdr16; 9 for sdshdr32) +
+# 1 (NUL) <= 65,536 bytes, exactly jemalloc's 64 KiB size class, so a full chunk wastes at most a few bytes;
+# only the last, shorter chunk is rounded up (under 8 KiB: the classes from 32 to 64 KiB are 8 KiB apart),
+# plus tens of bytes per field (its name and hash entry). One string of the whole image would be rounded up
+# by up to a quarter of its size instead. Check with ``MEMORY USAGE <key> SAMPLES 0`` (0: count every field).
+CHUNK = 65_520
 
 _RELEASE = """
 redis.call('SREM', KEYS[2], ARGV[1])
@@ -111,9 +123,10 @@ class RecentDigests:
 
 
 class RedisBlobStore:
-    """Blobs in Redis: ``llava-blob-<hex>`` (raw bytes) and ``llava-blob-jobs-<hex>`` (the jobs that need
-    them), both expiring after ``ttl`` seconds unless released first. A resend of an image this store stored
-    or claimed within ``ttl`` sends only its claim while the bytes are still there."""
+    """Blobs in Redis: ``llava-blob-<hex>`` (the raw bytes, a hash of chunks: see :data:`CHUNK`) and
+    ``llava-blob-jobs-<hex>`` (the jobs that need them), both expiring after ``ttl`` seconds unless released
+    first. A resend of an image this store stored or claimed within ``ttl`` sends only its claim while the
+    bytes are still there."""
 
     def __init__(self, client: redis.Redis, ttl: int, recent: int = 1024) -> None:
         self.client = client
@@ -145,37 +158,80 @@ class RedisBlobStore:
     def _store(self, keys: tuple[str, str], data: bytes, job_id: str) -> None:
         blob, jobs = keys
         # One transaction, one round trip: the claim and the bytes land together (no release can come
-        # between them), SET NX keeps a copy already there (stored by another producer: the bytes travel
-        # again but are not stored again), and both TTLs start anew.
+        # between them) and both TTLs start anew. A copy already there (another producer's) is replaced by
+        # the same bytes (the key is their sha256), which also mends a tampered one: DEL first, so that a
+        # plain-string copy (a foreign client's SET) or stray fields of another chunking do not stay.
         pipe = self.client.pipeline(transaction=True)
         pipe.sadd(jobs, job_id)
         pipe.expire(jobs, self.ttl)
-        pipe.set(blob, data, ex=self.ttl, nx=True)
+        pipe.delete(blob)
+        pipe.hset(blob, items=chunked(data))
         pipe.expire(blob, self.ttl)
         pipe.execute()
 
     def get(self, reference: str, max_bytes: int) -> bytes:
         digest = blob_digest(reference)
         blob, _ = self.keys(digest)
-        # One round trip, at most ``max_bytes`` read: the size for the cap, and the bytes.
-        pipe = self.client.pipeline(transaction=False)
-        pipe.strlen(blob)
-        pipe.getrange(blob, 0, max_bytes - 1)
-        size, data = pipe.execute()
-        if size > max_bytes:
-            raise ImageTooLarge(
-                f"blob image is {size} bytes, over the {max_bytes}-byte cap (max_image_bytes)"
-            )
-        if not isinstance(data, bytes) or not data:
+        stored = self._read(blob, max_bytes)
+        if stored is None:
             raise InvalidImage(
                 f"blob {digest[:12]}… is not in the blob store (it expired, was never stored, or its jobs "
                 "already ended): send the image again"
             )
-        if hashlib.sha256(data).hexdigest() != digest:
+        size, data = stored
+        if size is not None and size > max_bytes:
+            raise ImageTooLarge(
+                f"blob image is {size} bytes, over the {max_bytes}-byte cap (max_image_bytes)"
+            )
+        if size == 0:
+            raise InvalidImage(f"blob {digest[:12]}… is empty: an image has bytes")
+        if size != len(data) or hashlib.sha256(data).hexdigest() != digest:
             self.client.delete(blob)  # a resend of the real bytes stores them again
             raise InvalidImage(f"blob {digest[:12]}… does not match its sha256 (tampered or corrupted)")
         return data
 
+    def _read(self, blob: str, max_bytes: int) -> tuple[int | None, bytes] | None:
+        """(the stored size: ``n`` of a hash, ``None`` if unreadable; the bytes read) or None if missing.
+
+        One round trip that reads either form, at most ``max_bytes`` (a hash: rounded up to a whole chunk):
+        ``HMGET n 0 1 …`` of as many chunks as the cap allows (one command, so the size and the chunks agree)
+        and ``STRLEN`` + ``GETRANGE`` for a plain string; the one of the other form fails ``WRONGTYPE``. Not
+        a script that checks the cap before any byte travels: a Lua reply of 1 MB costs Redis ~1.5 ms more
+        (measured), and an over-cap image is refused after at most the cap was read, as before the chunks.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(blob, ["n", *range(-(-max_bytes // CHUNK))])
+        pipe.strlen(blob)
+        pipe.getrange(blob, 0, max_bytes - 1)
+        as_hash, length, as_string = pipe.execute(raise_on_error=False)
+        for reply in (as_hash, length, as_string):
+            if isinstance(reply, redis.ResponseError) and not str(reply).startswith("WRONGTYPE"):
+                raise reply
+        if isinstance(as_hash, list) and any(field is not None for field in as_hash):
+            return _declared_size(as_hash[0]), b"".join(chunk for chunk in as_hash[1:] if chunk)
+        if isinstance(length, int) and length > 0:
+            return length, as_string
+        return None  # no key (or a key of another type)
+
     def release(self, reference: str, job_id: str) -> None:
         blob, jobs = self.keys(blob_digest(reference))
         self._release(keys=[blob, jobs], args=[job_id])
+
+
+def chunked(data: bytes) -> list[str | int | memoryview]:
+    """The fields of a stored blob, for ``HSET``: ``n``, the size, then ``0``, the first :data:`CHUNK`
+    bytes, ``1``, the next, ... (views of ``data``, not copies: the bytes packer hands them to the socket as
+    they are)."""
+    view = memoryview(data)
+    fields: list[str | int | memoryview] = ["n", len(data)]
+    for index, start in enumerate(range(0, len(data), CHUNK)):
+        fields += [index, view[start : start + CHUNK]]
+    return fields
+
+
+def _declared_size(n: object) -> int | None:
+    """A stored blob's ``n`` as a number, or None if it is missing or not a decimal integer."""
+    try:
+        return int(n)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None

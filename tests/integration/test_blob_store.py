@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from devtools.devstack import RedisServer
-from producer.blobs import RedisBlobStore, blob_reference, bytes_packer
+from producer.blobs import CHUNK, RedisBlobStore, blob_reference, bytes_packer
 from producer.errors import ImageTooLarge, InvalidImage
 from tests.integration.conftest import wait_for
 
@@ -59,7 +59,8 @@ def test_one_copy_per_content_however_many_jobs(store: RedisBlobStore) -> None:
     references = {store.put(data, f"job-{i}") for i in range(20)}
     assert references == {blob_reference(data)}
     blob, jobs = store.keys(hashlib.sha256(data).hexdigest())
-    assert store.client.strlen(blob) == len(data)  # raw bytes, no base64
+    assert store.client.hget(blob, "n") == str(len(data)).encode()
+    assert b"".join(store.client.hmget(blob, ["0"])) == data  # raw bytes, no base64; one chunk
     assert store.client.scard(jobs) == 20
     assert store.get(blob_reference(data), max_bytes=len(data)) == data
 
@@ -119,7 +120,9 @@ def test_a_first_time_image_is_one_transaction(quiet_server: RedisServer) -> Non
     before = commands(store.client)
     store.put(os.urandom(50_000), "a")
     # No existence check or script before the upload: the claim and the bytes in one MULTI/EXEC.
-    assert sent_since(before, store.client) == {"multi": 1, "sadd": 1, "expire": 2, "set": 1, "exec": 1}
+    assert sent_since(before, store.client) == {
+        "multi": 1, "sadd": 1, "expire": 2, "del": 1, "hset": 1, "exec": 1
+    }  # fmt: skip
 
 
 def test_a_resend_of_a_stored_image_sends_only_its_claim(quiet_server: RedisServer) -> None:
@@ -128,7 +131,7 @@ def test_a_resend_of_a_stored_image_sends_only_its_claim(quiet_server: RedisServ
     before, received = commands(store.client), received_bytes(store.client)
     assert store.put(data, "b") == reference
     sent = sent_since(before, store.client)
-    assert "set" not in sent and "exec" not in sent, sent  # the bytes did not travel
+    assert "hset" not in sent and "exec" not in sent, sent  # the bytes did not travel
     assert received_bytes(store.client) - received < 10_000  # of a 1 MB image
     blob, jobs = store.keys(hashlib.sha256(data).hexdigest())
     assert store.client.smembers(jobs) == {b"a", b"b"}
@@ -149,7 +152,7 @@ def test_a_resend_after_the_bytes_left_stores_them_again(quiet_server: RedisServ
     assert store.put(data, "c") == reference
     # One round trip more than a first-time image: the claim that found nothing, then the upload.
     assert sent_since(before, store.client) == {
-        "evalsha": 1, "exists": 1, "multi": 1, "sadd": 1, "expire": 2, "set": 1, "exec": 1
+        "evalsha": 1, "exists": 1, "multi": 1, "sadd": 1, "expire": 2, "del": 1, "hset": 1, "exec": 1
     }  # fmt: skip
     assert store.get(reference, max_bytes=len(data)) == data
     assert store.client.smembers(store.keys(hashlib.sha256(data).hexdigest())[1]) == {b"c"}
@@ -185,3 +188,98 @@ def test_a_release_racing_a_resend_never_leaves_a_claim_without_its_bytes(store:
             assert store.get(reference, max_bytes=len(data)) == data
             store.release(reference, "second")
             assert not store.client.exists(blob, jobs)
+
+
+@pytest.mark.parametrize("size", [1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK, 1_048_849])
+def test_a_blob_is_stored_as_chunks_that_cost_redis_its_size(store: RedisBlobStore, size: int) -> None:
+    data = os.urandom(size)
+    reference = store.put(data, "a")
+    blob, _ = store.keys(hashlib.sha256(data).hexdigest())
+    chunks = -(-size // CHUNK)
+    assert store.client.type(blob) == b"hash" and store.client.hlen(blob) == 1 + chunks
+    assert store.client.hstrlen(blob, str(chunks - 1)) == size - (chunks - 1) * CHUNK
+    # Full chunks fill jemalloc's 64 KiB class; only the last one rounds up (the classes between 32 and
+    # 64 KiB are 8 KiB apart), plus each field's name and entry and the key's own few hundred bytes.
+    assert size <= store.client.memory_usage(blob, samples=0) <= size + 8192 + 64 * chunks + 512
+    assert store.get(reference, max_bytes=size) == data
+    store.release(reference, "a")
+    assert not store.client.exists(blob)
+
+
+def test_a_plain_string_blob_of_a_foreign_client_is_read_and_released(store: RedisBlobStore) -> None:
+    data = os.urandom(200_000)
+    blob, jobs = store.keys(hashlib.sha256(data).hexdigest())
+    store.client.set(blob, data, ex=600)
+    store.client.sadd(jobs, "a")
+    reference = blob_reference(data)
+    assert store.get(reference, max_bytes=len(data)) == data
+    store.release(reference, "a")
+    assert not store.client.exists(blob, jobs)
+
+
+def test_a_put_replaces_a_copy_of_another_form(store: RedisBlobStore) -> None:
+    """A plain-string copy (no WRONGTYPE) or a hash with stray fields: the upload writes the hash anew."""
+    data = os.urandom(CHUNK + 10)
+    blob, _ = store.keys(hashlib.sha256(data).hexdigest())
+    store.client.set(blob, data)
+    reference = store.put(data, "a")
+    assert store.client.type(blob) == b"hash" and store.get(reference, max_bytes=len(data)) == data
+    store.client.hset(blob, "2", b"stray")
+    RedisBlobStore(store.client, ttl=600).put(data, "b")  # another producer: no claim-only resend
+    assert store.client.hlen(blob) == 3 and store.get(reference, max_bytes=len(data)) == data
+
+
+def sent_bytes(client: redis.Redis) -> int:
+    return int(client.info("stats")["total_net_output_bytes"])
+
+
+@pytest.mark.parametrize("form", ["hash", "string", "hash whose n lies"])
+def test_an_over_cap_blob_is_refused_after_at_most_the_cap_was_read(
+    quiet_server: RedisServer, form: str
+) -> None:
+    store, data, cap = counting_store(quiet_server), os.urandom(1 << 20), 100_000
+    blob, _ = store.keys(hashlib.sha256(data).hexdigest())
+    if form == "string":
+        store.client.set(blob, data)
+    else:
+        store.put(data, "a")
+    if form == "hash whose n lies":
+        store.client.hset(blob, "n", "10")
+    sent = sent_bytes(store.client)
+    refusal = (
+        (InvalidImage, "does not match its sha256") if form == "hash whose n lies" else (ImageTooLarge, "")
+    )
+    with pytest.raises(
+        refusal[0], match=refusal[1] or f"blob image is {len(data)} bytes, over the {cap}-byte"
+    ):
+        store.get(blob_reference(data), max_bytes=cap)
+    # Of a 1 MB image: the cap, rounded up to a whole chunk for a hash, and INFO's own reply.
+    assert sent_bytes(store.client) - sent < cap + CHUNK + 10_000
+
+
+@pytest.mark.parametrize("damage", ["a chunk's byte", "a chunk cut short", "a missing chunk", "n"])
+def test_a_damaged_chunked_blob_is_invalid_and_deleted(store: RedisBlobStore, damage: str) -> None:
+    data = os.urandom(2 * CHUNK + 100)
+    reference = store.put(data, "a")
+    blob, _ = store.keys(hashlib.sha256(data).hexdigest())
+    if damage == "a chunk's byte":
+        store.client.hset(blob, "1", b"x" + data[CHUNK + 1 : 2 * CHUNK])
+    elif damage == "a chunk cut short":
+        store.client.hset(blob, "2", data[2 * CHUNK : -1])
+    elif damage == "a missing chunk":
+        store.client.hdel(blob, "1")
+    else:
+        store.client.hset(blob, "n", len(data) + 1)
+    with pytest.raises(InvalidImage, match="does not match its sha256"):
+        store.get(reference, max_bytes=2 * len(data))  # an n over the cap would be image_too_large
+    assert not store.client.exists(blob)  # a resend of the real bytes stores them again
+    assert RedisBlobStore(store.client, ttl=600).put(data, "b") == reference
+    assert store.get(reference, max_bytes=len(data)) == data
+
+
+def test_a_missing_or_empty_blob_is_invalid(store: RedisBlobStore) -> None:
+    with pytest.raises(InvalidImage, match="not in the blob store"):
+        store.get(blob_reference(b"never stored " + uuid.uuid4().bytes), max_bytes=1000)
+    reference = store.put(b"", "a")  # the producer sends empty bytes on: the worker refuses them
+    with pytest.raises(InvalidImage, match="is empty"):
+        store.get(reference, max_bytes=1000)
