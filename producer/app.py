@@ -131,7 +131,8 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
         "task_queue_max_priority": MAX_PRIORITY,
         "worker_hijack_root_logger": False,
     }
-    if settings.broker_url.split("://", 1)[0] in ("redis", "rediss"):
+    # redis:// only: kombu turns on TLS for rediss:// by its transport's name, which a class path would lose.
+    if settings.broker_url.split("://", 1)[0] == "redis":
         config["broker_transport"] = TRANSPORT  # kombu's, one client reused per channel (producer.transport)
     return config
 

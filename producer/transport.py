@@ -8,8 +8,8 @@ answering small jobs put ~12% of its consumer thread there. This channel keeps o
 and hands it out instead: a ``redis.Redis`` takes a pooled connection per command, so sharing it between
 threads is safe, and commands, timeouts and reconnects are exactly kombu's.
 
-Used for ``redis://`` and ``rediss://`` brokers (:func:`producer.app.celery_config`); any other broker URL
-keeps kombu's own transport.
+Used for ``redis://`` brokers (:func:`producer.app.celery_config`); any other broker URL keeps kombu's own
+transport (``rediss://`` too: kombu turns TLS on by the transport's name).
 
 Celery's Redis backend subscribes to every sent job's result channel as the job is sent; a web request that
 answers 202 never waits, so the producer then had to unsubscribe again: two pub/sub commands per job for

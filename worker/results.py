@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import states
 from celery.backends.redis import RedisBackend
+from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 
 _STORE_UNLESS_SUCCEEDED = """
@@ -43,8 +44,10 @@ class ResultBackend(RedisBackend):
         meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
         meta["task_id"] = bytes_to_str(task_id)
         expires = self.failure_expires if state == states.FAILURE else self.expires
-        key = self.get_key_for_task(task_id)
-        self.ensure(self._store_unless_succeeded, (key, self.encode(meta), expires))
+        key, value = self.get_key_for_task(task_id), self.encode(meta)
+        if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:  # as RedisBackend.set checks
+            raise BackendStoreError("value too large for Redis backend", state=state, task_id=task_id)
+        self.ensure(self._store_unless_succeeded, (key, value, expires))
         return result
 
     @functools.cached_property

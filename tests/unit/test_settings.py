@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from producer.app import celery_config
 from producer.settings import ClientSettings, QueueSettings, load_settings
+from producer.transport import TRANSPORT
 from worker.faults import Faults
 from worker.fetch_policy import FetchPolicy
 from worker.settings import DEFAULT_MODEL, WorkerSettings
@@ -116,3 +118,14 @@ def test_a_settings_group_takes_each_field_from_its_prefixed_setting() -> None:
     assert (faults.oom_marker, faults.slow_step_s, faults.crash_marker) == ("OOM", 0.5, None)
     policy = FetchPolicy.from_settings(settings)
     assert (policy.retries, policy.timeout, policy.max_bytes) == (4, 3, settings.max_image_bytes)
+
+
+def test_only_redis_brokers_take_the_client_reusing_transport() -> None:
+    def transport(url: str) -> object:
+        return celery_config(QueueSettings(broker_url=url)).get("broker_transport")
+
+    assert transport("redis://localhost:6379/0") == TRANSPORT
+    # rediss: kombu turns TLS on by its own transport's name; amqp and sentinel keep theirs too
+    assert transport("rediss://localhost:6380/0") is None
+    assert transport("amqp://guest:guest@localhost:5672//") is None
+    assert transport("sentinel://localhost:26379") is None
