@@ -36,9 +36,14 @@ class ModelHost:
             runtime = Runtime(self.settings)
             workers = self.settings.preprocess_workers
             workers = default_workers() if workers is None else workers
-            if workers:
-                self.preprocess = PreprocessPool(runtime.processor, workers).start(PREPROCESS_START_S)
-            self.executor = start_executor(self.settings, runtime, self.faults, self.hooks)
+            try:
+                if workers:
+                    self.preprocess = PreprocessPool(runtime.processor, workers).start(PREPROCESS_START_S)
+                self.executor = start_executor(self.settings, runtime, self.faults, self.hooks)
+            except BaseException:  # nothing half-started stays behind (the pool's processes)
+                self.stop()
+                self.preprocess = self.executor = None
+                raise
             self.runtime = runtime
         return self.runtime
 
