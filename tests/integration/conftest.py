@@ -149,7 +149,7 @@ class Workers:
         queues = ["--queues", queue] if queue else []
         args = ["--config", str(TINY_CONFIG), *queues, "--hostname", hostname, *extra_args]
         environment = worker_env(self.settings, self.cache_dir, **env)
-        worker = WorkerProcess(args, environment, self.logs / f"{hostname}.log")
+        worker = WorkerProcess(args, environment, self.logs / f"{hostname}.log", fork=True)
         self.started.append(worker.start())
         _LIVE.append(worker)
         if wait:
