@@ -92,6 +92,8 @@ class GrowingLayer(DynamicLayer):
     columns at a time) instead of concatenating the whole cache every step as ``DynamicLayer`` does."""
 
     SPARE = 32
+    keys: torch.Tensor | None  # DynamicLayer's (declared here: mypy reads transformers as Any)
+    values: torch.Tensor | None
     _buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values with spare columns
 
     def update(
