@@ -98,7 +98,8 @@ def plan(pending: Sequence[Pending], now: float, max_batch_size: int, max_wait: 
 class ModelThread(Generic[_Key]):
     """What every scheduler of the one model thread shares: start, stop, enqueue, submit-and-wait with a
     deadline, and abandon at the end of a warm shutdown. Subclasses keep their queues and write
-    :meth:`submit`, :meth:`_loop` and :meth:`_all_jobs` (every waiting and running job)."""
+    :meth:`submit`, :meth:`_queue` (where :meth:`_enqueue` adds a job), :meth:`_loop` and :meth:`_all_jobs`
+    (every waiting and running job)."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
@@ -143,12 +144,16 @@ class ModelThread(Generic[_Key]):
                 abandoned += 1
         return abandoned
 
-    def _enqueue(self, queue: list[Any], job: Any) -> None:
+    def _enqueue(self, job: Any) -> None:
         with self._cond:
             if self._stopping:
                 raise InternalError("the worker is shutting down")
-            queue.append(job)
+            self._queue().append(job)  # looked up under the lock: the model thread replaces the list
             self._cond.notify_all()
+
+    def _queue(self) -> list[Any]:
+        """The list a new job joins (the model thread may replace it, under the lock, as it takes jobs)."""
+        raise NotImplementedError
 
     def _all_jobs(self) -> list[Any]:
         """Every waiting and running job; the waiting ones leave their queue (called under the lock)."""
@@ -181,8 +186,11 @@ class DynamicBatcher(ModelThread[Hashable]):
         """Queue ``payload`` for the model; the future holds its output or its error."""
         now = self._clock()
         job = Pending(key, payload, enqueued=now, deadline=now + timeout)
-        self._enqueue(self._pending, job)
+        self._enqueue(job)
         return job.future
+
+    def _queue(self) -> list[Any]:
+        return self._pending
 
     def _all_jobs(self) -> list[Any]:
         jobs = self._pending + self._running

@@ -119,8 +119,11 @@ class ContinuousEngine(ModelThread[BatchKey]):
             prefill=self._steps.prompt_tokens(payload),
         )
         job = _Job(ticket, key, payload, now, prefill_left=ticket.prefill)
-        self._enqueue(self._waiting, job)
+        self._enqueue(job)
         return job.future
+
+    def _queue(self) -> list[Any]:
+        return self._waiting
 
     def _all_jobs(self) -> list[Any]:
         jobs = self._waiting + list(self._running.values())

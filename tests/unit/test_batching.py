@@ -1,14 +1,18 @@
-"""The batcher's rules (pure ``plan``) and its thread: size, wait, deadline, incompatible params."""
+"""The batcher's rules (pure ``plan``) and its thread: size, wait, deadline, incompatible params; both model
+threads (static, continuous) under racing submitters."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+from concurrent.futures import Future, wait
 
 import pytest
 
 from producer.errors import InternalError, JobTimeout, ResourceExhausted
-from worker.batching import Alone, DynamicBatcher, Pending, plan
+from worker.batching import SCORE, Alone, DynamicBatcher, Pending, plan
+from worker.engine import ContinuousEngine
 
 
 def job(key: str, enqueued: float, deadline: float = 100.0, name: str = "") -> Pending:
@@ -145,3 +149,58 @@ def test_abandon_fails_the_running_batch_and_the_waiting_jobs_at_once() -> None:
     release.set()
     batcher.stop()
     assert batcher.in_flight == 0
+
+
+class ScoreSteps:
+    """The least a ``ContinuousEngine`` needs to run classify jobs: each scores to its own payload."""
+
+    prefix_budget = prefix_tokens = kv_tokens = 0
+
+    def cost(self, key: object, payload: object) -> int:
+        return 1
+
+    def prompt_tokens(self, payload: object) -> int:
+        return 0
+
+    def classify(self, payloads: list[int]) -> list[int]:
+        return list(payloads)
+
+    def ended(self) -> list[int]:
+        return []
+
+    def leave(self, row_ids: object) -> dict[int, object]:
+        return {}
+
+
+@pytest.mark.parametrize("scheduler", ["static", "continuous"])
+def test_no_job_is_lost_while_the_model_thread_takes_jobs_from_its_queue(scheduler: str) -> None:
+    """Submitters racing the model thread, which replaces its queue list each time it takes jobs: every job
+    settles. (A submit that read the list before the lock appended to a replaced one: measured, 3,664 of
+    16,000 jobs never settled.) Thread switches are forced every microsecond to make the race likely."""
+    if scheduler == "static":
+        model: DynamicBatcher | ContinuousEngine = DynamicBatcher(
+            lambda key, payloads: list(payloads), max_batch_size=4, max_wait=0.0
+        )
+        key: object = "k"
+    else:
+        model, key = ContinuousEngine(ScoreSteps(), budget=64, max_rows=4), SCORE  # type: ignore[arg-type]
+    model.start()
+    futures: list[Future] = []
+
+    def submit(count: int) -> None:
+        futures.extend(model.submit(key, i, timeout=60) for i in range(count))  # type: ignore[arg-type]
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        submitters = [threading.Thread(target=submit, args=(1500,)) for _ in range(4)]
+        for thread in submitters:
+            thread.start()
+        for thread in submitters:
+            thread.join()
+        _, never_settled = wait(futures, timeout=30)
+    finally:
+        sys.setswitchinterval(interval)
+        model.stop()
+    assert len(futures) == 6000 and not never_settled
+    assert sorted(future.result().output for future in futures) == sorted(list(range(1500)) * 4)
