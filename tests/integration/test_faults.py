@@ -17,8 +17,8 @@ import pytest
 
 from devtools.devstack import RedisServer
 from producer import ClientSettings, LlavaClient, WorkerLost
-from tests.integration.conftest import IMAGES, Stack, WorkerCli, wait_for
-from tests.integration.fault_tools import FAST_FETCH, SLOW, health, in_flight, queue_name
+from tests.integration.conftest import IMAGES, Stack, WorkerCli, health, wait_for
+from tests.integration.fault_tools import FAST_FETCH, SLOW, in_flight, queue_name
 
 
 def test_sigkill_mid_jobs_then_another_worker_finishes_all(stack: Stack) -> None:
