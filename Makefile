@@ -84,7 +84,7 @@ bench-memory: install
 SOAK_ROUNDS ?= 5
 soak: install
 	for round in $$(seq $(SOAK_ROUNDS)); do echo "soak round $$round"; \
-	  $(DEVSTACK) $(BIN)/python -m pytest -q tests/integration/test_faults.py tests/integration/test_batching_worker.py || exit 1; done
+	  $(DEVSTACK) $(BIN)/python -m pytest -q tests/integration/test_faults.py tests/integration/test_poison.py tests/integration/test_batching_worker.py || exit 1; done
 
 # Flower on the configured broker (LLAVA_BROKER_URL; auth: LLAVA_FLOWER_BASIC_AUTH=user:password).
 flower: install

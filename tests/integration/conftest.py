@@ -11,11 +11,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from devtools.devstack import RedisServer, WorkerProcess, stop_all
 from producer import LlavaClient
+from producer.contract import HEALTH_COMMAND
 from producer.settings import ClientSettings
 from tests.integration.image_server import ImageServer
 
@@ -240,6 +242,17 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.1)
+
+
+def health(client: LlavaClient, hostname: str, timeout: float = 2.0) -> dict[str, Any]:
+    """``hostname``'s health, ``{}`` if it does not answer within ``timeout``. Addressed to that worker, the
+    broadcast returns with its reply (``worker_health`` waits out its whole timeout for any other worker)."""
+    control = client.app.control
+    replies = control.broadcast(HEALTH_COMMAND, reply=True, timeout=timeout, destination=[hostname])
+    for reply in replies or []:
+        if isinstance(reply.get(hostname), dict):
+            return dict(reply[hostname])
+    return {}
 
 
 @pytest.fixture(scope="session")

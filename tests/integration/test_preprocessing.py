@@ -20,8 +20,7 @@ from PIL import Image
 
 from producer import CaptionResult, LlavaClient
 from producer.errors import InternalError
-from producer.status import worker_health
-from tests.integration.conftest import IMAGES, StartWorker, wait_for
+from tests.integration.conftest import IMAGES, StartWorker, health, wait_for
 from worker.runtime import Prompt
 from worker.runtime.preprocessing import PreprocessPool
 from worker.service import JobContext, Requeue, Service
@@ -134,9 +133,9 @@ def test_a_worker_with_a_preprocessing_pool_serves_and_stops_cleanly(
     reference = client.caption(IMAGES / "stop_sign.jpg", queue=shared_worker[2]).get(timeout=WAIT)
     assert isinstance(result, CaptionResult) and result.worker == hostname
     assert result.text == reference.text
-    health = worker_health(client.app)[hostname]
-    assert health["preprocessing"]["workers"] == 1 and health["image_processor"]
-    [pid] = health["preprocessing"]["pids"]
+    info = health(client, hostname)
+    assert info["preprocessing"]["workers"] == 1 and info["image_processor"]
+    [pid] = info["preprocessing"]["pids"]
     assert worker.stop() == 0, worker.log_tail()
     wait_for(lambda: not _running(pid), WAIT, "the worker's preprocessing process to be gone")
 
