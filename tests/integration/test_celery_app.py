@@ -14,6 +14,7 @@ import pytest
 from devtools.devstack import WorkerProcess
 from producer import CaptionResult, LlavaClient
 from producer.settings import ClientSettings
+from producer.status import HEALTH_COMMAND
 from tests.integration.conftest import IMAGES, TINY_CONFIG, worker_env
 from worker.settings import WorkerSettings, load_settings
 
@@ -45,7 +46,8 @@ def test_celery_inspect_llava_health_answers_for_a_llava_worker(
     health = json.loads(answer.stdout)[hostname]
     assert health["model_loaded"] is True and health["pid"] == worker.process.pid  # type: ignore[union-attr]
     assert '"model_loaded": true' in answer.stdout  # what the compose healthcheck greps for
-    status = celery(env, "status", "--timeout", "10")
+    # --destination: it returns when that worker answers (without, it waits out the whole --timeout)
+    status = celery(env, "status", "--destination", hostname, "--timeout", "10")
     assert status.returncode == 0 and hostname in status.stdout
 
 
@@ -64,8 +66,9 @@ def test_celery_worker_serves_jobs_with_the_project_settings(
         assert stats["pool"]["implementation"].endswith("thread:TaskPool")
         threads = load_settings(WorkerSettings, config_file=TINY_CONFIG).threads
         assert stats["pool"]["max-concurrency"] == threads  # what llava-worker runs with
-        health = celery(env, "inspect", "llava_health", "--destination", hostname, "--json")
-        assert json.loads(health.stdout)[hostname]["jobs_done"] == 1
+        control = client.app.control
+        [health] = control.broadcast(HEALTH_COMMAND, reply=True, timeout=10, destination=[hostname])
+        assert health[hostname]["jobs_done"] == 1  # (`celery inspect llava_health`: the test above)
     finally:
         assert worker.stop() == 0, worker.log_tail()
 

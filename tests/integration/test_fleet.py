@@ -1,4 +1,5 @@
-"""The fleet: one worker per GPU (launcher, exercised with --device cpu), routing by model, priorities."""
+"""The fleet: one worker per GPU (launcher, exercised with --device cpu; each with its own metrics port),
+routing by model, priorities."""
 
 from __future__ import annotations
 
@@ -8,33 +9,53 @@ import subprocess
 import sys
 import uuid
 
+from devtools.devstack import free_port
 from producer import LlavaClient
-from producer.status import cluster_status, worker_health
+from producer.status import HEALTH_COMMAND, cluster_status, queue_depths, worker_health
 from tests.integration.conftest import IMAGES, ROOT, TINY_CONFIG, wait_for, worker_env
+from tests.integration.test_metrics import answers, port_is_free, scrape
 
 HOST = socket.gethostname()
+
+
+def health_of(client: LlavaClient, nodes: set[str], timeout: float = 1.0) -> dict[str, dict]:
+    """``llava_health`` of those of ``nodes`` that answer: as soon as all have, else after ``timeout``."""
+    replies = client.app.control.broadcast(
+        HEALTH_COMMAND, reply=True, timeout=timeout, destination=sorted(nodes), limit=len(nodes)
+    )
+    return {node: info for reply in replies or [] for node, info in reply.items()}
 
 
 def test_launcher_runs_one_supervised_worker_per_gpu(
     client: LlavaClient, client_settings, cache_dir, tmp_path
 ) -> None:
+    """``llava-worker --gpus 0,1``: a worker per GPU index, each on its own GPU and on its own metrics port
+    (the base port + its index), the one that crashes restarted, all stopped by SIGTERM."""
+    base = free_port()
+    while not port_is_free(base + 1):
+        base = free_port()
     queue = f"fleet-{uuid.uuid4().hex[:8]}"
     log = open(tmp_path / "launcher.log", "wb")  # noqa: SIM115
     parent = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "--config", str(TINY_CONFIG), "--gpus", "0,1", "--device", "cpu",
+        [sys.executable, "-m", "worker", "--config", str(TINY_CONFIG), "--gpus", "0,1", "--device", "cpu",
          "--queues", queue],
-        env=worker_env(client_settings, cache_dir), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        env=worker_env(client_settings, cache_dir, LLAVA_METRICS_PORT=str(base)), stdout=log,
+        stderr=subprocess.STDOUT, cwd=ROOT,
     )  # fmt: skip
     nodes = {f"gpu0@{HOST}", f"gpu1@{HOST}"}
     try:
-        wait_for(lambda: nodes <= set(worker_health(client.app)), 90, "gpu0 and gpu1 online")
-        health = worker_health(client.app)
+        wait_for(lambda: nodes <= set(health_of(client, nodes)), 90, "gpu0 and gpu1 online")
+        health = health_of(client, nodes, timeout=10)
         assert {health[f"gpu{i}@{HOST}"]["cuda_visible_devices"] for i in (0, 1)} == {"0", "1"}
+        wait_for(lambda: answers(base) and answers(base + 1), 60, "metrics of gpu0 and gpu1")
+        for gpu in (0, 1):
+            [(_, labels)] = [key for key in scrape(base + gpu) if key[0] == "llava_worker_info"]
+            assert dict(labels)["gpu"] == str(gpu), "each port is its own GPU's worker"
         assert {client.caption(IMAGES / "stop_sign.jpg", queue=queue).get().worker for _ in range(6)} <= nodes
         old_pid = health[f"gpu1@{HOST}"]["pid"]
         subprocess.run(["kill", "-9", str(old_pid)], check=True)
-        wait_for(lambda: worker_health(client.app).get(f"gpu1@{HOST}", {}).get("pid") not in (None, old_pid),
-                 90, "the crashed gpu1 worker to be restarted")  # fmt: skip
+        restarted = lambda: health_of(client, {f"gpu1@{HOST}"}).get(f"gpu1@{HOST}", {}).get("pid")  # noqa: E731
+        wait_for(lambda: restarted() not in (None, old_pid), 90, "the crashed gpu1 worker to be restarted")
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(60) == 0
         assert not nodes & set(worker_health(client.app))
@@ -47,20 +68,24 @@ def test_launcher_runs_one_supervised_worker_per_gpu(
 
 def test_jobs_go_to_the_workers_of_their_model(client: LlavaClient, start_worker) -> None:
     alpha, beta = f"alpha-{uuid.uuid4().hex[:6]}", f"beta-{uuid.uuid4().hex[:6]}"
-    _, alpha_node = start_worker(None, LLAVA_MODEL_NAME=alpha, LLAVA_CONSUME_DEFAULT_QUEUE="false")
-    _, beta_node = start_worker(None, LLAVA_MODEL_NAME=beta, LLAVA_CONSUME_DEFAULT_QUEUE="false")
+    alpha_worker, alpha_node = start_worker(
+        None, wait=False, LLAVA_MODEL_NAME=alpha, LLAVA_CONSUME_DEFAULT_QUEUE="false"
+    )
+    beta_worker, beta_node = start_worker(
+        None, wait=False, LLAVA_MODEL_NAME=beta, LLAVA_CONSUME_DEFAULT_QUEUE="false"
+    )
+    alpha_worker.wait_ready(client.app, alpha_node)  # the two load their models meanwhile
+    beta_worker.wait_ready(client.app, beta_node)
     for _ in range(3):
         assert client.caption(IMAGES / "stop_sign.jpg", model=alpha).get().worker == alpha_node
         assert client.vqa(IMAGES / "stop_sign.jpg", "Which?", model=beta).get().worker == beta_node
     nobody = f"gamma-{uuid.uuid4().hex[:6]}"
     stranded = client.caption(IMAGES / "stop_sign.jpg", model=nobody)
-
-    def cluster() -> dict:
-        return cluster_status(client.app, [client.settings.default_queue])
-
-    wait_for(lambda: cluster()["queues"].get(f"llava.{nobody}") == 1, 30, "the job to wait on its queue")
+    waiting = lambda: queue_depths(client.app, [f"llava.{nobody}"])[f"llava.{nobody}"]  # noqa: E731
+    wait_for(lambda: waiting() == 1, 30, "the job to wait on its queue")
+    status = cluster_status(client.app, [client.settings.default_queue])  # every worker's view: one broadcast
+    assert status["queues"].get(f"llava.{nobody}") == 1
     assert stranded.state == "PENDING"
-    status = cluster()
     assert f"llava.{nobody}" not in status["served_queues"]
     assert f"llava.{alpha}" in status["served_queues"]
 

@@ -1,22 +1,18 @@
-"""Prometheus metrics scraped from live tiny workers: one worker, and one per GPU under the launcher."""
+"""Prometheus metrics scraped from a live tiny worker. That each worker of the launcher serves them on
+the base port + its GPU index is checked by test_fleet.py's launcher test (one launcher run checks both)."""
 
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.devstack import free_port
 from producer import FetchFailed, LlavaClient
-from producer.settings import ClientSettings
-from producer.status import worker_health
-from tests.integration.conftest import IMAGES, ROOT, TINY_CONFIG, StartWorker, wait_for, worker_env
+from tests.integration.conftest import IMAGES, StartWorker
 from tests.integration.image_server import ImageServer
 
 pytestmark = pytest.mark.integration
@@ -74,30 +70,6 @@ def test_a_worker_exports_jobs_latencies_tokens_batches_and_fetch_failures(
     assert value(samples, "llava_jobs_in_flight") == 0
     assert value(samples, "llava_model_loaded") == 1 and value(samples, "llava_model_loads_total") == 1
     assert value(samples, "llava_memory_rss_bytes") > 10e6
-
-
-def test_each_worker_of_the_launcher_serves_metrics_on_base_port_plus_gpu_index(
-    client: LlavaClient, client_settings: ClientSettings, cache_dir: Path, tmp_path: Path
-) -> None:
-    base = free_port()
-    while not port_is_free(base + 1):
-        base = free_port()
-    env = worker_env(client_settings, cache_dir, LLAVA_METRICS_PORT=str(base))
-    queue = f"m-{uuid.uuid4().hex[:8]}"
-    command = [sys.executable, "-m", "worker", "--config", str(TINY_CONFIG), "--queues", queue,
-               "--gpus", "0,1", "--device", "cpu"]  # fmt: skip
-    with open(tmp_path / "launcher.log", "wb") as log:
-        parent = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        wait_for(lambda: answers(base) and answers(base + 1), 120, "metrics of gpu0 and gpu1")
-        nodes = {f"gpu0@{socket.gethostname()}", f"gpu1@{socket.gethostname()}"}
-        wait_for(lambda: nodes <= set(worker_health(client.app)), 60, "gpu0 and gpu1 online")
-        for gpu in (0, 1):
-            [(_, labels)] = [key for key in scrape(base + gpu) if key[0] == "llava_worker_info"]
-            assert dict(labels)["gpu"] == str(gpu), "each port is its own GPU's worker"
-    finally:
-        parent.terminate()
-        assert parent.wait(timeout=60) == 0, (tmp_path / "launcher.log").read_text()
 
 
 def port_is_free(port: int) -> bool:
