@@ -24,7 +24,7 @@ DEVSTACK := $(BIN)/python -m devtools.devstack --
 # The suite runs in TEST_PROCS pytest-xdist processes, a test file to each (every process has its own Redis and
 # workers); TEST_PROCS=0 runs it in this process alone.
 TEST_PROCS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist loadfile
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: demo test coverage lint unit integration images install clean bench bench-memory soak flower
 

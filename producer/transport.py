@@ -15,11 +15,13 @@ Celery's Redis backend subscribes to every sent job's result channel as the job 
 answers 202 never waits, so the producer then had to unsubscribe again: two pub/sub commands per job for
 nothing. :class:`ResultBackend` (the producer's, ``redis://`` and ``rediss://`` result backends) does not
 subscribe on send; ``get``, ``wait`` and the collectors subscribe, then read the stored result, so a result
-stored before the subscription is found all the same.
+stored before the subscription is found all the same. Its ``forget`` also drops a late message of the
+forgotten result (see :meth:`ResultBackend.forget`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -49,6 +51,30 @@ class Transport(kombu_redis.Transport):
 class ResultBackend(RedisBackend):
     def on_task_call(self, producer: Any, task_id: str) -> None:
         """Celery subscribes here to the sent job's channel; this backend waits until something waits."""
+
+    def forget(self, task_id: str) -> None:
+        """Celery's ``forget`` (the stored result, the cached one, the subscription), then any message of the
+        forgotten result still on its way to this client. A result published while the client was subscribed
+        stays in its socket, ahead of the UNSUBSCRIBE reply, when the client unsubscribed before reading it
+        (a ``get`` that found the result stored): a job sent again under the same id would take that message
+        of its first run (found under load: a failed job's resend returned the old failure). So the messages
+        up to that reply are read (within one attempt, ``redis_socket_timeout``), and what came for this id
+        is dropped."""
+        super().forget(task_id)
+        consumer = self.result_consumer
+        key = self.get_key_for_task(task_id)
+        deadline = time.monotonic() + float(self.app.conf.redis_socket_timeout or 1.0)
+        while _unsubscribing(consumer, key) and (left := deadline - time.monotonic()) > 0:
+            consumer.drain_events(timeout=min(left, 0.1))
+        while self._pending_messages.take(task_id, None) is not None:  # read while nothing waited for it
+            pass
+
+
+def _unsubscribing(consumer: Any, key: bytes) -> bool:
+    """Whether ``key``'s UNSUBSCRIBE is still to be sent or its reply still to be read."""
+    pubsub = consumer._pubsub
+    pending = consumer._pending_unsubscribe
+    return pubsub is not None and (key in pending or key in pubsub.pending_unsubscribe_channels)
 
 
 TRANSPORT = f"{__name__}:Transport"

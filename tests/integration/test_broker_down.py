@@ -22,6 +22,8 @@ from producer.cli import EXIT_BROKER_UNAVAILABLE
 from producer.cli import main as cli_main
 from tests.integration.conftest import IMAGES
 
+pytestmark = pytest.mark.long  # started first by pytest-xdist (tests/conftest.py)
+
 BROKER_TIMEOUT = 2.5  # above 2 s, so that the old per-attempt arithmetic (1.5 x broker_timeout) fails BOUND
 BOUND = BROKER_TIMEOUT + 1.0  # the documented bound (broker_timeout) and a margin for one more attempt
 URL = "https://images.example/cat.png"  # never fetched: no worker runs here

@@ -18,7 +18,7 @@ from producer.status import HEALTH_COMMAND
 from tests.integration.conftest import IMAGES, TINY_CONFIG, worker_env
 from worker.settings import WorkerSettings, load_settings
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 
 def celery(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -22,6 +22,8 @@ from worker.runtime import LabelScores, Prepared, Prompt, Runtime
 from worker.runtime.scoring import NO, YES, LabelQuery
 from worker.settings import WorkerSettings
 
+pytestmark = pytest.mark.long  # started first by pytest-xdist (tests/conftest.py)
+
 FAMILIES = ("mistral", "vicuna", "chatml", "llama3")
 TEXT = "Which traffic sign is this?"
 QUESTION = "Is there {label} in this image? Answer Yes or No."

@@ -23,6 +23,8 @@ from producer import (
 )
 from tests.integration.conftest import IMAGES
 
+pytestmark = pytest.mark.long  # started first by pytest-xdist (tests/conftest.py)
+
 STOP_SIGN = IMAGES / "stop_sign.jpg"
 RADAR = IMAGES / "radar_chart.png"
 BAD = b"GIF89a but truncated"
@@ -121,6 +123,23 @@ def test_a_failed_job_id_sent_again_waits_for_its_new_run(client, queue) -> None
         client.caption(BAD, queue=queue, job_id=job_id).get()
     again = client.caption(STOP_SIGN, queue=queue, job_id=job_id, max_new_tokens=2)
     assert again.id == job_id and again.get().kind == "caption"  # not the stored failure of the first run
+
+
+def test_a_failed_job_sent_again_never_takes_a_late_message_of_its_first_run(fresh) -> None:
+    """The first run's failure was published while the client was subscribed, and the client unsubscribed
+    before reading that message (its get() found the failure stored): the message stays in the socket, ahead
+    of the UNSUBSCRIBE reply. Sent again under the same id, the job waits for its new run (parked here: no
+    worker consumes the queue) instead of resolving with that late message."""
+    job_id = f"late-{uuid.uuid4().hex[:8]}"
+    first = fresh.job(job_id, "llava.caption")
+    backend = fresh.app.backend
+    backend.add_pending_result(first.async_result)  # subscribed, as a waiting get() is
+    backend.store_result(job_id, InvalidImage("cannot decode image"), "FAILURE")  # stored and published
+    first.release()  # unsubscribed: the published message is still unread
+    again = fresh.caption(STOP_SIGN, queue=f"parked-{job_id}", job_id=job_id, max_new_tokens=2)
+    with pytest.raises(ResultTimeout):
+        again.get(timeout=1)
+    assert again.state == "PENDING"
 
 
 def test_as_completed_timeout_releases_unfinished_jobs(fresh) -> None:

@@ -20,6 +20,8 @@ from producer import ClientSettings, LlavaClient, WorkerLost
 from tests.integration.conftest import IMAGES, Stack, WorkerCli, health, wait_for
 from tests.integration.fault_tools import FAST_FETCH, SLOW, in_flight, queue_name
 
+pytestmark = pytest.mark.long  # started first by pytest-xdist (tests/conftest.py)
+
 
 def test_sigkill_mid_jobs_then_another_worker_finishes_all(stack: Stack) -> None:
     client, queue = stack.client, queue_name("kill")

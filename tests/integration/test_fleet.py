@@ -9,11 +9,15 @@ import subprocess
 import sys
 import uuid
 
+import pytest
+
 from devtools.devstack import free_port
 from producer import LlavaClient
 from producer.status import HEALTH_COMMAND, cluster_status, queue_depths, worker_health
 from tests.integration.conftest import IMAGES, ROOT, TINY_CONFIG, wait_for, worker_env
 from tests.integration.test_metrics import answers, port_is_free, scrape
+
+pytestmark = pytest.mark.long  # started first by pytest-xdist (tests/conftest.py)
 
 HOST = socket.gethostname()
 

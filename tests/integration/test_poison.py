@@ -15,6 +15,8 @@ from tests.integration.conftest import IMAGES, Stack, wait_for
 from tests.integration.fault_tools import FAST_FETCH, queue_name
 from worker.delivery import DeliveryLedger
 
+pytestmark = pytest.mark.long  # started first by pytest-xdist (tests/conftest.py)
+
 
 @pytest.mark.parametrize("scheduler", ["static", "continuous"])
 def test_poison_job_fails_alone_and_its_batch_mates_succeed(stack: Stack, scheduler: str) -> None:

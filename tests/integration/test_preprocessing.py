@@ -26,6 +26,8 @@ from worker.runtime.preprocessing import PreprocessPool
 from worker.service import JobContext, Requeue, Service
 from worker.settings import WorkerSettings
 
+pytestmark = pytest.mark.long  # started first by pytest-xdist (tests/conftest.py)
+
 WAIT = 120  # seconds: a generous bound on any wait
 
 
