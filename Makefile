@@ -23,7 +23,7 @@ export LLAVA_RESULT_BACKEND ?= redis://localhost:6379/1
 DEVSTACK := $(BIN)/python -m devtools.devstack --
 # The suite runs in TEST_PROCS pytest-xdist processes, a test file to each (every process has its own Redis and
 # workers); TEST_PROCS=0 runs it in this process alone.
-TEST_PROCS ?= 2
+TEST_PROCS ?= 3
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: demo test coverage lint unit integration images install clean bench bench-memory soak flower
