@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
+import runpy
 import shutil
 import signal
 import socket
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import IO, Any
 
@@ -94,17 +96,17 @@ _COVERAGE_VARIABLES = ("COVERAGE_PROCESS_START", "COVERAGE_PROCESS_CONFIG")
 
 
 class ForkedWorker:
-    """The part of ``subprocess.Popen`` that ``WorkerProcess`` and the tests use, for ``llava-worker`` forked
-    from a forkserver that has imported ``PRELOAD``: ``pid``, ``poll``, ``wait``, ``send_signal``, ``kill``,
-    ``returncode`` (negative: the signal that ended it, as with ``Popen``)."""
+    """The part of ``subprocess.Popen`` that ``WorkerProcess`` and the tests use, for ``python -m MODULE
+    ARGS`` forked from a forkserver that has imported ``PRELOAD``: ``pid``, ``poll``, ``wait``,
+    ``send_signal``, ``kill``, ``returncode`` (negative: the signal that ended it, as with ``Popen``)."""
 
     _started: list[ForkedWorker] = []
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, module: str, args: list[str], env: dict[str, str], log_path: Path) -> None:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(PRELOAD)
-        self.args = args
-        self._process = context.Process(target=_serve_forked, args=(args, env, str(log_path)))
+        self.args = [module, *args]
+        self._process = context.Process(target=_serve_forked, args=(module, args, env, str(log_path)))
         self._process.start()
         self.pid: int = self._process.pid  # type: ignore[assignment]
         if not ForkedWorker._started:
@@ -132,7 +134,7 @@ class ForkedWorker:
     def wait(self, timeout: float | None = None) -> int:
         self._process.join(timeout)
         if self._process.exitcode is None:
-            raise subprocess.TimeoutExpired(["llava-worker", *self.args], timeout or 0.0)
+            raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
         return self._process.exitcode
 
     def send_signal(self, sig: int) -> None:
@@ -151,29 +153,30 @@ class ForkedWorker:
             worker.kill()
 
 
-def _serve_forked(args: list[str], env: dict[str, str], log_path: str) -> None:
-    """The forked worker: its output to ``log_path``, its own environment, then ``llava-worker ARGS``; at
-    the end, what the interpreter would run at exit (logging's flush), then the exit status."""
+def _serve_forked(module: str, args: list[str], env: dict[str, str], log_path: str) -> None:
+    """The forked process: its output to ``log_path``, its own environment, then what ``python -m MODULE
+    ARGS`` runs; at the end, what the interpreter would run at exit (logging's flush)."""
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
     os.environ.clear()
     os.environ.update(env)
-    sys.argv = ["llava-worker", *args]
-    from worker.cli import main
-
+    sys.argv = [module, *args]
+    # runpy warns that the preloaded module is imported already; it runs a fresh copy as __main__ all the same
+    warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning, "runpy")
     try:
-        status = main(args)
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
     finally:
         atexit._run_exitfuncs()
-    raise SystemExit(status)
 
 
 class WorkerProcess:
-    """``llava-worker`` as a subprocess with its own environment and log file; ``fork=True``: forked from a
-    preloaded forkserver when ``ForkedWorker.usable`` (the tests: ~5 s of CPU less per start), else run as
-    ``python -m worker.cli``."""
+    """``python -m MODULE ARGS`` (``llava-worker``: ``worker.cli``) as a subprocess with its own environment
+    and log file; ``fork=True``: forked from a preloaded forkserver when ``ForkedWorker.usable`` (the tests:
+    ~5 s of CPU less per start), else a new interpreter."""
+
+    module = "worker.cli"
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path, fork: bool = False) -> None:
         self.args = args
@@ -185,10 +188,10 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         if self.fork and ForkedWorker.usable(self.env):
-            self.process = ForkedWorker(self.args, self.env, self.log_path)
+            self.process = ForkedWorker(self.module, self.args, self.env, self.log_path)
             return self
         self._log = open(self.log_path, "ab")  # noqa: SIM115
-        command = [sys.executable, "-m", "worker.cli", *self.args]
+        command = [sys.executable, "-m", self.module, *self.args]
         self.process = subprocess.Popen(command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         return self
 
