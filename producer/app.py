@@ -9,6 +9,7 @@ The YAML file comes from ``load_settings(..., config_file=...)`` (the CLIs' ``--
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -137,9 +138,14 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
     return config
 
 
-def worker_health(app: Celery, timeout: float = 2.0) -> dict[str, dict[str, Any]]:
-    """``{node name: health}`` for every worker that answers ``HEALTH_COMMAND`` within ``timeout`` seconds."""
-    replies = app.control.broadcast(HEALTH_COMMAND, reply=True, timeout=timeout) or []
+def worker_health(
+    app: Celery, timeout: float = 2.0, nodes: Sequence[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """``{node name: health}`` for every worker that answers ``HEALTH_COMMAND`` within ``timeout`` seconds
+    (a broadcast cannot know how many will: it waits the whole ``timeout``). ``nodes``: only those workers,
+    and it returns as soon as all of them have answered."""
+    addressed = {"destination": list(nodes), "limit": len(nodes)} if nodes else {}
+    replies = app.control.broadcast(HEALTH_COMMAND, reply=True, timeout=timeout, **addressed) or []
     health: dict[str, dict[str, Any]] = {}
     for reply in replies:
         for node, info in reply.items():

@@ -17,7 +17,7 @@ import pytest
 
 from devtools.devstack import RedisServer, WorkerProcess, stop_all
 from producer import LlavaClient
-from producer.contract import HEALTH_COMMAND
+from producer.app import worker_health
 from producer.settings import ClientSettings
 from tests.integration.image_server import ImageServer
 
@@ -245,14 +245,8 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None
 
 
 def health(client: LlavaClient, hostname: str, timeout: float = 2.0) -> dict[str, Any]:
-    """``hostname``'s health, ``{}`` if it does not answer within ``timeout``. Addressed to that worker, the
-    broadcast returns with its reply (``worker_health`` waits out its whole timeout for any other worker)."""
-    control = client.app.control
-    replies = control.broadcast(HEALTH_COMMAND, reply=True, timeout=timeout, destination=[hostname])
-    for reply in replies or []:
-        if isinstance(reply.get(hostname), dict):
-            return dict(reply[hostname])
-    return {}
+    """``hostname``'s health, ``{}`` if it does not answer within ``timeout`` (returns with its reply)."""
+    return worker_health(client.app, timeout, nodes=[hostname]).get(hostname, {})
 
 
 @pytest.fixture(scope="session")

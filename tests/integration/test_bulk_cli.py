@@ -16,8 +16,7 @@ import pytest
 import redis
 
 from producer.cli import main
-from producer.status import HEALTH_COMMAND
-from tests.integration.conftest import IMAGES, wait_for, worker_env
+from tests.integration.conftest import IMAGES, health, wait_for, worker_env
 
 
 @pytest.fixture
@@ -57,8 +56,8 @@ def records(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def jobs_done(client, node: str) -> int:
-    replies = client.app.control.broadcast(HEALTH_COMMAND, reply=True, timeout=5, destination=[node], limit=1)
-    return int(replies[0][node]["jobs_done"]) + int(replies[0][node]["jobs_failed"])
+    info = health(client, node, timeout=5)
+    return int(info["jobs_done"]) + int(info["jobs_failed"])
 
 
 def test_folder_tagging_resumes_without_redoing_images(

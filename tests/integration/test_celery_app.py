@@ -14,8 +14,7 @@ import pytest
 from devtools.devstack import WorkerProcess
 from producer import CaptionResult, LlavaClient
 from producer.settings import ClientSettings
-from producer.status import HEALTH_COMMAND
-from tests.integration.conftest import IMAGES, TINY_CONFIG, worker_env
+from tests.integration.conftest import IMAGES, TINY_CONFIG, health, worker_env
 from worker.settings import WorkerSettings, load_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.long]
@@ -66,9 +65,7 @@ def test_celery_worker_serves_jobs_with_the_project_settings(
         assert stats["pool"]["implementation"].endswith("thread:TaskPool")
         threads = load_settings(WorkerSettings, config_file=TINY_CONFIG).threads
         assert stats["pool"]["max-concurrency"] == threads  # what llava-worker runs with
-        control = client.app.control
-        [health] = control.broadcast(HEALTH_COMMAND, reply=True, timeout=10, destination=[hostname])
-        assert health[hostname]["jobs_done"] == 1  # (`celery inspect llava_health`: the test above)
+        assert health(client, hostname, timeout=10)["jobs_done"] == 1  # (`celery inspect`: the test above)
     finally:
         assert worker.stop() == 0, worker.log_tail()
 

@@ -13,7 +13,7 @@ import pytest
 
 from devtools.devstack import free_port
 from producer import LlavaClient
-from producer.status import HEALTH_COMMAND, cluster_status, queue_depths, worker_health
+from producer.status import cluster_status, queue_depths, worker_health
 from tests.integration.conftest import IMAGES, ROOT, TINY_CONFIG, wait_for, worker_env
 from tests.integration.test_metrics import answers, port_is_free, scrape
 
@@ -24,10 +24,7 @@ HOST = socket.gethostname()
 
 def health_of(client: LlavaClient, nodes: set[str], timeout: float = 1.0) -> dict[str, dict]:
     """``llava_health`` of those of ``nodes`` that answer: as soon as all have, else after ``timeout``."""
-    replies = client.app.control.broadcast(
-        HEALTH_COMMAND, reply=True, timeout=timeout, destination=sorted(nodes), limit=len(nodes)
-    )
-    return {node: info for reply in replies or [] for node, info in reply.items()}
+    return worker_health(client.app, timeout, nodes=sorted(nodes))
 
 
 def test_launcher_runs_one_supervised_worker_per_gpu(
