@@ -12,13 +12,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from devtools.devstack import RedisServer
 from producer import ClientSettings, LlavaClient, WorkerLost
 from tests.integration.conftest import IMAGES, Stack, WorkerCli, health, wait_for
-from tests.integration.fault_tools import FAST_FETCH, SLOW, in_flight, queue_name
+from tests.integration.fault_tools import FAST_FETCH, SLOW, crash_until_verdict, in_flight, queue_name
 
 pytestmark = pytest.mark.long  # started first by pytest-xdist (tests/conftest.py)
 
@@ -54,15 +55,11 @@ def test_poison_job_fails_with_worker_lost_after_the_cap(stack: Stack) -> None:
     }
     poison = client.caption(IMAGES / "stop_sign.jpg", "[crash] me", queue=queue, max_new_tokens=4)
     others = [client.caption(IMAGES / "radar_chart.png", queue=queue, max_new_tokens=4) for _ in range(2)]
-    crashes = 0
-    while not poison.ready():
-        worker, _ = stack.start(queue, wait=False, **env)
-        process = worker.process
-        wait_for(lambda p=process: poison.ready() or p.poll() is not None, 60, "a crash or the verdict")
-        if process.poll() is not None:
-            assert process.returncode == -signal.SIGKILL
-            crashes += 1
-        assert crashes <= 2, "the redelivery cap did not stop the loop"
+
+    def killed(process: Any, crashes: int) -> None:
+        assert process.returncode == -signal.SIGKILL
+
+    crashes = crash_until_verdict(stack, queue, env, poison, killed, cap=2)
     with pytest.raises(WorkerLost) as error:
         poison.get()
     assert error.value.code == "worker_lost" and "max_deliveries 2" in error.value.message

@@ -7,12 +7,14 @@ own: workers on one broker must share one visibility timeout."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import redis
 
 from producer import WorkerLost
 from tests.integration.conftest import IMAGES, Stack, wait_for
-from tests.integration.fault_tools import FAST_FETCH, queue_name
+from tests.integration.fault_tools import FAST_FETCH, crash_until_verdict, queue_name
 from worker.delivery import DeliveryLedger
 
 pytestmark = pytest.mark.long  # started first by pytest-xdist (tests/conftest.py)
@@ -35,19 +37,15 @@ def test_poison_job_fails_alone_and_its_batch_mates_succeed(stack: Stack, schedu
     poison = client.caption(IMAGES / "stop_sign.jpg", "[crash] me", queue=queue, max_new_tokens=4)
     mates = [client.caption(IMAGES / "radar_chart.png", queue=queue, max_new_tokens=4) for _ in range(3)]
     ledger = redis.Redis.from_url(client.settings.result_backend)
-    crashes = 0
-    while not poison.ready():
-        worker, _ = stack.start(queue, wait=False, **env)
-        process = worker.process
-        wait_for(lambda p=process: poison.ready() or p.poll() is not None, 60, "a crash or the verdict")
-        if process.poll() is not None:
-            crashes += 1
-            attempts = [ledger.hget(DeliveryLedger.key(job.id), "attempts") for job in [poison, *mates]]
-            if crashes == 1 and scheduler == "static":  # the first crash took the whole batch down
-                assert attempts == [b"1"] * 4
-            if crashes == 1:  # the engine admits in arrival order: the poison joined first
-                assert attempts[0] == b"1"
-        assert crashes <= 2, "the redelivery cap did not stop the loop"
+
+    def crashed(process: Any, crashes: int) -> None:
+        attempts = [ledger.hget(DeliveryLedger.key(job.id), "attempts") for job in [poison, *mates]]
+        if crashes == 1 and scheduler == "static":  # the first crash took the whole batch down
+            assert attempts == [b"1"] * 4
+        if crashes == 1:  # the engine admits in arrival order: the poison joined first
+            assert attempts[0] == b"1"
+
+    crashes = crash_until_verdict(stack, queue, env, poison, crashed, cap=2)
     with pytest.raises(WorkerLost, match="max_deliveries 2"):
         poison.get()
     assert crashes == 2
