@@ -43,7 +43,7 @@ else
 	  || { $(BIN)/python -m ensurepip && $(BIN)/python -m pip install --quiet "uv>=0.8"; }
 endif
 	UV_HTTP_RETRIES=1 $(INSTALL) --no-deps "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
-	  || { echo "install: $(TORCH_INDEX) did not answer; $(TORCH_SPEC) from the other indexes"; \
+	  || { echo "install: $(TORCH_SPEC) from $(TORCH_INDEX) failed (not reachable?); trying the other indexes"; \
 	       $(INSTALL) --no-deps "$(TORCH_SPEC)"; }
 	$(INSTALL) -e ".[worker,monitor,dev]" pip
 	touch $@

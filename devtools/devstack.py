@@ -109,6 +109,7 @@ class ForkedWorker:
         self._process = context.Process(target=_serve_forked, args=(module, args, env, str(log_path)))
         self._process.start()
         self.pid: int = self._process.pid  # type: ignore[assignment]
+        self._returncode: int | None = None
         if not ForkedWorker._started:
             atexit.register(ForkedWorker._kill_all)  # before multiprocessing waits for its children at exit
         ForkedWorker._started.append(self)
@@ -126,16 +127,22 @@ class ForkedWorker:
 
     @property
     def returncode(self) -> int | None:
-        return self._process.exitcode
+        return self.poll()
 
     def poll(self) -> int | None:
-        return self._process.exitcode
+        if self._returncode is None and self._process.exitcode is not None:
+            self._returncode = self._process.exitcode
+            self._process.close()  # its sentinel and pipe to the forkserver
+            ForkedWorker._started.remove(self)
+        return self._returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        self._process.join(timeout)
-        if self._process.exitcode is None:
+        if self._returncode is None:
+            self._process.join(timeout)
+        returncode = self.poll()
+        if returncode is None:
             raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
-        return self._process.exitcode
+        return returncode
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:
@@ -149,7 +156,7 @@ class ForkedWorker:
 
     @classmethod
     def _kill_all(cls) -> None:
-        for worker in cls._started:
+        for worker in list(cls._started):
             worker.kill()
 
 

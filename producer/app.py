@@ -143,8 +143,13 @@ def worker_health(
 ) -> dict[str, dict[str, Any]]:
     """``{node name: health}`` for every worker that answers ``HEALTH_COMMAND`` within ``timeout`` seconds
     (a broadcast cannot know how many will: it waits the whole ``timeout``). ``nodes``: only those workers,
-    and it returns as soon as all of them have answered."""
-    addressed = {"destination": list(nodes), "limit": len(nodes)} if nodes else {}
+    and it returns as soon as all of them have answered (none: ``{}`` at once)."""
+    addressed: dict[str, Any] = {}
+    if nodes is not None:
+        names = list(dict.fromkeys([nodes] if isinstance(nodes, str) else nodes))  # each once (the limit)
+        if not names:
+            return {}
+        addressed = {"destination": names, "limit": len(names)}
     replies = app.control.broadcast(HEALTH_COMMAND, reply=True, timeout=timeout, **addressed) or []
     health: dict[str, dict[str, Any]] = {}
     for reply in replies:

@@ -66,8 +66,10 @@ class ResultBackend(RedisBackend):
         deadline = time.monotonic() + float(self.app.conf.redis_socket_timeout or 1.0)
         while _unsubscribing(consumer, key) and (left := deadline - time.monotonic()) > 0:
             consumer.drain_events(timeout=min(left, 0.1))
-        while self._pending_messages.take(task_id, None) is not None:  # read while nothing waited for it
-            pass
+        with consumer._locked():  # a draining thread may be buffering messages meanwhile
+            dropped = self._pending_messages.pop(task_id, None)  # read while nothing waited for it
+            if dropped is not None:
+                self._pending_messages.total -= len(dropped)  # as Celery's own clean-up does
 
 
 def _unsubscribing(consumer: Any, key: bytes) -> bool:
