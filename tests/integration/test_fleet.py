@@ -14,17 +14,12 @@ import pytest
 from devtools.devstack import free_port
 from producer import LlavaClient
 from producer.status import cluster_status, queue_depths, worker_health
-from tests.integration.conftest import IMAGES, ROOT, TINY_CONFIG, wait_for, worker_env
+from tests.integration.conftest import IMAGES, ROOT, TINY_CONFIG, health, wait_for, worker_env
 from tests.integration.test_metrics import answers, port_is_free, scrape
 
 pytestmark = pytest.mark.long  # started first by pytest-xdist (tests/conftest.py)
 
 HOST = socket.gethostname()
-
-
-def health_of(client: LlavaClient, nodes: set[str], timeout: float = 1.0) -> dict[str, dict]:
-    """``llava_health`` of those of ``nodes`` that answer: as soon as all have, else after ``timeout``."""
-    return worker_health(client.app, timeout, nodes=sorted(nodes))
 
 
 def test_launcher_runs_one_supervised_worker_per_gpu(
@@ -45,17 +40,18 @@ def test_launcher_runs_one_supervised_worker_per_gpu(
     )  # fmt: skip
     nodes = {f"gpu0@{HOST}", f"gpu1@{HOST}"}
     try:
-        wait_for(lambda: nodes <= set(health_of(client, nodes)), 90, "gpu0 and gpu1 online")
-        health = health_of(client, nodes, timeout=10)
-        assert {health[f"gpu{i}@{HOST}"]["cuda_visible_devices"] for i in (0, 1)} == {"0", "1"}
+        online = lambda: worker_health(client.app, 1.0, nodes=sorted(nodes))  # noqa: E731
+        wait_for(lambda: nodes <= set(online()), 90, "gpu0 and gpu1 online")
+        every = worker_health(client.app, 10, nodes=sorted(nodes))
+        assert {every[f"gpu{i}@{HOST}"]["cuda_visible_devices"] for i in (0, 1)} == {"0", "1"}
         wait_for(lambda: answers(base) and answers(base + 1), 60, "metrics of gpu0 and gpu1")
         for gpu in (0, 1):
             [(_, labels)] = [key for key in scrape(base + gpu) if key[0] == "llava_worker_info"]
             assert dict(labels)["gpu"] == str(gpu), "each port is its own GPU's worker"
         assert {client.caption(IMAGES / "stop_sign.jpg", queue=queue).get().worker for _ in range(6)} <= nodes
-        old_pid = health[f"gpu1@{HOST}"]["pid"]
+        old_pid = every[f"gpu1@{HOST}"]["pid"]
         subprocess.run(["kill", "-9", str(old_pid)], check=True)
-        restarted = lambda: health_of(client, {f"gpu1@{HOST}"}).get(f"gpu1@{HOST}", {}).get("pid")  # noqa: E731
+        restarted = lambda: health(client, f"gpu1@{HOST}", timeout=1.0).get("pid")  # noqa: E731
         wait_for(lambda: restarted() not in (None, old_pid), 90, "the crashed gpu1 worker to be restarted")
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(60) == 0
