@@ -194,12 +194,16 @@ def test_classify_between_decode_steps_finishes_before_long_captions(runtime: Ru
     classify: list[Future] = []
     query = LabelQuery(prompts()[3].text)
     job = Item(prepared[3], labels, query=query)
-    steps.after_step[2] = lambda: classify.append(engine.submit(SCORE, job, WAIT))
+
+    def submit_classify() -> None:  # on the engine's thread, so noted before it can finish
+        classify.append(engine.submit(SCORE, job, WAIT))
+        classify[0].add_done_callback(note("classify"))
+
+    steps.after_step[2] = submit_classify
     for index, item in enumerate(prepared[:3]):
         generate(engine, Item(item), 60).add_done_callback(note(f"caption{index}"))
     wait_for(lambda: classify, WAIT, "the classify job")
     scored = classify[0]
-    scored.add_done_callback(note("classify"))
     assert scored.result(WAIT).output == runtime.score_labels([prepared[3]], [labels], queries=[query])[0]
     wait_for(lambda: len(finished) == 4, WAIT, "every job")
     assert finished[0] == "classify"
