@@ -220,8 +220,8 @@ class ContinuousEngine(ModelThread[BatchKey]):
             if isinstance(output, BaseException):
                 _settle(job, error=output)
             else:
+                self.jobs_run += 1  # before the result is handed over: whoever has it sees it counted
                 _settle(job, result=Done(output, len(self._running) + len(jobs), started - job.enqueued))
-                self.jobs_run += 1
 
     def _admit(self, job: _Job) -> None:
         job.started = self._clock()
@@ -313,8 +313,8 @@ class ContinuousEngine(ModelThread[BatchKey]):
                 _settle(job, error=output)
             else:
                 waited = (job.started or now) - job.enqueued
+                self.jobs_run += 1  # before the result is handed over: whoever has it sees it counted
                 _settle(job, result=Done(output, max(job.peak_rows, 1), waited))
-                self.jobs_run += 1
 
     def _requeue_isolated(self, job: _Job) -> None:
         log.warning("out of memory beside %d rows: a job runs again alone", len(self._running))

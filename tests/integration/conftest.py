@@ -39,6 +39,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def quiet_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A Redis of the test module's own, no worker on it: its command counts move only with what a test sends
+    (the session's Redis also carries its workers' heartbeats)."""
+    server = RedisServer(data_dir=tmp_path_factory.mktemp("redis-quiet")).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where workers build (once) and find the tiny checkpoints: ``LLAVA_TEST_CACHE_DIR``, else one directory

@@ -7,7 +7,7 @@ import hashlib
 import os
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -22,14 +22,6 @@ from tests.integration.conftest import wait_for
 @pytest.fixture
 def store(redis_server: RedisServer) -> RedisBlobStore:
     return RedisBlobStore(redis.Redis.from_url(redis_server.url(1)), ttl=600)
-
-
-@pytest.fixture(scope="module")
-def quiet_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A Redis of this module's own, no worker on it: its command counts move only with what a test sends."""
-    server = RedisServer(data_dir=tmp_path_factory.mktemp("redis-quiet")).start()
-    yield server
-    server.stop()
 
 
 def counting_store(server: RedisServer, ttl: int = 600) -> RedisBlobStore:

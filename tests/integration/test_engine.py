@@ -58,6 +58,8 @@ class ObservedSteps(RuntimeSteps):
         self.prefilling_per_step: list[tuple[int, ...]] = []  # rows still prefilling at each decode step
         self.chunks: list[tuple[int, int]] = []  # (row id, tokens asked) of each prefill chunk
         self.after_step: dict[int, Callable[[], object]] = {}  # step count -> action (on the engine's thread)
+        self.admitting = threading.Event()  # cleared: the engine's thread waits before its next prefill
+        self.admitting.set()
 
     def _score(self, items: list[Item]) -> list[Any]:
         """The worker's classify (fault injection, then one scoring call for the step's jobs), counted."""
@@ -65,6 +67,7 @@ class ObservedSteps(RuntimeSteps):
         return self._scorer(items)
 
     def prefill(self, row_id: int, tokens: int) -> int:
+        assert self.admitting.wait(WAIT), "the test never let the engine go on"
         left = super().prefill(row_id, tokens)
         self.chunks.append((row_id, tokens))
         self.peak_kv = max(self.peak_kv, self.kv_tokens)
@@ -124,13 +127,13 @@ def test_greedy_rows_are_token_identical_to_one_by_one_generate(runtime: Runtime
     limits = [24, 5, 17, 9]  # mixed lengths: rows end early and leave while others go on
     steps = ObservedSteps(runtime)
     engine = make_engine(steps)
-    first = [generate(engine, Item(p), n) for p, n in zip(prepared[:2], limits[:2], strict=True)]
     later: list[Future] = []
-    steps.after_step[3] = (
+    steps.after_step[3] = (  # set before any job is sent: the engine cannot pass the step first
         lambda: later.extend(  # they join mid-decode, after the third step
             generate(engine, Item(p), n) for p, n in zip(prepared[2:], limits[2:], strict=True)
         )
     )
+    first = [generate(engine, Item(p), n) for p, n in zip(prepared[:2], limits[:2], strict=True)]
     wait_for(lambda: len(later) == 2, WAIT, "the later jobs")
     outputs = [future.result(WAIT).output for future in first + later]
     assert outputs == [one_by_one(runtime, p, n) for p, n in zip(prepared, limits, strict=True)]
@@ -169,10 +172,12 @@ def test_one_row_timing_out_or_cancelled_leaves_the_others_tokens_unchanged(
     prepared = [runtime.prepare(p) for p in prompts()[:3]]
     steps = ObservedSteps(runtime)
     engine = make_engine(steps, clock=lambda: float(steps.count))  # time counted in decode steps
+    steps.admitting.clear()  # held until every job and the step action are in place
     late = generate(engine, Item(prepared[0]), 30, timeout=4)  # its deadline strikes after 4 steps
     cancelled = generate(engine, Item(prepared[1]), 30)
     steps.after_step[2] = cancelled.cancel  # the engine's thread cancels it after its second step
     kept = generate(engine, Item(prepared[2]), 20)
+    steps.admitting.set()
     assert kept.result(WAIT).output == one_by_one(runtime, prepared[2], 20)
     with pytest.raises(JobTimeout):
         late.result(WAIT)
@@ -446,13 +451,13 @@ def test_chunked_prefill_is_token_identical_and_running_rows_decode_between_chun
     chunk = 16  # every prompt (45-109 tokens with this checkpoint) takes several chunks
     steps = ObservedSteps(runtime)
     engine = make_engine(steps, prefill_tokens=chunk)
-    first = [generate(engine, Item(p), n) for p, n in zip(prepared[:2], limits[:2], strict=True)]
     later: list[Future] = []
-    steps.after_step[2] = (
+    steps.after_step[2] = (  # set before any job is sent: the engine cannot pass the step first
         lambda: later.extend(  # they join mid-decode
             generate(engine, Item(p), n) for p, n in zip(prepared[2:], limits[2:], strict=True)
         )
     )
+    first = [generate(engine, Item(p), n) for p, n in zip(prepared[:2], limits[:2], strict=True)]
     wait_for(lambda: len(later) == 2, WAIT, "the later jobs")
     outputs = [future.result(WAIT).output for future in first + later]
     assert outputs == [one_by_one(runtime, p, n) for p, n in zip(prepared, limits, strict=True)]

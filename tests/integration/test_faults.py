@@ -72,7 +72,11 @@ def test_a_worker_with_another_visibility_timeout_refuses_to_start(
 ) -> None:
     """Refused before it loads a model or consumes: the CLI runs in-process next to the session's workers."""
     _, peer, _ = shared_worker  # the default visibility timeout: 3600 s
-    status, output = worker_cli("--queues", queue_name("vt"), LLAVA_VISIBILITY_TIMEOUT="7200")
+    status, output = (
+        worker_cli(  # the peer replies: within 2 s on a loaded machine too (the session sets 0.3)
+            "--queues", queue_name("vt"), LLAVA_VISIBILITY_TIMEOUT="7200", LLAVA_PEER_CHECK_TIMEOUT="2"
+        )
+    )
     assert status == 1, output
     assert "another visibility timeout" in output and f"{peer}: 3600" in output
     assert output.count("llava-worker: cannot start") == 1
@@ -144,11 +148,12 @@ def test_resending_a_succeeded_job_id_returns_the_stored_result(client: LlavaCli
     done_before = health(client, hostname)["jobs_done"]
     again = client.caption(IMAGES / "stop_sign.jpg", queue=queue, job_id=job_id)
     assert again.id == job_id and again.get() == first  # same timings: it did not run again
-    answered = f"llava.caption[{job_id}] succeeded"  # Celery's line once the task returned
-    answers = worker.log_path.read_text().count(answered)
+    answered = f"llava.caption[{job_id}] succeeded"  # Celery's line once the task returned (after its result)
+    answers = lambda: worker.log_path.read_text().count(answered)  # noqa: E731
+    wait_for(lambda: answers() == 1, 60, "the first run's line")  # the resend above was not sent: stored
     client.app.send_task("llava.caption", task_id=job_id, kwargs={"request": {"image": "/nope"}}, queue=queue)
     # A worker that receives a succeeded id returns the stored result, not an error.
-    wait_for(lambda: worker.log_path.read_text().count(answered) > answers, 60, "the resent id's answer")
+    wait_for(lambda: answers() == 2, 60, "the resent id's answer")
     assert f"job {job_id} already succeeded" in worker.log_path.read_text()
     assert client.job(job_id, "llava.caption").get() == first
     assert health(client, hostname)["jobs_done"] == done_before

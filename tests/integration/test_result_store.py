@@ -22,22 +22,22 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def backend(redis_server: RedisServer) -> ResultBackend:
-    settings = WorkerSettings(broker_url=redis_server.url(0), result_backend=redis_server.url(1))
+def backend(quiet_server: RedisServer) -> ResultBackend:
+    settings = WorkerSettings(broker_url=quiet_server.url(0), result_backend=quiet_server.url(1))
     app = create_app(settings, Service(settings))
     assert isinstance(app.backend, ResultBackend)
     return app.backend
 
 
 def test_an_outcome_is_stored_and_published_in_one_round_trip(
-    backend: ResultBackend, redis_server: RedisServer
+    backend: ResultBackend, quiet_server: RedisServer
 ) -> None:
     task_id = str(uuid.uuid4())
     key = backend.get_key_for_task(task_id).decode()
-    listener = redis.Redis.from_url(redis_server.url(1)).pubsub()
+    listener = redis.Redis.from_url(quiet_server.url(1)).pubsub()
     listener.subscribe(key)
     assert listener.get_message(timeout=5)["type"] == "subscribe"
-    stored = redis.Redis.from_url(redis_server.url(1))
+    stored = redis.Redis.from_url(quiet_server.url(1))
     before = _calls(stored, "get", "setex", "publish", "evalsha", "eval")
     backend.store_result(task_id, {"text": "a cat"}, states.SUCCESS)
     after = _calls(stored, "get", "setex", "publish", "evalsha", "eval")
@@ -74,8 +74,8 @@ def test_a_failure_is_replaced_by_a_later_success(backend: ResultBackend) -> Non
     assert backend.get_task_meta(task_id)["result"] == {"text": "second"}
 
 
-def test_the_broker_channel_reuses_one_client(redis_server: RedisServer) -> None:
-    settings = WorkerSettings(broker_url=redis_server.url(0), result_backend=redis_server.url(1))
+def test_the_broker_channel_reuses_one_client(quiet_server: RedisServer) -> None:
+    settings = WorkerSettings(broker_url=quiet_server.url(0), result_backend=quiet_server.url(1))
     app = create_app(settings, Service(settings))
     with app.connection_for_write() as connection:
         channel = connection.default_channel

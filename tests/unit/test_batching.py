@@ -68,8 +68,9 @@ def test_batcher_batches_concurrent_jobs_and_returns_each_its_output() -> None:
         seen.append(list(payloads))
         return [p * 10 for p in payloads]
 
-    batcher = DynamicBatcher(runner, max_batch_size=4, max_wait=0.05).start()
-    futures = [batcher.submit("k", i, timeout=5) for i in range(6)]
+    batcher = DynamicBatcher(runner, max_batch_size=4, max_wait=0.05)
+    futures = [batcher.submit("k", i, timeout=5) for i in range(6)]  # all queued before it starts: however
+    batcher.start()  # slow this thread, the first batch is a full one
     release.set()
     assert [f.result(5).output for f in futures] == [i * 10 for i in range(6)]
     assert sorted(len(batch) for batch in seen) == [2, 4]
@@ -78,12 +79,12 @@ def test_batcher_batches_concurrent_jobs_and_returns_each_its_output() -> None:
 
 
 def test_a_job_past_its_deadline_fails_alone_and_others_go_on() -> None:
-    busy = threading.Event()
+    busy, go = threading.Event(), threading.Event()
 
     def runner(key, payloads):
         if key == "slow":
             busy.set()
-            time.sleep(0.3)
+            go.wait(5)
         return [f"done {p}" for p in payloads]
 
     batcher = DynamicBatcher(runner, max_batch_size=1, max_wait=0).start()
@@ -91,11 +92,15 @@ def test_a_job_past_its_deadline_fails_alone_and_others_go_on() -> None:
     busy.wait(5)
     doomed = batcher.submit("fast", "d", timeout=0.05)  # waits behind the slow batch past its deadline
     fine = batcher.submit("fast", "f", timeout=5)
+    time.sleep(0.1)  # the slow batch holds the model thread until doomed's deadline has passed
+    go.set()
     with pytest.raises(JobTimeout):
         doomed.result(5)
     assert fine.result(5).output == "done f" and slow.result(5).output == "done s"
+    go.clear()  # the next slow job holds the model thread past run's timeout
     with pytest.raises(JobTimeout, match="job_timeout"):
         batcher.run("slow", "x", timeout=0.01)
+    go.set()
     batcher.stop()
 
 
