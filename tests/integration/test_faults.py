@@ -72,10 +72,10 @@ def test_a_worker_with_another_visibility_timeout_refuses_to_start(
 ) -> None:
     """Refused before it loads a model or consumes: the CLI runs in-process next to the session's workers."""
     _, peer, _ = shared_worker  # the default visibility timeout: 3600 s
-    status, output = (
-        worker_cli(  # the peer replies: within 2 s on a loaded machine too (the session sets 0.3)
-            "--queues", queue_name("vt"), LLAVA_VISIBILITY_TIMEOUT="7200", LLAVA_PEER_CHECK_TIMEOUT="2"
-        )
+    # The peer's reply must come within the peer check's timeout: 2 s, room for a loaded machine (the
+    # session's workers use 0.3 s, and a late reply would let this worker start).
+    status, output = worker_cli(
+        "--queues", queue_name("vt"), LLAVA_VISIBILITY_TIMEOUT="7200", LLAVA_PEER_CHECK_TIMEOUT="2"
     )
     assert status == 1, output
     assert "another visibility timeout" in output and f"{peer}: 3600" in output
