@@ -26,8 +26,8 @@ endif
 # Python writes a module's bytecode when it first imports it, even where PYTHONDONTWRITEBYTECODE is set (as on
 # this project's CI machines): otherwise every interpreter compiles torch and transformers again (a worker's
 # imports: 4.7 s -> 13.3 s). Writing it then, not at install (uv --compile-bytecode: 24 s on 2 CPUs for 12.6k
-# files), compiles only what runs (~2.7k files, 9 s); the suite first imports what every test process and
-# worker does, once, so that they do not all compile it at the same time.
+# files), compiles only what runs (~2.7k files, 9 s); the install ends by importing what every worker and test
+# process does, once, so that several processes starting together do not all compile it at the same time.
 unexport PYTHONDONTWRITEBYTECODE
 WARM_IMPORTS := $(BIN)/python -c "import importlib, devtools.devstack as d; [importlib.import_module(m) for m in d.PRELOAD]"
 # Broker and result backend; when nothing answers there, devtools.devstack starts a redis-server on a free port.
@@ -56,6 +56,7 @@ endif
 	  || { echo "install: $(TORCH_SPEC) from $(TORCH_INDEX) failed (not reachable?); trying the other indexes"; \
 	       $(INSTALL) --no-deps "$(TORCH_SPEC)"; }
 	$(INSTALL_CACHED) -e ".[worker,monitor,dev]" pip 2>/dev/null || $(INSTALL) -e ".[worker,monitor,dev]" pip
+	$(WARM_IMPORTS)
 	touch $@
 
 demo: install
@@ -66,12 +67,10 @@ test: install
 	$(MAKE) --no-print-directory -j2 lint suite
 
 suite: install
-	$(WARM_IMPORTS)
 	$(DEVSTACK) $(PYTEST)
 
 # Line coverage of producer/ and worker/, the worker subprocesses included (see pyproject.toml).
 coverage: install
-	$(WARM_IMPORTS)
 	$(DEVSTACK) $(PYTEST) --cov --cov-report=term
 
 lint: install
@@ -83,7 +82,6 @@ unit: install
 	$(PYTEST) tests/unit
 
 integration: install
-	$(WARM_IMPORTS)
 	$(DEVSTACK) $(PYTEST) tests/integration
 
 images: install
