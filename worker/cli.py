@@ -160,10 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     if not start_service(settings, service, app):
         return 1
     try:
-        app.worker_main(celery_argv(settings))
+        # app.start, not worker_main: worker_main drops the exit status, so a consumer that could not go on
+        # ("Unrecoverable error") would exit 0 and no supervisor would restart it.
+        status = app.start(celery_argv(settings))
     finally:
         service.stop()
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":
