@@ -69,6 +69,11 @@ MAX_TEXT_CHARS = 2000
 MAX_LABELS = 100
 MAX_LABEL_CHARS = 100
 MAX_NEW_TOKENS_LIMIT = 4096
+# Sampling temperatures: 0 (greedy) or MIN_TEMPERATURE..MAX_TEMPERATURE. vLLM raises any temperature below
+# 0.01 to 0.01 ("may cause numerical errors nan or inf"); here it is refused, so both engines give a request
+# the same outcome. OpenAI's API takes 0 to 2.
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 2.0
 
 # An image stored in the blob store (see producer.blobs): "blob:sha256:" + 64 lowercase hex digits.
 BLOB_PREFIX = "blob:sha256:"
@@ -183,8 +188,24 @@ class GenerationParams(_WireModel):
     max_new_tokens: int | None = Field(
         default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="None: the worker's default"
     )
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 means greedy decoding")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=MAX_TEMPERATURE,
+        description=f"0 means greedy decoding; sampling takes {MIN_TEMPERATURE} to {MAX_TEMPERATURE} (a "
+        "smaller one would overflow the logits it divides)",
+    )
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling: the mass kept")
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_sampled(cls, value: float) -> float:
+        if 0.0 < value < MIN_TEMPERATURE:
+            raise ValueError(
+                f"must be 0 (greedy) or at least {MIN_TEMPERATURE}: a smaller temperature overflows the "
+                "logits it divides"
+            )
+        return value
 
 
 class _Request(_WireModel):

@@ -113,7 +113,7 @@ class RuntimeSteps:
         return [row_id for row_id, row in zip(self._ids, self.batch.rows, strict=True) if row.ended]
 
     def leave(self, row_ids: Sequence[int]) -> dict[int, Any]:
-        """Drop rows (their KV freed now); the answers of those that ended."""
+        """Drop rows (their KV freed now); the answers (or the row's own failure) of those that ended."""
         prefilling = [self._pending.pop(row_id)[2] for row_id in row_ids if row_id in self._pending]
         self._on_rows(prefilling, False)
         gone = set(row_ids) & set(self._ids)
@@ -126,7 +126,11 @@ class RuntimeSteps:
         self._ids = [self._ids[index] for index in keep]
         self._marks = [self._marks[index] for index in keep]
         self._payloads = [self._payloads[index] for index in keep]
-        return {row_id: self.runtime.finish_row(rows[row_id]) for row_id in gone if rows[row_id].ended}
+        return {row_id: self._answer(rows[row_id]) for row_id in gone if rows[row_id].ended}
+
+    def _answer(self, row: Row) -> Any:
+        """An ended row's answer, or its own failure (the engine fails that job alone)."""
+        return row.failure if row.failure is not None else self.runtime.finish_row(row)
 
     @property
     def kv_tokens(self) -> int:

@@ -24,6 +24,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from producer.errors import InternalError
+
 if TYPE_CHECKING:
     from worker.runtime.model import Prepared, Sampling
 
@@ -36,7 +38,8 @@ class Row:
     sampling: Sampling
     tokens: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
-    ended: bool = False  # end of sequence or its own max_new_tokens
+    ended: bool = False  # end of sequence, its own max_new_tokens, or its failure
+    failure: InternalError | None = None  # set: it ended without an answer (see :func:`advance`)
 
     @property
     def length(self) -> int:
@@ -200,16 +203,36 @@ class DecodeBatch:
 
 def pick(row: Row, logits: torch.Tensor) -> int:
     """The row's next token from its last logits (1-D): greedy, or temperature / top-p sampling with the
-    row's own generator."""
+    row's own generator. Raises :class:`~producer.errors.InternalError` when the logits are not finite (NaN
+    or +inf: the model's numbers overflowed for this row)."""
     logits = logits.float()
+    top = logits.max()  # NaN anywhere makes it NaN
+    if not bool(torch.isfinite(top)):
+        raise InternalError("the model's output for this job is not finite (NaN or infinite logits)")
     if row.sampling.temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits / row.sampling.temperature, dim=-1)
+    # Shifted so the largest is 0 before dividing: a tiny temperature sends the others to -inf (probability
+    # 0) instead of overflowing to +inf, whose softmax is NaN; floored at float32's smallest normal number,
+    # below which the divisor itself would round to 0.
+    temperature = max(row.sampling.temperature, torch.finfo(torch.float32).tiny)
+    probs = torch.softmax((logits - top) / temperature, dim=-1)
     if row.sampling.top_p < 1.0:
         ordered, order = probs.sort(descending=True)
         outside = ordered.cumsum(0) - ordered > row.sampling.top_p
         probs = probs.scatter(0, order, ordered.masked_fill(outside, 0.0))
     return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def advance(row: Row, logits: torch.Tensor, eos_ids: set[int]) -> None:
+    """Give the row its next token; it ends at an end-of-sequence token or its own ``max_new_tokens``. Logits
+    that are not finite end this row alone, its failure kept in ``row.failure`` (its batch goes on)."""
+    try:
+        token = pick(row, logits)
+    except InternalError as exc:
+        row.failure, row.ended = exc, True
+        return
+    row.tokens.append(token)
+    row.ended = token in eos_ids or len(row.tokens) >= row.sampling.max_new_tokens
 
 
 def merge_left_padded(caches: Sequence[DynamicCache]) -> DynamicCache:

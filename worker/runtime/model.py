@@ -22,7 +22,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from producer.errors import InvalidRequest, JobTimeout
 from worker.runtime import scoring
-from worker.runtime.decoding import DecodeBatch, Pending, Row, filled_layers, merge_left_padded, pick
+from worker.runtime.decoding import DecodeBatch, Pending, Row, advance, filled_layers, merge_left_padded
 from worker.runtime.loading import load_model
 from worker.runtime.prefix import PrefixCache
 from worker.runtime.scoring import LabelQuery
@@ -343,8 +343,7 @@ class Runtime:
         return int(free * self.settings.gpu_memory_fraction) // self.kv_bytes_per_token()
 
     def _append(self, row: Row, logits: torch.Tensor) -> None:
-        row.tokens.append(pick(row, logits))
-        row.ended = row.tokens[-1] in self._eos_ids() or len(row.tokens) >= row.sampling.max_new_tokens
+        advance(row, logits, self._eos_ids())
 
     def _generator(self, sampling: Sampling) -> torch.Generator | None:
         if sampling.temperature <= 0:
