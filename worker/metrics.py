@@ -13,10 +13,11 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from producer.contract import TASKS
+from worker.endpoint import Endpoint
 
 if TYPE_CHECKING:
     from producer.errors import LlavaError
@@ -157,9 +158,12 @@ def _counter(name: str, help_text: str, value: float | None) -> Metric:
     return family
 
 
-def serve_metrics(port: int, service: Service, address: str = "127.0.0.1") -> None:
-    """Serve ``/metrics`` on ``address:port`` from a daemon thread."""
+def serve_metrics(port: int, service: Service, address: str = "127.0.0.1") -> Endpoint:
+    """Serve ``/metrics`` (prometheus-client's exposition) on ``address:port`` from an :class:`Endpoint`:
+    bounded threads, and idle or slow clients dropped after a few seconds. Raises ``OSError`` if it cannot
+    bind."""
     _prime()
     REGISTRY.register(HealthCollector(service))
-    start_http_server(port, addr=address)
-    log.info("Prometheus metrics on %s:%d (/metrics)", address, port)
+    endpoint = Endpoint({"/metrics": make_wsgi_app(REGISTRY)}).start(address, port)
+    log.info("Prometheus metrics on %s:%d (/metrics)", address, endpoint.port)
+    return endpoint
