@@ -1,6 +1,7 @@
 """The preprocessing pool (``preprocess_workers``) on the real tiny checkpoint: the same tensors and the same
-answers as the processor in the job's thread, a coded error for the job whose process is killed (and the next
-job served), jobs sent back at the end of a warm shutdown's grace, and a worker that stops with its pool."""
+answers as the processor in the job's thread; a process killed or hung costs at most the job it held (a killed
+one's job runs again on its replacement, one that kills it twice fails alone, a hung one's ends ``timeout``)
+and is replaced; jobs sent back at the end of a warm shutdown's grace, a worker that stops with its pool."""
 
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
 from PIL import Image
 
 from producer import CaptionResult, LlavaClient
-from producer.errors import InternalError
+from producer.errors import InternalError, JobTimeout
 from tests.integration.conftest import IMAGES, StartWorker, health, wait_for
 from worker.runtime import Prompt
 from worker.runtime.preprocessing import PreprocessPool
@@ -54,13 +55,43 @@ def pooled(tiny_checkpoint: Path) -> Iterator[Service]:
     service.stop()
 
 
+@pytest.fixture
+def paired(tiny_checkpoint: Path) -> Iterator[Service]:
+    service = _service(tiny_checkpoint, 2)
+    yield service
+    service.stop()
+
+
 def _uri(name: str) -> str:
     return "data:image/png;base64," + base64.b64encode((IMAGES / name).read_bytes()).decode()
 
 
-def _caption(service: Service, image: str, job: str = "job") -> dict[str, Any]:
-    request = {"image": image, "generation": {"max_new_tokens": 12}}
+def _caption(
+    service: Service, image: str, job: str = "job", timeout_s: float | None = None
+) -> dict[str, Any]:
+    request = {"image": image, "generation": {"max_new_tokens": 12}, "timeout_s": timeout_s}
     return service.run("llava.caption", request, JobContext(job, "test"))
+
+
+def _job_thread(service: Service, job_id: str, outcomes: dict[str, Any]) -> threading.Thread:
+    """A caption job in a thread of its own (started); its result or its error lands in ``outcomes``."""
+
+    def job() -> None:
+        try:
+            outcomes[job_id] = _caption(service, _uri("radar_chart.png"), job_id)
+        except BaseException as exc:
+            outcomes[job_id] = exc
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    return thread
+
+
+class _ExitsWhenUnpickled:
+    """An "image" whose unpickling ends the process reading it: a job that kills its child every time."""
+
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        return os._exit, (3,)
 
 
 def _running(pid: int) -> bool:
@@ -98,21 +129,65 @@ def test_the_pool_gives_the_same_tensors_and_answers_as_the_job_thread(
     assert health["workers"] == 1 and len(health["pids"]) == 1 and health["restarts"] == 0
 
 
-def test_a_job_whose_preprocessing_process_is_killed_gets_a_coded_error_and_the_next_job_is_served(
+def test_a_killed_process_fails_none_of_the_jobs_waiting_and_is_replaced(
+    in_thread: Service, paired: Service
+) -> None:
+    pool = paired.host.preprocess
+    assert pool is not None
+    killed, held = pool.status()["pids"]
+    for pid in (killed, held):  # both children hold a job, ten more jobs wait for them
+        os.kill(pid, signal.SIGSTOP)
+    outcomes: dict[str, Any] = {}
+    threads = [_job_thread(paired, f"job-{n}", outcomes) for n in range(12)]
+    wait_for(lambda: pool.status()["in_flight"] == 12, WAIT, "the twelve jobs to wait on the pool")
+    os.kill(killed, signal.SIGKILL)  # its job runs again on the child that replaces it
+    os.kill(held, signal.SIGCONT)
+    for thread in threads:
+        thread.join(WAIT)
+    expected = _caption(in_thread, _uri("radar_chart.png"))["text"]
+    texts = {job: out["text"] if isinstance(out, dict) else out for job, out in outcomes.items()}
+    assert texts == {f"job-{n}": expected for n in range(12)}
+    status, health = pool.status(), paired.health()
+    assert status["restarts"] == 1 and len(status["pids"]) == 2 and killed not in status["pids"]
+    assert health["jobs_failed"] == 0 and health["preprocessing"]["restarts"] == 1
+
+
+def test_a_job_that_kills_its_process_twice_fails_alone_with_a_coded_error(
     in_thread: Service, pooled: Service
 ) -> None:
-    pool, pid, thread, outcome = _job_on_a_stopped_process(pooled, "doomed")
-    os.kill(pid, signal.SIGKILL)
-    thread.join(WAIT)
-    error = outcome.get("error")
-    assert isinstance(error, InternalError) and error.code == "internal_error"
-    assert "preprocessing process running this job died" in error.message
-    assert pooled.health()["last_error"]["job_id"] == "doomed"
-
+    pool = pooled.host.preprocess
+    assert pool is not None
+    [pid] = pool.status()["pids"]
+    with pytest.raises(InternalError) as raised:
+        pool(
+            images=[cast(Image.Image, _ExitsWhenUnpickled())],
+            text=["poison"],
+            return_tensors="pt",
+            deadline=time.monotonic() + WAIT,
+        )
+    assert raised.value.code == "internal_error"
+    assert "preprocessing process running this job died twice" in raised.value.message
+    status = pool.status()
+    assert status["restarts"] == 2 and pid not in status["pids"]
     served = _caption(pooled, _uri("radar_chart.png"), "next")
     assert served["text"] == _caption(in_thread, _uri("radar_chart.png"))["text"]
+
+
+def test_a_hung_process_is_replaced_at_its_jobs_deadline_and_later_jobs_are_served(
+    in_thread: Service, pooled: Service
+) -> None:
+    pool = pooled.host.preprocess
+    assert pool is not None
+    [hung] = pool.status()["pids"]
+    os.kill(hung, signal.SIGSTOP)
+    with pytest.raises(JobTimeout):
+        _caption(pooled, _uri("radar_chart.png"), "stuck", timeout_s=3.0)
     status = pool.status()
-    assert status["restarts"] == 1 and status["pids"] and pid not in status["pids"]
+    assert status["restarts"] == 1 and hung not in status["pids"]
+    wait_for(lambda: not _running(hung), WAIT, "the hung preprocessing process to be killed")
+    served = _caption(pooled, _uri("radar_chart.png"), "later")
+    assert served["text"] == _caption(in_thread, _uri("radar_chart.png"))["text"]
+    assert pooled.health()["preprocessing"]["restarts"] == 1
 
 
 def test_jobs_waiting_on_the_pool_go_back_to_the_queue_when_the_grace_ends_and_the_pool_stops(
@@ -121,12 +196,12 @@ def test_jobs_waiting_on_the_pool_go_back_to_the_queue_when_the_grace_ends_and_t
     _, pid, thread, outcome = _job_on_a_stopped_process(pooled, "late")  # the grace ends first
     pooled.begin_shutdown(grace=0.0)
     thread.join(WAIT)
-    assert isinstance(outcome.get("error"), Requeue)
+    assert isinstance(outcome.get("late"), Requeue)
     pooled.stop()
     wait_for(lambda: not _running(pid), WAIT, "the stopped preprocessing process to be gone")
 
 
-def test_a_worker_with_a_preprocessing_pool_serves_and_stops_cleanly(
+def test_a_worker_with_a_preprocessing_pool_serves_and_stops_cleanly_with_a_hung_process(
     client: LlavaClient, shared_worker: tuple[Any, str, str], start_worker: StartWorker
 ) -> None:
     queue = f"pool-{os.getpid()}"
@@ -138,8 +213,9 @@ def test_a_worker_with_a_preprocessing_pool_serves_and_stops_cleanly(
     info = health(client, hostname)
     assert info["preprocessing"]["workers"] == 1 and info["image_processor"]
     [pid] = info["preprocessing"]["pids"]
+    os.kill(pid, signal.SIGSTOP)  # hung: the warm shutdown still ends within stop()'s bound
     assert worker.stop() == 0, worker.log_tail()
-    wait_for(lambda: not _running(pid), WAIT, "the worker's preprocessing process to be gone")
+    wait_for(lambda: not _running(pid), WAIT, "the worker's hung preprocessing process to be gone")
 
 
 def test_the_fast_image_processor_is_used_where_torchvision_imports(in_thread: Service) -> None:
@@ -154,22 +230,14 @@ def test_the_fast_image_processor_is_used_where_torchvision_imports(in_thread: S
 
 def _job_on_a_stopped_process(
     pooled: Service, job_id: str
-) -> tuple[PreprocessPool, int, threading.Thread, dict[str, BaseException]]:
+) -> tuple[PreprocessPool, int, threading.Thread, dict[str, Any]]:
     """A caption job waiting on the pool's one process, stopped (SIGSTOP) so that it never finishes the job:
-    the pool, that process's pid, the job's thread and where its error lands."""
+    the pool, that process's pid, the job's thread and where its outcome lands (under ``job_id``)."""
     pool = pooled.host.preprocess
     assert pool is not None
     [pid] = pool.status()["pids"]
     os.kill(pid, signal.SIGSTOP)
-    outcome: dict[str, BaseException] = {}
-
-    def job() -> None:
-        try:
-            _caption(pooled, _uri("radar_chart.png"), job_id)
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=job)
-    thread.start()
+    outcome: dict[str, Any] = {}
+    thread = _job_thread(pooled, job_id, outcome)
     wait_for(lambda: pool.status()["in_flight"] == 1, WAIT, "the job to wait on the preprocessing pool")
     return pool, pid, thread, outcome
