@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 import struct
 import threading
 import time
@@ -23,7 +24,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 from redis.exceptions import RedisError
@@ -48,6 +49,7 @@ from worker.settings import WorkerSettings
 DEFAULT_KEEP_SIDE = 1344
 # What Pillow can ``reduce`` in place of the full-size image; other modes are converted first.
 _REDUCIBLE = {"L", "LA", "RGB", "RGBA", "I", "F", "CMYK"}
+_READ_CHUNK = 1 << 20  # a local file is read in 1 MiB chunks, the job's deadline checked between them
 # What malformed image data makes Pillow raise, besides its own errors (truncated chunks, bad EXIF, ...).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError)
 
@@ -168,7 +170,7 @@ def read_image_bytes(
     if kind == "url":
         return fetch(reference, FetchPolicy.from_settings(settings), resolve, deadline, fetches)
     if kind == "path":
-        return _read_local(Path(reference), settings)
+        return _read_local(Path(reference), settings, deadline)
     raise InvalidRequest("image must be an http(s) URL, a data: URI, a blob reference or an absolute path")
 
 
@@ -183,7 +185,7 @@ def _read_blob(reference: str, blobs: BlobStore | None, max_bytes: int) -> bytes
         raise FetchFailed(f"the blob store did not answer: {type(exc).__name__}", retryable=True) from None
 
 
-def _read_local(path: Path, settings: WorkerSettings) -> bytes:
+def _read_local(path: Path, settings: WorkerSettings, deadline: float | None) -> bytes:
     try:
         resolved = path.resolve()
     except (OSError, RuntimeError, ValueError):  # a NUL byte, a symlink loop
@@ -192,11 +194,48 @@ def _read_local(path: Path, settings: WorkerSettings) -> bytes:
     if not any(resolved.is_relative_to(root) for root in roots):
         raise FetchForbidden(f"local path {path} is not under an allowed root (local_image_roots)")
     try:
-        if resolved.stat().st_size > settings.max_image_bytes:
-            raise ImageTooLarge(f"{path} is over the {settings.max_image_bytes}-byte cap (max_image_bytes)")
-        return resolved.read_bytes()
+        with open(_open_regular_file(resolved, path, settings.max_image_bytes), "rb", buffering=0) as file:
+            return _read_by(file, path, settings.max_image_bytes, deadline)
+    except LlavaError:
+        raise  # already coded (JobTimeout is also an OSError)
     except OSError as exc:
         raise InvalidImage(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _open_regular_file(resolved: Path, path: Path, max_bytes: int) -> int:
+    """A descriptor of ``resolved`` if it is a regular file within ``max_bytes``. Opened non-blocking, so
+    opening a FIFO never waits for a writer (fstat refuses it next), and not through a final symlink: the
+    root check saw the path with every link resolved."""
+    fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    try:
+        mode = os.fstat(fd)
+        if not stat.S_ISREG(mode.st_mode):
+            raise InvalidImage(f"{path} is not a regular file ({_file_kind(mode.st_mode)})")
+        if mode.st_size > max_bytes:
+            raise ImageTooLarge(f"{path} is over the {max_bytes}-byte cap (max_image_bytes)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_by(file: BinaryIO, path: Path, max_bytes: int, deadline: float | None) -> bytes:
+    """Read at most ``max_bytes`` (the file may have grown since fstat), checking ``deadline`` between
+    chunks: a slow filesystem ends the job as a timeout, not past it."""
+    chunks, size = [], 0
+    while chunk := file.read(min(_READ_CHUNK, max_bytes + 1 - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > max_bytes:
+            raise ImageTooLarge(f"{path} is over the {max_bytes}-byte cap (max_image_bytes)")
+        if deadline is not None and time.monotonic() > deadline:
+            raise JobTimeout(f"the job's deadline passed while it read {path}")
+    return b"".join(chunks)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket"}
+    return next((name for test, name in kinds.items() if test(mode)), "a device")
 
 
 def decode_image(
