@@ -16,6 +16,7 @@ from producer.errors import InvalidRequest, LlavaError
 from worker import control  # noqa: F401  # registers the llava_health inspect command
 from worker.delivery import DeliveryLedger
 from worker.results import BACKENDS as RESULT_BACKENDS
+from worker.results import TaskRequest
 from worker.service import JobContext, Requeue, Service
 from worker.settings import WorkerSettings
 
@@ -34,9 +35,13 @@ def create_app(settings: WorkerSettings, service: Service, app: Celery | None = 
     service.on_model_start, service.on_model_end = ledger.model_started, ledger.model_finished
     service.images.blobs = ledger.blobs
     for name in TASKS:
-        app.task(name=name, bind=True, throws=(LlavaError,), after_return=_release_blob(ledger))(
-            _task_function(name, service, ledger)
-        )
+        app.task(
+            name=name,
+            bind=True,
+            throws=(LlavaError,),
+            after_return=_release_blob(ledger),
+            Request=TaskRequest,  # its failure events carry no traceback
+        )(_task_function(name, service, ledger))
 
     def on_shutting_down(**_: Any) -> None:
         service.begin_shutdown(settings.shutdown_grace)

@@ -118,10 +118,27 @@ def _refuse_conflicting_peers(app: Any, settings: WorkerSettings) -> None:
         )
 
 
+def _without_result(record: logging.LogRecord) -> bool:
+    """Celery logs each success with the task's return value (``LOG_SUCCESS``: the caption of a user's image):
+    the line stays, the value goes, from the message and from ``data`` (Celery's ``extra``, which structured
+    log handlers emit)."""
+    if isinstance(record.args, dict) and "return_value" in record.args:
+        kept = {key: value for key, value in record.args.items() if key != "return_value"}
+        record.msg, record.args = _SUCCESS_LINE, kept
+        if hasattr(record, "data"):
+            record.data = kept
+    return True
+
+
+_SUCCESS_LINE = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
+
+
 def configure_logging(settings: WorkerSettings) -> None:
-    """Log format and level; each failed job is logged once (by worker.service)."""
+    """Log format and level; each failed job is logged once (by worker.service); no job's result is logged."""
     logging.basicConfig(level=settings.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("celery.app.trace").addFilter(_once_per_failure)
+    trace_log = logging.getLogger("celery.app.trace")
+    for log_filter in (_once_per_failure, _without_result):
+        trace_log.addFilter(log_filter)
 
 
 def start_service(settings: WorkerSettings, service: Service, app: Celery) -> bool:

@@ -1,4 +1,7 @@
-"""The worker's result backend: Celery's Redis backend, storing a job's outcome in one round trip.
+"""What a job's outcome shows outside the worker: the result backend (Celery's Redis backend, storing a
+job's outcome in one round trip) and the task events Flower shows. A failure is its code and message (the
+exception's ``exc_message``, see :mod:`producer.errors`); its traceback (install paths, source lines) stays
+in the worker's log, at DEBUG.
 
 Celery's Redis backend reads a task's stored meta before writing it (a stored success is never overwritten:
 a job that ran twice keeps its first result), then writes and publishes it: two round trips on every job's
@@ -10,12 +13,16 @@ the same expiry and publish), so the waiting client is told one round trip soone
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 from celery import states
 from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
+from celery.worker.request import Request
 from kombu.utils.encoding import bytes_to_str
+
+log = logging.getLogger(__name__)
 
 _STORE_UNLESS_SUCCEEDED = """
 local current = redis.call('GET', KEYS[1])
@@ -41,7 +48,9 @@ class ResultBackend(RedisBackend):
     def _store_result(
         self, task_id: Any, result: Any, state: str, traceback: Any = None, request: Any = None, **kwargs: Any
     ) -> Any:
-        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        if traceback:
+            log.debug("job %s failed:\n%s", bytes_to_str(task_id), traceback)
+        meta = self._get_result_meta(result=result, state=state, traceback=None, request=request)
         meta["task_id"] = bytes_to_str(task_id)
         expires = self.failure_expires if state == states.FAILURE else self.expires
         key, value = self.get_key_for_task(task_id), self.encode(meta)
@@ -56,6 +65,15 @@ class ResultBackend(RedisBackend):
 
     def _store_unless_succeeded(self, key: bytes, value: str, expires: Any) -> None:
         self._store_script(keys=[key], args=[value, int(expires or 0)])
+
+
+class TaskRequest(Request):
+    """Celery's worker request (a task's ``Request``), its events without the traceback Celery adds to
+    ``task-failed`` and ``task-retried``: Flower shows the error's type, message and code (its repr)."""
+
+    def send_event(self, type: str, **fields: Any) -> None:
+        fields.pop("traceback", None)
+        super().send_event(type, **fields)
 
 
 # Celery's backend aliases the worker's app overrides (``loader.override_backends``)
