@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -50,8 +52,11 @@ from producer.errors import (
 )
 from producer.images import ImageInput, data_uri, describe, image_source, redact
 from producer.job import Job
+from producer.memory_policy import evicting_redis, eviction_message
 from producer.settings import ClientSettings, load_settings
 from producer.transport import ResultBackend
+
+log = logging.getLogger(__name__)
 
 CALLBACK_QUEUE = "celery"  # where a callback given by name goes: the queue a plain Celery worker consumes
 
@@ -138,7 +143,9 @@ class LlavaClient:
 
     When Redis does not answer, sending and reading results raise
     :class:`~producer.errors.BrokerUnavailable` within about ``broker_timeout`` seconds; the same client
-    works again once Redis is back.
+    works again once Redis is back. A send that a full Redis refuses raises
+    :class:`~producer.errors.BrokerFull` (retryable). After its first send, a client warns once (a
+    ``logging`` warning) if its Redis evicts keys when full (:mod:`producer.memory_policy`).
     """
 
     def __init__(self, settings: ClientSettings | None = None, *, app: Celery | None = None) -> None:
@@ -146,6 +153,8 @@ class LlavaClient:
         self.app = app or create_celery_app(
             self.settings, role="producer", broker_timeout=self.settings.broker_timeout
         )
+        self._policy_checked = False
+        self._policy_lock = threading.Lock()
 
     def caption(self, image: ImageInput, prompt: str | None = None, **options: Any) -> Job[CaptionResult]:
         """Describe ``image`` (``prompt`` defaults to ``DEFAULT_CAPTION_PROMPT`` of :mod:`producer.contract`).
@@ -269,6 +278,7 @@ class LlavaClient:
                 link=send.callback(self.app, send.on_success),
                 link_error=send.callback(self.app, send.on_error),
             )
+        self._warn_if_redis_evicts()
         job: Job[Any] = Job(async_result, result_model, timeout, task_name)
         # Subscribe to the result only while something waits (get/wait/as_completed subscribe, then read the
         # result): a web request that answers 202 never waits. Our Redis backend does not subscribe on send
@@ -302,6 +312,18 @@ class LlavaClient:
                 with contextlib.suppress(Exception):  # Redis down: the blob's TTL deletes it
                     store.release(wire_image, job_id)
             raise
+
+    def _warn_if_redis_evicts(self) -> None:
+        """Once per client, after a send went through: warn if its Redis may drop accepted jobs when full (an
+        evicting ``maxmemory-policy``). Later sends skip it, whatever it found (a Redis that would not say
+        leaves a debug line)."""
+        with self._policy_lock:
+            if self._policy_checked:
+                return
+            self._policy_checked = True
+        evicting = evicting_redis(self.app, attempt_timeout(self.settings.broker_timeout))
+        if evicting:
+            log.warning("llava-queue: %s", eviction_message(evicting))
 
     @functools.cached_property
     def blob_store(self) -> BlobStore | None:

@@ -2,9 +2,9 @@
 
 Every error a user can get is a :class:`LlavaError` with a stable ``code`` string and a human message.
 ``retryable`` marks the transient ones (:data:`RETRYABLE_CODES`): the same job sent again later may succeed
-(a fetch, a deadline, a lost worker, an unreachable Redis). The worker retries a transient fetch failure
-itself (an instance may say otherwise: an HTTP 404 is a permanent ``fetch_failed``); ``llava-queue``'s
-resume sends jobs whose last error is transient again. Permanent errors are never retried.
+(a fetch, a deadline, a lost worker, an unreachable or full Redis). The worker retries a transient fetch
+failure itself (an instance may say otherwise: an HTTP 404 is a permanent ``fetch_failed``);
+``llava-queue``'s resume sends jobs whose last error is transient again. Permanent errors are never retried.
 
 On the wire (Celery's JSON result backend) a failed job is stored as
 ``{"exc_type": "InvalidImage", "exc_module": "producer.errors", "exc_message": [MESSAGE, CODE]}``, so a client
@@ -78,6 +78,21 @@ class ResourceExhausted(LlavaError):
     code = "resource_exhausted"
 
 
+class BrokerFull(ResourceExhausted):
+    """Redis (the broker, the result backend or the blob store) is out of memory: it refused the send.
+
+    Raised by a send whose message or image Redis would not store: used memory is at ``maxmemory`` and the
+    policy is ``noeviction``, which refuses new writes rather than dropping queued jobs. Retryable: a refused
+    write stores nothing (the publish is one command, the image's claim and bytes one transaction, and an
+    image stored before a refused publish is released), so sending again cannot run the job twice; and a
+    full Redis frees memory by itself as workers take queued jobs, release their images and results expire.
+    If it stays full, give Redis more memory or fewer queued jobs.
+    """
+
+    code = "broker_full"
+    retryable = True
+
+
 class JobTimeout(LlavaError, TimeoutError):
     """The job ran past its deadline on the worker."""
 
@@ -123,6 +138,7 @@ ERRORS: dict[str, type[LlavaError]] = {
         FetchForbidden,
         FetchFailed,
         ResourceExhausted,
+        BrokerFull,
         JobTimeout,
         WorkerLost,
         InternalError,

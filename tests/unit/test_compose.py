@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from producer.memory_policy import MemoryPolicy
 from worker.cli import build_settings, parse_args
 from worker.settings import WorkerSettings
 
@@ -70,6 +71,10 @@ def test_redis_keeps_jobs_aof_noeviction_password_from_env_healthcheck(compose: 
     command = " ".join(redis["command"])
     assert "--appendonly yes" in command
     assert "--maxmemory-policy noeviction" in command
+    # The policy as the producer and the worker judge it: under the memory cap, nothing may be evicted.
+    policy = re.search(r"--maxmemory-policy (\S+)", command)
+    assert policy is not None and "--maxmemory " in command
+    assert not MemoryPolicy(policy.group(1), maxmemory=1).evicts
     # requirepass comes from the environment through a config file: never on a command line `ps` shows.
     assert "requirepass" in command and '"$REDIS_PASSWORD"' in command and "s3cret" not in command
     assert "--requirepass" not in command

@@ -16,6 +16,7 @@ EXPECTED_CODES = {
     "FetchForbidden": "fetch_forbidden",
     "FetchFailed": "fetch_failed",
     "ResourceExhausted": "resource_exhausted",
+    "BrokerFull": "broker_full",
     "JobTimeout": "timeout",
     "WorkerLost": "worker_lost",
     "InternalError": "internal_error",
@@ -30,6 +31,9 @@ def test_codes_are_stable_and_unique() -> None:
     assert errors.FetchFailed.retryable and not errors.InvalidImage.retryable
     assert not errors.FetchFailed("404", retryable=False).retryable
     assert errors.BrokerUnavailable.retryable
+    # A full Redis refused the send (nothing stored) and frees memory as workers drain it: send it again.
+    assert issubclass(errors.BrokerFull, errors.ResourceExhausted) and errors.BrokerFull.retryable
+    assert not errors.ResourceExhausted.retryable and "broker_full" in errors.RETRYABLE_CODES
 
 
 def test_error_round_trips_through_celery_json_encoding() -> None:

@@ -1,6 +1,7 @@
 """The layers, read from the source: the worker uses the producer only through its shared modules (the
-contract, the errors, the Celery app and its settings, the blob store), and the producer imports neither the
-worker nor torch/transformers (``test_roundtrip`` also checks the latter on a real import)."""
+contract, the errors, the Celery app and its settings, the blob store, the Redis memory policy), and the
+producer imports neither the worker nor torch/transformers (``test_roundtrip`` also checks the latter on a
+real import)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKER_MAY_IMPORT = {"producer.contract", "producer.errors", "producer.app", "producer.blobs"}
+WORKER_MAY_IMPORT = {
+    "producer.contract",
+    "producer.errors",
+    "producer.app",
+    "producer.blobs",
+    "producer.memory_policy",
+}
 
 
 def imported_modules(package: str) -> dict[str, set[str]]:
