@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import ValidationError
 
+from worker.redis_policy import refuse_evicting_redis
 from worker.settings import WorkerSettings, load_settings
 
 if TYPE_CHECKING:
@@ -148,6 +149,7 @@ def start_service(settings: WorkerSettings, service: Service, app: Celery) -> bo
 
     try:
         _refuse_conflicting_peers(app, settings)
+        refuse_evicting_redis(app)
         service.start()
         if settings.metrics_port is not None:
             from worker.metrics import serve_metrics

@@ -19,7 +19,7 @@ from producer import ClientSettings, LlavaClient, ResourceExhausted
 from producer.blobs import RedisBlobStore
 from producer.errors import BrokerFull
 from producer.memory_policy import MemoryPolicy, read_memory_policy
-from tests.integration.conftest import IMAGES
+from tests.integration.conftest import IMAGES, WorkerCli
 
 URL = "https://images.example/cat.png"  # never fetched: no worker consumes these queues
 
@@ -111,6 +111,17 @@ def test_the_producer_warns_once_per_client_on_an_evicting_redis(
     assert "maxmemory-policy volatile-lru" in warning and "set maxmemory-policy noeviction" in warning
     assert "broker:" in warning and "result backend:" in warning
     client.close()
+
+
+def test_a_worker_refuses_to_start_on_an_evicting_redis(
+    own_redis: RedisServer, worker_cli: WorkerCli
+) -> None:
+    """Refused before it loads a model: the CLI runs in-process."""
+    evicting(own_redis, "allkeys-lru")
+    status, output = worker_cli(LLAVA_BROKER_URL=own_redis.url(0), LLAVA_RESULT_BACKEND=own_redis.url(1))
+    assert status == 1, output
+    assert "llava-worker: cannot start" in output and "maxmemory-policy allkeys-lru" in output
+    assert "set maxmemory-policy noeviction" in output
 
 
 def test_the_policy_is_read_from_config_else_info_else_not_judged(own_redis: RedisServer) -> None:
