@@ -4,10 +4,14 @@ A queued inline image would otherwise cost Redis about twice its size per job (b
 kombu's base64 body encoding) and ride through every hop (publish, ``BRPOP``, events). Instead the producer
 stores the raw bytes once under their sha256 and sends ``blob:sha256:<64 hex>`` as the request's ``image``.
 
-Lifetime: each job that references a blob is recorded beside it (a Redis set of job ids). The worker releases
-its job's reference when the job ends (success, coded failure, redelivery cap); the last release deletes the
-blob. A worker that dies mid-job releases nothing, so the redelivered job still finds its blob. A TTL on both
-keys is only the fallback for producers that die between storing and sending, or messages that never run.
+Lifetime: each send of a job that references a blob records its claim beside it (a Redis set of claims: the
+token the message carries in :data:`~producer.contract.CLAIM_HEADER`, or the job id for a message without
+one). The worker releases the job's claim when it ends (success, coded failure, redelivery cap); the last
+release deletes the blob. A claim belongs to a send, not to a job id: a job sent again under its id (a
+resend while the first run is still on its way, a bulk resume) claims the image again for itself, so the
+first run's release leaves it to the second. A worker that dies mid-job releases nothing, so the redelivered
+job still finds its blob. A TTL on both keys is only the fallback for producers that die between storing and
+sending, or messages that never run.
 
 Resends: a store remembers the digests it stored or claimed within the TTL (a bounded, thread-safe LRU); for
 those it first sends only the job's claim (a script that claims and refreshes the TTLs only if the bytes are
@@ -82,9 +86,9 @@ def bytes_packer() -> PythonRespSerializer:
 class BlobStore(Protocol):
     """Where image bytes wait for their jobs."""
 
-    def put(self, data: bytes, job_id: str) -> str:
-        """Record that ``job_id`` needs ``data``, storing the bytes unless they are already there; the
-        reference to send."""
+    def put(self, data: bytes, claim: str) -> str:
+        """Record that the send holding ``claim`` needs ``data``, storing the bytes unless they are already
+        there; the reference to send."""
         ...
 
     def get(self, reference: str, max_bytes: int) -> bytes:
@@ -92,8 +96,8 @@ class BlobStore(Protocol):
         ``ImageTooLarge`` over ``max_bytes``."""
         ...
 
-    def release(self, reference: str, job_id: str) -> None:
-        """``job_id`` ended: drop its claim; the last claim deletes the bytes."""
+    def release(self, reference: str, claim: str) -> None:
+        """The job sent with ``claim`` ended: drop the claim; the last claim deletes the bytes."""
         ...
 
 
@@ -124,9 +128,9 @@ class RecentDigests:
 
 class RedisBlobStore:
     """Blobs in Redis: ``llava-blob-<hex>`` (the raw bytes, a hash of chunks: see :data:`CHUNK`) and
-    ``llava-blob-jobs-<hex>`` (the jobs that need them), both expiring after ``ttl`` seconds unless released
-    first. A resend of an image this store stored or claimed within ``ttl`` sends only its claim while the
-    bytes are still there."""
+    ``llava-blob-jobs-<hex>`` (the claims of the sends that need them), both expiring after ``ttl`` seconds
+    unless released first. A resend of an image this store stored or claimed within ``ttl`` sends only its
+    claim while the bytes are still there."""
 
     def __init__(self, client: redis.Redis, ttl: int, recent: int = 1024) -> None:
         self.client = client
@@ -139,30 +143,30 @@ class RedisBlobStore:
     def keys(digest: str) -> tuple[str, str]:
         return f"llava-blob-{digest}", f"llava-blob-jobs-{digest}"
 
-    def put(self, data: bytes, job_id: str) -> str:
+    def put(self, data: bytes, claim: str) -> str:
         reference = blob_reference(data)
         digest = blob_digest(reference)
         keys = self.keys(digest)
         sent_at = time.monotonic()  # before the call: the keys' TTL starts no earlier than this
         # A first-time image: straight to the upload. One noted lately: the claim alone, the upload if the
         # bytes are gone (released by their last job, expired, or deleted as tampered).
-        if not (self.recent.fresh(digest, sent_at) and self._claim(keys, job_id)):
-            self._store(keys, data, job_id)
+        if not (self.recent.fresh(digest, sent_at) and self._claim(keys, claim)):
+            self._store(keys, data, claim)
         self.recent.note(digest, sent_at)
         return reference
 
-    def _claim(self, keys: tuple[str, str], job_id: str) -> bool:
-        """If the bytes are stored: claim them for ``job_id``, refresh both TTLs, True; else False."""
-        return bool(self._claim_if_stored(keys=list(keys), args=[job_id, self.ttl]))
+    def _claim(self, keys: tuple[str, str], claim: str) -> bool:
+        """If the bytes are stored: add ``claim``, refresh both TTLs, True; else False."""
+        return bool(self._claim_if_stored(keys=list(keys), args=[claim, self.ttl]))
 
-    def _store(self, keys: tuple[str, str], data: bytes, job_id: str) -> None:
+    def _store(self, keys: tuple[str, str], data: bytes, claim: str) -> None:
         blob, jobs = keys
         # One transaction, one round trip: the claim and the bytes land together (no release can come
         # between them) and both TTLs start anew. A copy already there (another producer's) is replaced by
         # the same bytes (the key is their sha256), which also mends a tampered one: DEL first, so that a
         # plain-string copy (a foreign client's SET) or stray fields of another chunking do not stay.
         pipe = self.client.pipeline(transaction=True)
-        pipe.sadd(jobs, job_id)
+        pipe.sadd(jobs, claim)
         pipe.expire(jobs, self.ttl)
         pipe.delete(blob)
         pipe.hset(blob, items=chunked(data))
@@ -213,9 +217,15 @@ class RedisBlobStore:
             return length, as_string
         return None  # no key (or a key of another type)
 
-    def release(self, reference: str, job_id: str) -> None:
+    def release(self, reference: str, claim: str) -> None:
         blob, jobs = self.keys(blob_digest(reference))
-        self._release(keys=[blob, jobs], args=[job_id])
+        self._release(keys=[blob, jobs], args=[claim])
+
+
+def message_claim(token: object, job_id: str) -> str:
+    """The claim a job's message holds on its blob image: its :data:`~producer.contract.CLAIM_HEADER`
+    ``token``, or the job id for a message without one (a foreign client or an older producer)."""
+    return token if isinstance(token, str) and token else job_id
 
 
 def chunked(data: bytes) -> list[str | int | memoryview]:

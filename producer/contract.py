@@ -34,6 +34,11 @@ TASKS = (TASK_CAPTION, TASK_VQA, TASK_CLASSIFY)
 TASK_NOOP = "llava.noop"  # no request, returns {"worker": node}: the queue's own round trip
 # Message header: when the producer sent the job (epoch seconds); the worker derives queued_ms from it.
 SENT_AT_HEADER = "llava_sent_at"
+# Message header of a job sent with a blob image: this send's claim on the image (a token unique to the send,
+# see producer.blobs), which the worker releases when the job ends. Each send claims for itself, so a resend
+# under the same job id keeps its image when the first run ends. A message without it (a foreign client, an
+# older producer) claimed the image under its job id, and the worker releases that.
+CLAIM_HEADER = "llava_image_claim"
 QUEUE_PREFIX = "llava."
 HEALTH_COMMAND = "llava_health"  # the worker's inspect command (worker/control.py): its health as a dict
 # Job priorities (LlavaClient): 0 lowest .. MAX_PRIORITY most urgent; see wire_priority for what is sent.

@@ -17,12 +17,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from celery import Celery, states
+from celery import Celery, current_task, states
 from celery.worker.consumer import Consumer
 
 from producer.app import worker_health
-from producer.blobs import RedisBlobStore
-from producer.contract import TASKS, is_blob_reference
+from producer.blobs import RedisBlobStore, message_claim
+from producer.contract import CLAIM_HEADER, TASKS, is_blob_reference
 from producer.errors import InvalidRequest, WorkerLost
 from worker.settings import WorkerSettings
 
@@ -130,7 +130,11 @@ class DeliveryLedger:
         if self.blobs is None or not isinstance(image, str) or not is_blob_reference(image):
             return
         try:
-            self.blobs.release(image, job_id)
+            # The claim is the send's (its message header), so a resend under job_id keeps the image; the
+            # task's after_return calls this with the job's request still current.
+            task = current_task.request if current_task else None
+            token = getattr(task, CLAIM_HEADER, None) if task is not None and task.id == job_id else None
+            self.blobs.release(image, message_claim(token, job_id))
         except Exception as exc:  # the blob's TTL removes it later
             log.warning("could not release the blob of job %s: %s", job_id, exc)
 
