@@ -27,6 +27,7 @@ from producer.broker import broker_guard
 from producer.collector import aiter_completed, iter_completed
 from producer.contract import (
     BLOB_PREFIX,
+    CLAIM_HEADER,
     DEFAULT_PRIORITY,
     MAX_PRIORITY,
     RESULT_MODELS,
@@ -263,10 +264,12 @@ class LlavaClient:
             if existing is not None:
                 return existing
         job_id = send.job_id or str(uuid.uuid4())
-        wire_image, shown_image = self._wire_image(source, job_id)
+        claim = uuid.uuid4().hex  # this send's claim on its image: a resend under job_id makes its own
+        wire_image, shown_image = self._wire_image(source, claim)
         payload = request.model_dump(mode="json", exclude_defaults=True) | {"image": wire_image}
         shown = {**payload, "image": shown_image}
-        with self._release_blob_on_failure(wire_image, job_id), broker_guard(f"sending a {task_name} job"):
+        headers = _message_headers(wire_image, claim)
+        with self._release_blob_on_failure(wire_image, claim), broker_guard(f"sending a {task_name} job"):
             async_result = self.app.send_task(
                 task_name,
                 task_id=job_id,
@@ -274,7 +277,7 @@ class LlavaClient:
                 queue=send.queue_name(self.settings.default_queue),
                 priority=send.wire_priority(self.app),
                 kwargsrepr=repr({"request": shown}),
-                headers={SENT_AT_HEADER: time.time()},
+                headers=headers,
                 link=send.callback(self.app, send.on_success),
                 link_error=send.callback(self.app, send.on_error),
             )
@@ -287,7 +290,7 @@ class LlavaClient:
             job.release()
         return job
 
-    def _wire_image(self, source: str | bytes, job_id: str) -> tuple[str, str]:
+    def _wire_image(self, source: str | bytes, claim: str) -> tuple[str, str]:
         """(the request's ``image``, its redacted form): a URL as it is; inline bytes stored in the blob store
         under their hash (once, however many jobs use them) or, below ``blob_min_bytes`` or without a store,
         a data: URI."""
@@ -297,20 +300,20 @@ class LlavaClient:
         if store is None or len(source) < self.settings.blob_min_bytes:
             return data_uri(source), describe(source)
         with broker_guard("storing the image in the blob store"):
-            reference = store.put(source, job_id)
+            reference = store.put(source, claim)
         return reference, describe(source, sha256=blob_digest(reference))  # the image is hashed once
 
     @contextlib.contextmanager
-    def _release_blob_on_failure(self, wire_image: str, job_id: str) -> Iterator[None]:
-        """If the block raises after the image was stored for ``job_id``, drop the job's claim on it (best
-        effort, never raising: with Redis down the release fails too, and the blob's TTL cleans it up)."""
+    def _release_blob_on_failure(self, wire_image: str, claim: str) -> Iterator[None]:
+        """If the block raises after the image was stored under ``claim``, drop the claim (best effort, never
+        raising: with Redis down the release fails too, and the blob's TTL cleans it up)."""
         try:
             yield
         except Exception:  # an interrupt leaves the claim to the TTL rather than wait on Redis
             store = self.blob_store
             if store is not None and wire_image.startswith(BLOB_PREFIX):
                 with contextlib.suppress(Exception):  # Redis down: the blob's TTL deletes it
-                    store.release(wire_image, job_id)
+                    store.release(wire_image, claim)
             raise
 
     def _warn_if_redis_evicts(self) -> None:
@@ -377,6 +380,15 @@ async def _guarded(completed: AsyncIterator[Job[Any]], jobs: list[Job[Any]]) -> 
 def _forget_subscriptions(jobs: list[Job[Any]]) -> None:
     for job in jobs:
         job.forget_subscription()
+
+
+def _message_headers(wire_image: str, claim: str) -> dict[str, Any]:
+    """A job message's headers: when it was sent, and, with a blob image, the send's claim on it (the worker
+    releases that claim when the job ends)."""
+    headers: dict[str, Any] = {SENT_AT_HEADER: time.time()}
+    if wire_image.startswith(BLOB_PREFIX):
+        headers[CLAIM_HEADER] = claim
+    return headers
 
 
 def check_params(kind: str, **params: Any) -> None:
