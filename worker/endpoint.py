@@ -68,10 +68,10 @@ class Endpoint:
             raise
         return self
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop listening, drop the open connections, end the thread."""
+    def close(self) -> None:
+        """Stop listening, drop the open connections, end the thread (within ``answer_timeout``)."""
         if self._loop.is_running():
-            asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout)
+            asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(self.answer_timeout + 5)
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._apps.shutdown(wait=False, cancel_futures=True)
 
