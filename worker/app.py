@@ -7,14 +7,14 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Reject
-from celery.signals import worker_shutting_down
+from celery.signals import worker_shutdown, worker_shutting_down
 from kombu import Queue
 
 from producer.app import create_celery_app
 from producer.contract import SENT_AT_HEADER, TASK_NOOP, TASKS
 from producer.errors import InvalidRequest, LlavaError
 from worker import control  # noqa: F401  # registers the llava_health inspect command
-from worker.delivery import DeliveryLedger
+from worker.delivery import DeliveryLedger, LedgerUnavailable
 from worker.results import BACKENDS as RESULT_BACKENDS
 from worker.results import TaskRequest
 from worker.service import JobContext, Requeue, Service
@@ -44,9 +44,12 @@ def create_app(settings: WorkerSettings, service: Service, app: Celery | None = 
         )(_task_function(name, service, ledger))
 
     def on_shutting_down(**_: Any) -> None:
+        ledger.stopping.set()
         service.begin_shutdown(settings.shutdown_grace)
 
     worker_shutting_down.connect(on_shutting_down, weak=False)
+    # after the task threads ended (their requeues' writes queued): the ledger's pending writes go out
+    worker_shutdown.connect(lambda **_: ledger.close(), weak=False)
     app.task(name=TASK_NOOP, bind=True)(_noop)
     return app
 
@@ -67,6 +70,9 @@ def _task_function(task_name: str, service: Service, ledger: DeliveryLedger) -> 
             return _deliver(task_name, service, ledger, context, args, kwargs)
         except Requeue as exc:
             ledger.undeliver(context.job_id)
+            raise Reject(str(exc), requeue=True) from None
+        except LedgerUnavailable as exc:  # nothing ran and nothing was counted: the job goes back as it came
+            log.warning("job %s goes back to the queue: %s", context.job_id, exc)
             raise Reject(str(exc), requeue=True) from None
 
     run.__name__ = task_name.replace(".", "_")
@@ -92,7 +98,7 @@ def _deliver(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> dict[str, Any]:
-    delivery = ledger.delivered(context.job_id)
+    delivery = ledger.arrived(context.job_id, patience=service.settings.job_timeout)
     if delivery.succeeded is not None:
         log.info("job %s already succeeded: returning its stored result", context.job_id)
         return dict(delivery.succeeded)

@@ -9,26 +9,43 @@ job delivered again after such a death is *suspect*: it runs isolated (no batch-
 died on the model ``max_deliveries`` times ends ``WorkerLost`` without running again. Jobs that were only
 waiting in a dying worker, or done with the model, are not counted against, so innocent jobs never reach the
 cap; a backstop on plain deliveries still ends a job that kills workers before the model.
+
+Redis is never waited on by the model thread: the attempts leave it through :class:`worker.attempts.
+AttemptWriter`. Every ledger call has its own bounded socket timeouts, and a Redis error on a job's arrival
+never becomes the job's outcome: :meth:`DeliveryLedger.arrived` retries it with backoff while holding the
+job, then raises :class:`LedgerUnavailable` (the task hands the job back to the queue).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, current_task, states
 from celery.worker.consumer import Consumer
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from producer.app import worker_health
 from producer.blobs import RedisBlobStore, message_claim
 from producer.contract import CLAIM_HEADER, TASKS, is_blob_reference
 from producer.errors import InvalidRequest, WorkerLost
+from worker.attempts import AttemptWriter
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
 BACKSTOP_FACTOR = 3  # deliveries allowed per counted model attempt before a job is given up regardless
+REDIS_TIMEOUT = 5.0  # seconds per ledger operation on Redis (connect, each read)
+ARRIVAL_BACKOFF_S = (0.2, 5.0)  # first and longest pause between a held job's tries of its arrival
+
+
+class LedgerUnavailable(Exception):
+    """Redis did not take a job's arrival in the ledger for as long as the job may be held: hand it back."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +72,12 @@ class DeliveryLedger:
         self.backend = app.backend
         self.max_deliveries = settings.max_deliveries
         self.expires = settings.result_expires
-        self.client = getattr(self.backend, "client", None)  # redis.Redis for the Redis backend
+        # the ledger's own client, bounded (Celery's backend client waits up to two minutes per read)
+        redis_backend = getattr(self.backend, "client", None) is not None  # a redis.Redis behind it
+        self.client = _bounded_client(self.backend) if redis_backend else None
         self.blobs = None if self.client is None else _blob_store(self.backend, settings)
+        self.attempts = None if self.client is None else AttemptWriter(self.client, self.key, self.expires)
+        self.stopping = threading.Event()  # a warm shutdown began: held jobs go back at once
         if self.client is None:
             log.warning(
                 "result backend %s has no Redis client: the redelivery cap and blob images are off",
@@ -66,6 +87,22 @@ class DeliveryLedger:
     @staticmethod
     def key(job_id: str) -> str:
         return f"llava-ledger-{job_id}"
+
+    def arrived(self, job_id: str, patience: float) -> Delivery:
+        """:meth:`delivered`, a Redis error retried with backoff for up to ``patience`` seconds (the job held
+        meanwhile, until :attr:`stopping` at most); then :class:`LedgerUnavailable`. A failed try counted
+        nothing (or is in doubt: one delivery more toward the backstop at worst)."""
+        deadline, pause = time.monotonic() + patience, ARRIVAL_BACKOFF_S[0]
+        while True:
+            try:
+                return self.delivered(job_id)
+            except RedisError as exc:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.stopping.is_set():
+                    raise LedgerUnavailable(f"Redis did not take the job's arrival: {exc}") from None
+                log.warning("job %s held: Redis did not take its arrival (%s), retrying", job_id, exc)
+            self.stopping.wait(min(pause, left))
+            pause = min(2 * pause, ARRIVAL_BACKOFF_S[1])
 
     def delivered(self, job_id: str) -> Delivery:
         """Count one more delivery of ``job_id`` and read its stored success, in one round trip (zeros and
@@ -100,29 +137,27 @@ class DeliveryLedger:
         return None
 
     def model_started(self, job_ids: list[str]) -> None:
-        """The model thread is about to run these jobs: one attempt each until :meth:`model_finished`."""
-        self._count_attempts(job_ids, 1)
+        """The model thread is about to run these jobs: one attempt each until :meth:`model_finished`
+        (recorded off the model thread, see :mod:`worker.attempts`)."""
+        if self.attempts is not None and job_ids:
+            self.attempts.begin(job_ids)
 
     def model_finished(self, job_ids: list[str]) -> None:
         """The model call returned (outputs or errors): the attempt did not kill the worker."""
-        self._count_attempts(job_ids, -1)
-
-    def _count_attempts(self, job_ids: list[str], step: int) -> None:
-        if self.client is None or not job_ids:
-            return
-        try:
-            pipe = self.client.pipeline()
-            for job_id in job_ids:
-                pipe.hincrby(self.key(job_id), "attempts", step)
-                pipe.expire(self.key(job_id), self.expires)
-            pipe.execute()
-        except Exception as exc:  # Redis blinked: the batch runs; only the crash count is off
-            log.warning("could not record model attempts of %d job(s): %s", len(job_ids), exc)
+        if self.attempts is not None and job_ids:
+            self.attempts.end(job_ids)
 
     def undeliver(self, job_id: str) -> None:
-        """A requeue at shutdown is not the job's fault: take its delivery back."""
-        if self.client is not None:
-            self.client.hincrby(self.key(job_id), "deliveries", -1)
+        """A warm shutdown hands ``job_id`` back, not the job's fault: its delivery is taken back, and so is
+        its attempt if it is still on the model (the process may exit before the model thread lets it go).
+        Waits up to :data:`REDIS_TIMEOUT` for Redis, never raises."""
+        if self.attempts is not None:
+            self.attempts.undeliver(job_id, REDIS_TIMEOUT)
+
+    def close(self) -> None:
+        """The worker stops: write the pending attempts (up to :data:`REDIS_TIMEOUT`)."""
+        if self.attempts is not None:
+            self.attempts.close(REDIS_TIMEOUT)
 
     def release_blob(self, request: Any, job_id: str) -> None:
         """``job_id`` ended: release its claim on the blob its request names, if any (never raises)."""
@@ -150,6 +185,14 @@ def _blob_store(backend: Any, settings: WorkerSettings) -> RedisBlobStore:
     return RedisBlobStore(
         backend._create_client(**{**backend.connparams, **timeouts}), settings.result_expires
     )
+
+
+def _bounded_client(backend: Any) -> Any:
+    """The ledger's client of the result backend's Redis (as :func:`_blob_store`'s), every operation bounded
+    by :data:`REDIS_TIMEOUT` and never retried by redis-py (the ledger retries: a held job's arrival, the
+    attempt writer's idempotent writes)."""
+    bounds = {"socket_timeout": REDIS_TIMEOUT, "socket_connect_timeout": REDIS_TIMEOUT}
+    return backend._create_client(**{**backend.connparams, **bounds, "retry": Retry(NoBackoff(), 0)})
 
 
 class LlavaConsumer(Consumer):
