@@ -163,6 +163,7 @@ class AttemptWriter:
                 continue
             with self._lock:  # in doubt: written again (idempotent) unless a later state replaced it
                 self._pending = {**batch, **self._pending}
+                self._answering = False  # Redis failed: rows stop waiting for their records at once
                 if self._closed:
                     return
             time.sleep(pause)
