@@ -161,6 +161,29 @@ def start_service(settings: WorkerSettings, service: Service, app: Celery) -> bo
     return True
 
 
+def serve(app: Celery, settings: WorkerSettings) -> int:
+    """Run Celery's worker for ``app`` until it stops; its exit status. Neither ``worker_main`` nor
+    ``app.start`` returns it (Celery's command exits through click, which ``app.start`` swallows), so a
+    consumer that could not go on ("Unrecoverable error") exited 0 and no supervisor restarted it: the
+    status is read off the worker itself."""
+    from celery.signals import worker_init
+
+    workers: list[Any] = []
+
+    def remember(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            workers.append(sender)
+
+    worker_init.connect(remember, weak=False)
+    try:
+        status = app.start(celery_argv(settings))
+    finally:
+        worker_init.disconnect(remember)
+    if workers:
+        status = workers[-1].exitcode
+    return status if isinstance(status, int) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -179,12 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     if not start_service(settings, service, app):
         return 1
     try:
-        # app.start, not worker_main: worker_main drops the exit status, so a consumer that could not go on
-        # ("Unrecoverable error") would exit 0 and no supervisor would restart it.
-        status = app.start(celery_argv(settings))
+        return serve(app, settings)
     finally:
         service.stop()
-    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":
