@@ -39,7 +39,7 @@ DEVSTACK := $(BIN)/python -m devtools.devstack --
 TEST_PROCS ?= 3
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist loadfile --no-loadscope-reorder
 
-.PHONY: demo test suite coverage lint unit integration images install clean bench bench-memory soak flower
+.PHONY: demo test suite coverage lint unit integration images install clean bench bench-memory soak flower drill
 
 install: $(VENV)/.installed
 
@@ -109,6 +109,11 @@ SOAK_ROUNDS ?= 5
 soak: install
 	for round in $$(seq $(SOAK_ROUNDS)); do echo "soak round $$round"; \
 	  $(DEVSTACK) $(BIN)/python -m pytest -q tests/integration/test_faults.py tests/integration/test_poison.py tests/integration/test_batching_worker.py || exit 1; done
+
+# The Redis Sentinel failover drill: primary + replica + three Sentinels on loopback, a tiny worker, 200 jobs
+# per scenario, the primary SIGKILLed twice and hung once (DRILL_ARGS="--jobs 40 --rate 8" for a short one).
+drill: install
+	$(BIN)/python -m devtools.drill $(DRILL_ARGS)
 
 # Flower on the configured broker (LLAVA_BROKER_URL; auth: LLAVA_FLOWER_BASIC_AUTH=user:password).
 flower: install

@@ -48,7 +48,9 @@ def redis_answers(url: str, timeout: float = 1.0) -> bool:
 class RedisServer:
     """A ``redis-server`` on a free port with its own data dir; stop, kill and restart it (AOF keeps data)."""
 
-    def __init__(self, data_dir: Path | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path | None = None, port: int | None = None, extra: tuple[str, ...] = ()
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(INSTALL_HINT)
@@ -56,6 +58,7 @@ class RedisServer:
         self.port = port or free_port()
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="llava-redis-"))
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.extra = extra  # more redis-server arguments (a replica's --replicaof, say)
         self.process: subprocess.Popen[bytes] | None = None
 
     def url(self, db: int = 0) -> str:
@@ -66,7 +69,7 @@ class RedisServer:
             self.binary,
             "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-            "--maxmemory-policy", "noeviction", "--daemonize", "no",
+            "--maxmemory-policy", "noeviction", "--daemonize", "no", *self.extra,
         ]  # fmt: skip
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115  (kept open for the child)
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from celery import Celery
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,8 +23,14 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from producer.contract import DEFAULT_PRIORITY, HEALTH_COMMAND, MAX_PRIORITY, wire_priority
-from producer.transport import RESULT_BACKENDS, TRANSPORT
+from producer.contract import (
+    DEFAULT_PRIORITY,
+    HEALTH_COMMAND,
+    MAX_PRIORITY,
+    OUTCOME_SETTINGS_KEY,
+    wire_priority,
+)
+from producer.transport import RESULT_BACKENDS, SENTINEL_TRANSPORT, TRANSPORT
 
 _config_file: ContextVar[Path | None] = ContextVar("llava_config_file", default=None)
 
@@ -52,6 +58,28 @@ class QueueSettings(BaseSettings):
         description="image byte cap: workers refuse larger downloads and inline images, the producer refuses "
         "larger inline images before sending",
     )
+    sentinel_master: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Redis Sentinel: the name of the master the Sentinels monitor (`sentinel monitor NAME "
+        "...`). Required when broker_url or result_backend is a `sentinel://host:port/db;...` URL; "
+        "the broker, the result backend and the blob store then follow the Sentinels to the current primary",
+    )
+    sentinel_password: SecretStr | None = Field(
+        default=None,
+        description="password of the Sentinels themselves (`requirepass` in sentinel.conf), when they have "
+        "one; the Redis password goes in the URL (`sentinel://:PASSWORD@host:port/db`)",
+    )
+
+    @model_validator(mode="after")
+    def _sentinel_needs_master(self) -> QueueSettings:
+        urls = [url for url in (self.broker_url, self.result_backend) if url.startswith("sentinel://")]
+        if urls and not self.sentinel_master:
+            raise ValueError(
+                f"{urls[0].split(';')[0][:60]!r} is a Redis Sentinel URL: set LLAVA_SENTINEL_MASTER "
+                "(sentinel_master in the YAML) to the master name the Sentinels monitor"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -88,6 +116,14 @@ Role = Literal["worker", "producer"]
 DEFAULT_BROKER_TIMEOUT = 5.0  # seconds: ClientSettings.broker_timeout's default (see fail_fast_config)
 ATTEMPT_MAX = 1.0  # seconds: the longest a producer's single attempt on Redis may take
 PAUSE_MAX = 0.25  # seconds: the longest pause between a producer's reconnects
+# A worker's bound on one Redis connect or command: a hung primary is given up after this long and the
+# connection made again (to the new primary, under Sentinel). Above kombu's 1 s BRPOP poll, which it must
+# outlast; a healthy Redis answers in milliseconds.
+WORKER_REDIS_TIMEOUT = 3.0
+# Seconds idle after which a pooled connection is PINGed before its next use; kombu also drops its BRPOP
+# connection when no reply came within 1 s (the BRPOP's own timeout) + this, the only bound on a hung primary
+# for a connection that is waiting, not reading.
+HEALTH_CHECK_INTERVAL = 3
 
 
 def celery_config(settings: QueueSettings) -> dict[str, Any]:
@@ -100,7 +136,16 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
         # Look for jobs of dead workers every few seconds (kombu's default scans every ~100 s).
         "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 2)),
         "unacked_restore_throttle": 1,
-    }
+        "socket_timeout": WORKER_REDIS_TIMEOUT,
+        "socket_connect_timeout": WORKER_REDIS_TIMEOUT,
+        "socket_keepalive": True,
+        "health_check_interval": HEALTH_CHECK_INTERVAL,
+        # Reconnect at once, then every second or two, never giving up (broker_connection_max_retries):
+        # kombu's default pauses grow to 30 s, which would keep a worker idle long after a failover.
+        "interval_start": 0,
+        "interval_step": 1,
+        "interval_max": 2,
+    } | sentinel_options(settings, WORKER_REDIS_TIMEOUT)
     config: dict[str, Any] = {
         # JSON only: pickle from the broker would be remote code execution.
         "task_serializer": "json",
@@ -112,7 +157,12 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "broker_transport_options": transport_options,
-        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout}
+        | sentinel_options(settings, WORKER_REDIS_TIMEOUT),
+        "redis_socket_timeout": WORKER_REDIS_TIMEOUT,
+        "redis_socket_connect_timeout": WORKER_REDIS_TIMEOUT,
+        "redis_socket_keepalive": True,
+        "redis_backend_health_check_interval": HEALTH_CHECK_INTERVAL,
         "result_expires": settings.result_expires,
         # Results and coded errors only: an extended result would copy the request (image bytes, URL
         # credentials) into the result backend for result_expires seconds.
@@ -132,10 +182,23 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
         "task_queue_max_priority": MAX_PRIORITY,
         "worker_hijack_root_logger": False,
     }
-    # redis:// only: kombu turns on TLS for rediss:// by its transport's name, which a class path would lose.
-    if settings.broker_url.split("://", 1)[0] == "redis":
-        config["broker_transport"] = TRANSPORT  # kombu's, one client reused per channel (producer.transport)
+    # redis:// and sentinel:// only: kombu turns on TLS for rediss:// by its transport's name, which a class
+    # path would lose. Both are kombu's, with one client reused per channel (producer.transport).
+    scheme = settings.broker_url.split("://", 1)[0]
+    if scheme in ("redis", "sentinel"):
+        config["broker_transport"] = TRANSPORT if scheme == "redis" else SENTINEL_TRANSPORT
     return config
+
+
+def sentinel_options(settings: QueueSettings, timeout: float) -> dict[str, Any]:
+    """Transport options (kombu's and Celery's alike) that point a ``sentinel://`` URL at the master, the
+    Sentinels' own connections bounded by ``timeout``; none without a master name."""
+    if not settings.sentinel_master:
+        return {}
+    sentinel_kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if settings.sentinel_password is not None:
+        sentinel_kwargs["password"] = settings.sentinel_password.get_secret_value()
+    return {"master_name": settings.sentinel_master, "sentinel_kwargs": sentinel_kwargs}
 
 
 def worker_health(
@@ -156,6 +219,25 @@ def worker_health(
         for node, info in reply.items():
             health[node] = info if isinstance(info, dict) else {"error": str(info)}
     return health
+
+
+def outcome_differences(workers: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{queue: {setting: {node: value}}}`` for each outcome-changing setting that the workers consuming one
+    queue (``workers``: :func:`worker_health` replies) do not agree on: the same job could succeed on one and
+    fail on another. Workers that report no such settings (older ones) are left out."""
+    members: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for node, info in workers.items():
+        reported = info.get(OUTCOME_SETTINGS_KEY)
+        if isinstance(reported, dict):
+            for queue in info.get("queues") or []:
+                members.setdefault(queue, []).append((node, reported))
+    differences: dict[str, dict[str, dict[str, Any]]] = {}
+    for queue, group in sorted(members.items()):
+        for name in sorted({name for _, reported in group for name in reported}):
+            values = {node: reported.get(name) for node, reported in group}
+            if len({repr(value) for value in values.values()}) > 1:
+                differences.setdefault(queue, {})[name] = values
+    return differences
 
 
 def attempt_timeout(broker_timeout: float) -> float:
@@ -189,7 +271,8 @@ def fail_fast_config(settings: QueueSettings, broker_timeout: float) -> dict[str
     # ``timeout`` bounds the window, ``max_retries`` is only a backstop).
     window = broker_timeout - 2 * attempt  # > 0: never 0, which retry_over_time reads as no limit
     reconnects = {"max_retries": 100, "interval_start": 0, "interval_step": 0.1, "interval_max": PAUSE_MAX}
-    transport = dict(celery_config(settings)["broker_transport_options"], socket_timeout=attempt)
+    transport = celery_config(settings)["broker_transport_options"] | sentinel_options(settings, attempt)
+    transport |= {"socket_timeout": attempt, "health_check_interval": 0}
     # kombu's connection failover options (used where a connection is made outside a publish: control
     # broadcasts, status scans): one retry without its default 2 s pause, both tries within the window.
     transport |= {"socket_connect_timeout": attempt, "max_retries": 1, "interval_start": 0}
@@ -202,10 +285,12 @@ def fail_fast_config(settings: QueueSettings, broker_timeout: float) -> dict[str
         "redis_socket_connect_timeout": attempt,
         "redis_socket_timeout": attempt,
         "result_backend_always_retry": False,
+        "redis_backend_health_check_interval": attempt,  # the result subscription's PINGs (transport.py)
         "result_backend_transport_options": {
             "visibility_timeout": settings.visibility_timeout,
             "retry_policy": {**reconnects, "timeout": window},
-        },
+        }
+        | sentinel_options(settings, attempt),
     }
 
 

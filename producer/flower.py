@@ -3,8 +3,9 @@
 - It binds ``flower_address`` (default ``127.0.0.1``); an address that is not loopback (``0.0.0.0``, a LAN
   address, a host name) is refused unless ``flower_basic_auth`` is set.
 - Secrets travel in the environment, never on the command line (which ``ps`` shows to every local user):
-  Celery reads the broker URL from ``CELERY_BROKER_URL`` and Flower its credentials from
-  ``FLOWER_BASIC_AUTH``.
+  Celery's app (:mod:`producer.flower_app`) reads the settings from ``LLAVA_*`` (the ones given here are
+  passed on, so a ``--config`` file's broker reaches it too), Celery the broker URL from
+  ``CELERY_BROKER_URL`` and Flower its credentials from ``FLOWER_BASIC_AUTH``.
 """
 
 from __future__ import annotations
@@ -46,11 +47,16 @@ def flower_command(settings: ClientSettings, environ: Mapping[str, str]) -> tupl
             "set LLAVA_FLOWER_BASIC_AUTH=user:password, or keep the default address 127.0.0.1"
         )
     argv = [
-        sys.executable, "-m", "celery", "flower",
+        sys.executable, "-m", "celery", "-A", "producer.flower_app", "flower",
         f"--address={settings.flower_address}", f"--port={settings.flower_port}",
     ]  # fmt: skip
     env = {key: value for key, value in environ.items() if key != "FLOWER_BASIC_AUTH"}
-    env["CELERY_BROKER_URL"] = settings.broker_url
+    env["CELERY_BROKER_URL"] = env["LLAVA_BROKER_URL"] = settings.broker_url
+    env["LLAVA_RESULT_BACKEND"] = settings.result_backend
+    if settings.sentinel_master:
+        env["LLAVA_SENTINEL_MASTER"] = settings.sentinel_master
+    if settings.sentinel_password is not None:
+        env["LLAVA_SENTINEL_PASSWORD"] = settings.sentinel_password.get_secret_value()
     if auth:
         env["FLOWER_BASIC_AUTH"] = auth
     return argv, env

@@ -8,30 +8,43 @@ answering small jobs put ~12% of its consumer thread there. This channel keeps o
 and hands it out instead: a ``redis.Redis`` takes a pooled connection per command, so sharing it between
 threads is safe, and commands, timeouts and reconnects are exactly kombu's.
 
-Used for ``redis://`` brokers (:func:`producer.app.celery_config`); any other broker URL keeps kombu's own
-transport (``rediss://`` too: kombu turns TLS on by the transport's name).
+Used for ``redis://`` brokers, and through :mod:`producer.sentinel` for ``sentinel://`` ones
+(:func:`producer.app.celery_config`); any other broker URL keeps kombu's own transport (``rediss://`` too:
+kombu turns TLS on by the transport's name). Both put back a job Redis popped but would not record as
+unacknowledged (:class:`QoS`).
 
 Celery's Redis backend subscribes to every sent job's result channel as the job is sent; a web request that
 answers 202 never waits, so the producer then had to unsubscribe again: two pub/sub commands per job for
-nothing. :class:`ResultBackend` (the producer's, ``redis://`` and ``rediss://`` result backends) does not
-subscribe on send; ``get``, ``wait`` and the collectors subscribe, then read the stored result, so a result
-stored before the subscription is found all the same. Its ``forget`` also drops a late message of the
-forgotten result (see :meth:`ResultBackend.forget`).
+nothing. :class:`ResultBackend` (the producer's ``redis://``, ``rediss://`` and, as
+:class:`SentinelResultBackend`, ``sentinel://`` result backends) does not subscribe on send; ``get``, ``wait``
+and the collectors subscribe, then read the stored result, so a result stored before the subscription is
+found all the same. Its ``forget`` also drops a late message of the forgotten result
+(see :meth:`ResultBackend.forget`).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import redis
 from celery.backends.redis import RedisBackend
+from celery.backends.redis import ResultConsumer as CeleryResultConsumer
 from kombu.transport import redis as kombu_redis
 
+log = logging.getLogger(__name__)
 
-class Channel(kombu_redis.Channel):
+
+class SharedClient:
+    """The channel mixin: one client per connection pool, handed out for every command."""
+
     _shared_client: Any = None
+    pool: Any
+    _create_client: Any
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -44,11 +57,100 @@ class Channel(kombu_redis.Channel):
         yield shared
 
 
+class _Orphans:
+    """Jobs that BRPOP took off their queue and whose unacknowledged copy Redis then refused: its primary
+    died, hung or failed over between the pop and that write (kombu makes them in two steps), or it is full.
+    The popped copy in this process is the only one left: it goes back on its queue before this process
+    consumes again (a job sent just before its primary was killed was lost there, in the failover drill)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: list[tuple[Any, str, str]] = []
+
+    def keep(self, message: Any) -> None:
+        delivery = message.delivery_info
+        with self._lock:
+            self._held.append((message._raw, delivery["exchange"], delivery["routing_key"]))
+
+    def requeue(self, channel: Any) -> None:
+        """Put the held jobs back (at the head of their queues); a Redis error keeps them held and is raised
+        as a connection error, so that the consumer pauses and reconnects rather than pop more jobs."""
+        with self._lock:
+            held, self._held = self._held, []
+        if not held:
+            return
+        try:
+            with channel.conn_or_acquire() as client:
+                pipe = client.pipeline()
+                for payload, exchange, routing_key in held:
+                    channel._do_restore_message(payload, exchange, routing_key, pipe)
+                pipe.execute()
+        except Exception as exc:
+            with self._lock:
+                self._held = held + self._held
+            raise redis.ConnectionError(
+                f"{len(held)} popped job(s) not back on their queue yet: {exc}"
+            ) from exc
+        log.warning("put %d job(s) back on their queue: Redis refused their unacknowledged copy", len(held))
+
+
+ORPHANS = _Orphans()
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's acknowledgement emulation, except that a job whose unacknowledged copy Redis refused is kept
+    (:class:`_Orphans`) and the refusal raised as a connection error: the consumer reconnects (it stopped
+    with "Unrecoverable error" on a full Redis, the job gone)."""
+
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        try:
+            super().append(message, delivery_tag)
+        except Exception as exc:
+            ORPHANS.keep(message)
+            raise redis.ConnectionError(f"Redis refused a popped job's unacknowledged copy: {exc}") from exc
+
+
+class RequeuesOrphans:
+    """The channel mixin that puts orphaned jobs back before it consumes."""
+
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        ORPHANS.requeue(self)
+        return super().basic_consume(queue, *args, **kwargs)  # type: ignore[misc]
+
+
+class Channel(RequeuesOrphans, SharedClient, kombu_redis.Channel):
+    QoS = QoS
+
+
 class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+MISSED_HEALTH_CHECKS = 2  # unanswered PINGs after which a result subscription's Redis is taken for hung
+
+
+class ResultConsumer(CeleryResultConsumer):
+    """Celery's result subscription, which also notices a Redis that stopped answering. A hung primary keeps
+    the subscription's socket open and silent, which looks like no result yet: the waits went on until the
+    old primary woke (or their timeout), though the results were stored on the promoted replica. Here the
+    subscription PINGs every ``redis_backend_health_check_interval`` seconds while it waits, and after
+    :data:`MISSED_HEALTH_CHECKS` unanswered PINGs it reconnects as Celery does after a connection error:
+    through the Sentinels, reading the stored results it waits for, subscribing again."""
+
+    def drain_events(self, timeout: float | None = None) -> None:
+        with self._locked():
+            pubsub = self._pubsub
+            if pubsub is not None and pubsub.subscribed and pubsub.connection is not None:
+                with self.reconnect_on_error():
+                    if pubsub.health_check_response_counter >= MISSED_HEALTH_CHECKS:
+                        raise redis.ConnectionError("the result subscription's Redis stopped answering PINGs")
+                    pubsub.check_health()  # a PING, when the interval has passed since the last command
+        super().drain_events(timeout)
+
+
 class ResultBackend(RedisBackend):
+    ResultConsumer = ResultConsumer
+
     def on_task_call(self, producer: Any, task_id: str) -> None:
         """Celery subscribes here to the sent job's channel; this backend waits until something waits."""
 
@@ -80,4 +182,9 @@ def _unsubscribing(consumer: Any, key: bytes) -> bool:
 
 
 TRANSPORT = f"{__name__}:Transport"
-RESULT_BACKENDS = {"redis": f"{__name__}:ResultBackend", "rediss": f"{__name__}:ResultBackend"}
+SENTINEL_TRANSPORT = "producer.sentinel:SentinelTransport"
+RESULT_BACKENDS = {
+    "redis": f"{__name__}:ResultBackend",
+    "rediss": f"{__name__}:ResultBackend",
+    "sentinel": "producer.sentinel:SentinelResultBackend",
+}

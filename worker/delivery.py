@@ -18,6 +18,7 @@ job, then raises :class:`LedgerUnavailable` (the task hands the job back to the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -30,12 +31,12 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from producer.app import worker_health
+from producer.app import outcome_differences, worker_health
 from producer.blobs import RedisBlobStore, message_claim
-from producer.contract import CLAIM_HEADER, TASKS, is_blob_reference
+from producer.contract import CLAIM_HEADER, OUTCOME_SETTINGS_KEY, TASKS, is_blob_reference
 from producer.errors import InvalidRequest, WorkerLost
 from worker.attempts import AttemptWriter
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, outcome_settings
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +198,19 @@ def _bounded_client(backend: Any) -> Any:
 
 class LlavaConsumer(Consumer):
     """Celery's consumer, except that a llava job whose message cannot be decoded (pickle, bad JSON, a
-    malformed envelope) ends ``invalid_request`` in the result backend instead of vanishing, and that the
-    message body (it may hold image bytes) is never logged."""
+    malformed envelope) ends ``invalid_request`` in the result backend instead of vanishing, that the
+    message body (it may hold image bytes) is never logged, and that it reconnects at the pace the broker
+    transport options give."""
+
+    def ensure_connected(self, conn: Any) -> Any:
+        """Celery's reconnect loop, paced by the transport options' ``interval_*`` as kombu paces a publish's
+        (Celery leaves kombu's defaults here: pauses growing by 2 s to 30 s, so a worker could sit idle for
+        half a minute after Redis or its Sentinel-promoted replica answered again)."""
+        options = conn.transport_options or {}
+        keys = ("interval_start", "interval_step", "interval_max")
+        pace = {key: options[key] for key in keys if key in options}
+        conn.ensure_connection = functools.partial(conn.ensure_connection, **pace)
+        return super().ensure_connected(conn)
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         self._refuse(message, exc)
@@ -248,22 +260,43 @@ class LlavaConsumer(Consumer):
             log.warning("could not store the refusal of job %s: %s", job_id, store_error)
 
 
-def conflicting_peers(app: Celery, settings: WorkerSettings) -> dict[str, Any]:
-    """Live workers on this broker whose visibility timeout differs from ours: ``{node: their value}``.
+def live_peers(app: Celery, settings: WorkerSettings) -> dict[str, dict[str, Any]] | None:
+    """The health of the live workers on this broker (None: the broker did not answer in time)."""
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=settings.peer_check_timeout)
+            return worker_health(app, timeout=settings.peer_check_timeout)
+    except Exception as exc:
+        log.warning("could not ask the broker for live workers (%s): their settings are not checked", exc)
+        return None
+
+
+def conflicting_peers(peers: dict[str, dict[str, Any]], settings: WorkerSettings) -> dict[str, Any]:
+    """Live workers whose visibility timeout differs from ours: ``{node: their value}``.
 
     kombu's Redis transport restores any unacknowledged job older than the *restoring* worker's visibility
     timeout, running jobs of other workers included: workers on one broker must agree on it.
     """
-    try:
-        with app.connection_for_write() as connection:
-            connection.ensure_connection(max_retries=1, timeout=settings.peer_check_timeout)
-            peers = worker_health(app, timeout=settings.peer_check_timeout)
-    except Exception as exc:
-        log.warning("could not ask the broker for live workers (%s): visibility timeouts not checked", exc)
-        return {}
     own = settings.visibility_timeout
     return {
         node: info.get("visibility_timeout")
         for node, info in peers.items()
         if info.get("visibility_timeout") not in (None, own)
     }
+
+
+SELF = "(this worker)"
+
+
+def disagreeing_peers(peers: dict[str, dict[str, Any]], settings: WorkerSettings) -> list[str]:
+    """One line per outcome-changing setting that live workers of our queues set otherwise than we do."""
+    own = {"queues": settings.consumed_queues, OUTCOME_SETTINGS_KEY: outcome_settings(settings)}
+    lines = []
+    for queue, names in outcome_differences({**peers, SELF: own}).items():
+        for name, values in names.items():
+            ours = values.pop(SELF, None)
+            others = {node: value for node, value in values.items() if value != ours}
+            if others:
+                shown = ", ".join(f"{node}: {value}" for node, value in sorted(others.items()))
+                lines.append(f"queue {queue}: LLAVA_{name.upper()} is {ours} here, {shown}")
+    return lines

@@ -14,6 +14,7 @@ decoded at full size at once in a worker are bounded by ``decode_pixel_budget`` 
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import stat
@@ -43,6 +44,8 @@ from producer.errors import (
 from worker.fetch import FetchAborted, FetchRegistry, fetch
 from worker.fetch_policy import FetchPolicy, Resolver, system_resolver
 from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
 
 # Until the processor is known (keep_side_for): LLaVA-NeXT's largest anyres grid side at 336 px is 1008 in the
 # llava-hf checkpoints; 1344 leaves room for 4-tile grids.
@@ -164,7 +167,7 @@ def read_image_bytes(
     """The encoded bytes ``reference`` names; a fetch ends by ``fetch_deadline`` or ``deadline``."""
     kind = image_kind(reference)
     if kind == "blob":
-        return _read_blob(reference, blobs, settings.max_image_bytes)
+        return _read_blob(reference, blobs, settings.max_image_bytes, deadline)
     if kind == "data":
         return decode_data_uri(reference, settings.max_image_bytes)
     if kind == "url":
@@ -174,15 +177,27 @@ def read_image_bytes(
     raise InvalidRequest("image must be an http(s) URL, a data: URI, a blob reference or an absolute path")
 
 
-def _read_blob(reference: str, blobs: BlobStore | None, max_bytes: int) -> bytes:
+BLOB_RETRY_PAUSE = 0.5  # seconds between reads of a blob store that did not answer
+
+
+def _read_blob(reference: str, blobs: BlobStore | None, max_bytes: int, deadline: float | None) -> bytes:
+    """The blob's bytes, read again while the store does not answer (a Redis restart, a failover: each read
+    is bounded by the store's socket timeouts and reconnects) until the job's ``deadline``, so a job rides
+    out what its queue rides out; ``fetch_failed`` after it, or at once without a deadline."""
     if blobs is None:
         raise InvalidRequest(
             "this worker has no blob store (its result backend is not Redis): send the image inline"
         )
-    try:
-        return blobs.get(reference, max_bytes)
-    except RedisError as exc:
-        raise FetchFailed(f"the blob store did not answer: {type(exc).__name__}", retryable=True) from None
+    while True:
+        try:
+            return blobs.get(reference, max_bytes)
+        except RedisError as exc:
+            if deadline is None or time.monotonic() + BLOB_RETRY_PAUSE >= deadline:
+                raise FetchFailed(
+                    f"the blob store did not answer: {type(exc).__name__}", retryable=True
+                ) from None
+            log.warning("the blob store did not answer (%s): reading the image again", type(exc).__name__)
+            time.sleep(BLOB_RETRY_PAUSE)
 
 
 def _read_local(path: Path, settings: WorkerSettings, deadline: float | None) -> bytes:

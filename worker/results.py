@@ -17,10 +17,12 @@ import logging
 from typing import Any
 
 from celery import states
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.exceptions import BackendStoreError
 from celery.worker.request import Request
 from kombu.utils.encoding import bytes_to_str
+
+from producer.sentinel import ReplicaAck, SentinelFailover
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,23 @@ class ResultBackend(RedisBackend):
         self._store_script(keys=[key], args=[value, int(expires or 0)])
 
 
+class SentinelResultBackend(SentinelFailover, ResultBackend, SentinelBackend):
+    """:class:`ResultBackend` on Celery's Sentinel backend (the master looked up through the Sentinels),
+    each outcome stored and then confirmed by a replica before the job's message is acknowledged: an outcome
+    lost with a killed primary would leave its job acknowledged and unanswered."""
+
+    replica_ack = ReplicaAck()
+
+    def _store_unless_succeeded(self, key: bytes, value: str, expires: Any) -> None:
+        if not self.replica_ack.wanted():
+            super()._store_unless_succeeded(key, value, expires)
+            return
+        pipe = self.client.pipeline(transaction=False)  # one connection: WAIT counts its writes only
+        self._store_script(keys=[key], args=[value, int(expires or 0)], client=pipe)
+        pipe.execute_command(*self.replica_ack.command())
+        self.replica_ack.record(pipe.execute()[-1])
+
+
 class TaskRequest(Request):
     """Celery's worker request (a task's ``Request``), its events without the traceback Celery adds to
     ``task-failed`` and ``task-retried``: Flower shows the error's type, message and code (its repr)."""
@@ -77,4 +96,8 @@ class TaskRequest(Request):
 
 
 # Celery's backend aliases the worker's app overrides (``loader.override_backends``)
-BACKENDS = {"redis": f"{__name__}:ResultBackend", "rediss": f"{__name__}:ResultBackend"}
+BACKENDS = {
+    "redis": f"{__name__}:ResultBackend",
+    "rediss": f"{__name__}:ResultBackend",
+    "sentinel": f"{__name__}:SentinelResultBackend",
+}

@@ -28,7 +28,14 @@ def test_default_binds_loopback_and_keeps_secrets_out_of_argv() -> None:
     argv, env = flower_command(
         settings(flower_basic_auth="admin:pw-123"), {"FLOWER_BASIC_AUTH": "x:y", "A": "1"}
     )
-    assert argv[-4:] == ["celery", "flower", "--address=127.0.0.1", "--port=5555"]
+    assert argv[-6:] == [
+        "celery",
+        "-A",
+        "producer.flower_app",
+        "flower",
+        "--address=127.0.0.1",
+        "--port=5555",
+    ]
     assert not any("s3cret" in arg or "pw-123" in arg for arg in argv)
     assert (
         env["CELERY_BROKER_URL"] == BROKER and env["FLOWER_BASIC_AUTH"] == "admin:pw-123" and env["A"] == "1"
@@ -47,3 +54,20 @@ def test_an_open_address_needs_auth() -> None:
 def test_url_shows_the_bound_address() -> None:
     assert flower_url(settings(flower_port=5601)) == "http://127.0.0.1:5601/"
     assert flower_url(settings(flower_address="::1")) == "http://[::1]:5555/"
+
+
+def test_flower_runs_the_queues_own_app_with_the_sentinel_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Sentinel URL needs its master name: Flower's app is built from the same settings as the workers'."""
+    sentinel = "sentinel://:s3cret@s1:26379/0;sentinel://:s3cret@s2:26379/0"
+    given = ClientSettings(broker_url=sentinel, result_backend=sentinel[:-1] + "1", sentinel_master="llava")
+    argv, env = flower_command(given, {})
+    assert "sentinel" not in " ".join(argv)
+    for key, value in env.items():
+        if key.startswith("LLAVA_"):
+            monkeypatch.setenv(key, value)
+    import importlib
+
+    import producer.flower_app
+
+    app = importlib.reload(producer.flower_app).app
+    assert app.conf.broker_url == sentinel and app.conf.broker_transport_options["master_name"] == "llava"

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from producer.app import celery_config
+from producer.app import WORKER_REDIS_TIMEOUT, celery_config, fail_fast_config
 from producer.settings import ClientSettings, QueueSettings, load_settings
-from producer.transport import TRANSPORT
+from producer.transport import SENTINEL_TRANSPORT, TRANSPORT
 from worker.faults import Faults
 from worker.fetch_policy import FetchPolicy
 from worker.settings import DEFAULT_MODEL, WorkerSettings
@@ -128,4 +128,36 @@ def test_only_redis_brokers_take_the_client_reusing_transport() -> None:
     # rediss: kombu turns TLS on by its own transport's name; amqp and sentinel keep theirs too
     assert transport("rediss://localhost:6380/0") is None
     assert transport("amqp://guest:guest@localhost:5672//") is None
-    assert transport("sentinel://localhost:26379") is None
+
+
+def test_a_sentinel_url_without_its_master_name_is_refused_naming_the_setting() -> None:
+    for url in ("broker_url", "result_backend"):
+        with pytest.raises(ValidationError, match="set LLAVA_SENTINEL_MASTER"):
+            QueueSettings(**{url: "sentinel://s1:26379/0;sentinel://s2:26379/0"})
+
+
+def test_the_sentinel_master_reaches_broker_result_backend_and_the_producers_overrides() -> None:
+    settings = QueueSettings(
+        broker_url="sentinel://s1:26379/0;sentinel://s2:26379/0",
+        result_backend="sentinel://s1:26379/1;sentinel://s2:26379/1",
+        sentinel_master="llava",
+        sentinel_password="secret",
+    )
+    worker = celery_config(settings)
+    producer = worker | fail_fast_config(settings, broker_timeout=4.0)
+    assert worker["broker_transport"] == SENTINEL_TRANSPORT
+    for config, timeout in ((worker, WORKER_REDIS_TIMEOUT), (producer, 1.0)):
+        for options in (config["broker_transport_options"], config["result_backend_transport_options"]):
+            assert options["master_name"] == "llava"
+            assert options["sentinel_kwargs"] == {
+                "socket_timeout": timeout, "socket_connect_timeout": timeout, "password": "secret"
+            }  # fmt: skip
+
+
+def test_every_redis_connection_of_a_worker_is_bounded_and_checked() -> None:
+    config = celery_config(QueueSettings())
+    broker = config["broker_transport_options"]
+    assert broker["socket_timeout"] == broker["socket_connect_timeout"] == WORKER_REDIS_TIMEOUT
+    assert config["redis_socket_timeout"] == config["redis_socket_connect_timeout"] == WORKER_REDIS_TIMEOUT
+    assert broker["health_check_interval"] == config["redis_backend_health_check_interval"] > 0
+    assert broker["interval_max"] <= 2  # reconnects keep coming: a failover is over in seconds
