@@ -41,6 +41,8 @@ SENT_AT_HEADER = "llava_sent_at"
 CLAIM_HEADER = "llava_image_claim"
 QUEUE_PREFIX = "llava."
 HEALTH_COMMAND = "llava_health"  # the worker's inspect command (worker/control.py): its health as a dict
+# The health entry holding a worker's outcome-changing settings (worker.settings.OUTCOME_SETTINGS)
+OUTCOME_SETTINGS_KEY = "outcome_settings"
 # Job priorities (LlavaClient): 0 lowest .. MAX_PRIORITY most urgent; see wire_priority for what is sent.
 MAX_PRIORITY = 9
 DEFAULT_PRIORITY = 4

@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import Celery
 
-from producer.app import worker_health
+from producer.app import outcome_differences, worker_health
 from producer.contract import HEALTH_COMMAND, QUEUE_PREFIX, is_redis_url
 
 __all__ = [
@@ -63,10 +63,19 @@ def cluster_status(app: Celery, queues: list[str], timeout: float = 2.0) -> dict
 
 
 def fleet_warnings(workers: dict[str, dict[str, Any]]) -> list[str]:
-    """What is wrong across workers: today, visibility timeouts that differ on one broker (Redis would hand
-    one worker's running jobs to another)."""
+    """What is wrong across workers: visibility timeouts that differ on one broker (Redis would hand one
+    worker's running jobs to another), and outcome-changing settings that differ among the workers of a
+    queue (a job's result would depend on which worker takes it)."""
+    warnings = []
     timeouts = {info.get("visibility_timeout") for info in workers.values()} - {None}
-    if len(timeouts) <= 1:
-        return []
-    shown = ", ".join(f"{node}={info.get('visibility_timeout')}" for node, info in sorted(workers.items()))
-    return [f"workers disagree on the visibility timeout ({shown}): give them all the same one"]
+    if len(timeouts) > 1:
+        shown = ", ".join(f"{node}={workers[node].get('visibility_timeout')}" for node in sorted(workers))
+        warnings.append(f"workers disagree on the visibility timeout ({shown}): give them all the same one")
+    for queue, settings in outcome_differences(workers).items():
+        for name, values in settings.items():
+            shown = ", ".join(f"{node}={value}" for node, value in sorted(values.items()))
+            warnings.append(
+                f"workers of queue {queue} disagree on LLAVA_{name.upper()} ({shown}): the same job's "
+                "outcome depends on which worker takes it"
+            )
+    return warnings

@@ -105,18 +105,26 @@ def _without(argv: list[str], *options: str) -> list[str]:
     return kept
 
 
-def _refuse_conflicting_peers(app: Any, settings: WorkerSettings) -> None:
-    from worker.delivery import conflicting_peers
+def _check_peers(app: Any, settings: WorkerSettings) -> None:
+    """Refuse to start beside live workers with another visibility timeout; warn, naming each setting, when
+    workers of our queues would give a job another outcome (a rolling change of a cap passes through that
+    state, so it is not refused; ``llava-queue status`` shows it as long as it lasts)."""
+    from worker.delivery import conflicting_peers, disagreeing_peers, live_peers
     from worker.runtime import StartupError
 
-    peers = conflicting_peers(app, settings)
-    if peers:
-        shown = ", ".join(f"{node}: {value}" for node, value in sorted(peers.items()))
+    peers = live_peers(app, settings)
+    if not peers:
+        return
+    conflicting = conflicting_peers(peers, settings)
+    if conflicting:
+        shown = ", ".join(f"{node}: {value}" for node, value in sorted(conflicting.items()))
         raise StartupError(
             f"live workers on this broker use another visibility timeout ({shown}; this worker: "
             f"{settings.visibility_timeout}): Redis would hand their running jobs to this worker or ours to "
             "them; give every worker of a broker the same LLAVA_VISIBILITY_TIMEOUT"
         )
+    for line in disagreeing_peers(peers, settings):
+        log.warning("workers of one queue disagree, a job's outcome depends on which takes it: %s", line)
 
 
 def _without_result(record: logging.LogRecord) -> bool:
@@ -148,7 +156,7 @@ def start_service(settings: WorkerSettings, service: Service, app: Celery) -> bo
     from worker.runtime import StartupError
 
     try:
-        _refuse_conflicting_peers(app, settings)
+        _check_peers(app, settings)
         refuse_evicting_redis(app)
         service.start()
         if settings.metrics_port is not None:

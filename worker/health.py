@@ -8,10 +8,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from producer.contract import OUTCOME_SETTINGS_KEY
 from producer.errors import LlavaError
 from worker.runtime import Runtime
 from worker.runtime.preprocessing import PreprocessPool
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, outcome_settings
 
 if TYPE_CHECKING:
     from worker.executor import Executor
@@ -58,6 +59,7 @@ def health(
         "memory": {"rss_mb": _rss_mb(), **(runtime.memory() if runtime else {})},
         "queues": settings.consumed_queues,
         "visibility_timeout": settings.visibility_timeout,
+        OUTCOME_SETTINGS_KEY: outcome_settings(settings),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "pid": os.getpid(),
         **(runtime.info() if runtime else {"model": settings.served_model_name}),

@@ -281,6 +281,21 @@ def get_settings() -> WorkerSettings:
 G = TypeVar("G")
 
 
+# Settings that change a job's outcome (its result or its error), not only how fast it runs: workers of one
+# queue should agree on them, or the same request succeeds or fails by which worker takes it. Reported in
+# health and compared at start and by `llava-queue status` (producer.app.outcome_differences).
+OUTCOME_SETTINGS = (
+    "max_image_bytes", "max_image_pixels", "max_aspect_ratio", "image_formats", "local_image_roots",
+    "fetch_allow", "max_new_tokens", "max_new_tokens_cap", "context_length", "max_text_chars", "max_labels",
+    "max_label_chars", "job_timeout", "prompt_family",
+)  # fmt: skip
+
+
+def outcome_settings(settings: WorkerSettings) -> dict[str, Any]:
+    """The :data:`OUTCOME_SETTINGS` of ``settings``, as JSON values."""
+    return settings.model_dump(mode="json", include=set(OUTCOME_SETTINGS))
+
+
 def settings_group(group: type[G], settings: WorkerSettings, prefix: str, **derived: Any) -> G:
     """The frozen dataclass ``group`` (a group of settings, e.g. :class:`worker.faults.Faults`) built from
     ``settings``: each field from the setting named ``prefix + field``, except those given in ``derived``

@@ -100,3 +100,16 @@ def test_a_high_priority_job_overtakes_low_priority_ones(client: LlavaClient, st
     done = {job.id: client.app.AsyncResult(job.id).date_done for job in [*low, high]}
     ahead = sum(done[job.id] < done[high.id] for job in low)
     assert ahead <= 3, f"{ahead} of 20 low-priority jobs finished before the high-priority one"
+
+
+def test_workers_of_one_queue_with_other_caps_are_named_at_start_and_in_status(
+    client: LlavaClient, start_worker
+) -> None:
+    """Two workers of one queue, their token caps different: the same request would succeed on one and be
+    refused by the other. The second one's start names the difference, and so does `llava-queue status`."""
+    queue = f"caps-{uuid.uuid4().hex[:6]}"
+    _, first = start_worker(queue, LLAVA_MAX_NEW_TOKENS_CAP="256")
+    second, _ = start_worker(queue, LLAVA_MAX_NEW_TOKENS_CAP="512", LLAVA_PEER_CHECK_TIMEOUT="2")
+    assert f"LLAVA_MAX_NEW_TOKENS_CAP is 512 here, {first}: 256" in second.log_tail(400)
+    warnings = cluster_status(client.app, [queue], timeout=2.0)["warnings"]
+    assert any(f"queue {queue}" in line and "LLAVA_MAX_NEW_TOKENS_CAP" in line for line in warnings), warnings

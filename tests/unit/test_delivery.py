@@ -50,6 +50,42 @@ def test_fleet_warnings_name_disagreeing_visibility_timeouts() -> None:
     assert "a=60" in warning and "b=90" in warning
 
 
+def _worker(queues: list[str], **outcome: object) -> dict[str, object]:
+    from producer.contract import OUTCOME_SETTINGS_KEY
+    from worker.settings import WorkerSettings, outcome_settings
+
+    return {"queues": queues, OUTCOME_SETTINGS_KEY: outcome_settings(WorkerSettings(**outcome))}
+
+
+def test_outcome_settings_are_compared_among_the_workers_of_one_queue() -> None:
+    from producer.app import outcome_differences
+
+    workers = {
+        "a": _worker(["llava", "llava.tiny"], max_new_tokens_cap=256),
+        "b": _worker(["llava.tiny"], max_new_tokens_cap=512, max_image_bytes=4096),
+        "c": _worker(["llava.other"], max_image_bytes=1024),  # another queue: any caps it likes
+        "old": {"queues": ["llava.tiny"]},  # reports none: left out
+    }
+    assert outcome_differences(workers) == {
+        "llava.tiny": {
+            "max_new_tokens_cap": {"a": 256, "b": 512},
+            "max_image_bytes": {"a": 20 * 1024 * 1024, "b": 4096},
+        }
+    }
+    warnings = fleet_warnings(workers)
+    assert any("LLAVA_MAX_NEW_TOKENS_CAP (a=256, b=512)" in w and "queue llava.tiny" in w for w in warnings)
+
+
+def test_a_starting_worker_names_the_settings_its_queue_peers_set_otherwise() -> None:
+    from worker.delivery import disagreeing_peers
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings(queues=["llava.tiny"], max_labels=10)
+    peers = {"p1": _worker(["llava.tiny"], max_labels=20), "p2": _worker(["llava.tiny"], max_labels=10)}
+    assert disagreeing_peers(peers, settings) == ["queue llava.tiny: LLAVA_MAX_LABELS is 10 here, p1: 20"]
+    assert disagreeing_peers({"p2": peers["p2"]}, settings) == []
+
+
 @pytest.mark.parametrize(
     ("model", "fields"),
     [
