@@ -40,11 +40,20 @@ log = logging.getLogger(__name__)
 
 
 class SharedClient:
-    """The channel mixin: one client per connection pool, handed out for every command."""
+    """The channel mixin: one client per connection pool, handed out for every command; and a channel whose
+    kombu connection was closed under it (a channel still restoring its unacknowledged jobs as the consumer
+    reconnects) raises a connection error, which the consumer recovers from, where kombu raised an
+    AttributeError that stopped the worker ("Unrecoverable error", seen after a Sentinel failover)."""
 
     _shared_client: Any = None
     pool: Any
+    connection: Any
     _create_client: Any
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        if self.connection.client is None:
+            raise redis.ConnectionError("the broker connection was closed")
+        return super()._connparams(asynchronous)  # type: ignore[misc]
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:

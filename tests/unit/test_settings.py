@@ -161,3 +161,20 @@ def test_every_redis_connection_of_a_worker_is_bounded_and_checked() -> None:
     assert config["redis_socket_timeout"] == config["redis_socket_connect_timeout"] == WORKER_REDIS_TIMEOUT
     assert broker["health_check_interval"] == config["redis_backend_health_check_interval"] > 0
     assert broker["interval_max"] <= 2  # reconnects keep coming: a failover is over in seconds
+
+
+def test_a_channel_of_a_closed_connection_raises_a_connection_error_not_an_attribute_error() -> None:
+    """kombu's channel read the closed connection's address (None.hostname) when it made a client while
+    restoring jobs: an AttributeError that stopped the worker, where a connection error is recovered from."""
+    from types import SimpleNamespace
+
+    import redis
+
+    from producer.sentinel import SentinelChannel
+    from producer.transport import Channel
+
+    for channel_class in (Channel, SentinelChannel):
+        channel = object.__new__(channel_class)  # a channel's state after Connection.close, without a Redis
+        channel.connection = SimpleNamespace(client=None)
+        with pytest.raises(redis.ConnectionError, match="closed"):
+            channel._connparams()
