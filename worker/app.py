@@ -102,6 +102,9 @@ def _deliver(
     if delivery.succeeded is not None:
         log.info("job %s already succeeded: returning its stored result", context.job_id)
         return dict(delivery.succeeded)
+    if delivery.failed is not None:  # a redelivery after the failure was stored: the same outcome again
+        log.info("job %s already failed: raising its stored error", context.job_id)
+        raise delivery.failed
     if args or set(kwargs) != {"request"}:
         error = InvalidRequest(_envelope_problem(args, kwargs))
         service.record_failure(error, context, task_name)

@@ -52,11 +52,12 @@ class LedgerUnavailable(Exception):
 @dataclass(frozen=True)
 class Delivery:
     """What the ledger knows when a job arrives: this delivery's number, earlier model attempts, and the
-    job's stored result if it already succeeded."""
+    job's stored result if it already succeeded, or its stored error if it already failed."""
 
     deliveries: int
     attempts: int
     succeeded: Any | None = None
+    failed: BaseException | None = None
 
     @property
     def suspect(self) -> bool:
@@ -106,22 +107,26 @@ class DeliveryLedger:
             pause = min(2 * pause, ARRIVAL_BACKOFF_S[1])
 
     def delivered(self, job_id: str) -> Delivery:
-        """Count one more delivery of ``job_id`` and read its stored success, in one round trip (zeros and
+        """Count one more delivery of ``job_id`` and read its stored outcome, in one round trip (zeros and
         the backend's answer when counting is off)."""
         if self.client is None:
-            return Delivery(0, 0, self._succeeded(self.backend.get_task_meta(job_id)))
+            return Delivery(0, 0, *self._ended(self.backend.get_task_meta(job_id)))
         pipe = self.client.pipeline()
         pipe.get(self.backend.get_key_for_task(job_id))
         pipe.hincrby(self.key(job_id), "deliveries", 1)
         pipe.hget(self.key(job_id), "attempts")
         pipe.expire(self.key(job_id), self.expires)
         meta, deliveries, attempts, _ = pipe.execute()
-        stored = self._succeeded(self.backend.decode_result(meta)) if meta else None
-        return Delivery(int(deliveries), int(attempts or 0), stored)
+        stored = self._ended(self.backend.decode_result(meta)) if meta else (None, None)
+        return Delivery(int(deliveries), int(attempts or 0), *stored)
 
-    @staticmethod
-    def _succeeded(meta: dict[str, Any]) -> Any | None:
-        return meta.get("result") if meta.get("status") == states.SUCCESS else None
+    def _ended(self, meta: dict[str, Any]) -> tuple[Any | None, BaseException | None]:
+        """(result, None) for a stored success, (None, its error) for a stored failure, else (None, None)."""
+        if meta.get("status") == states.SUCCESS:
+            return meta.get("result"), None
+        if meta.get("status") == states.FAILURE:
+            return None, self.backend.exception_to_python(meta.get("result"))
+        return None, None
 
     def verdict(self, delivery: Delivery) -> WorkerLost | None:
         """The error ending a job that killed its workers too often, or None to run it."""

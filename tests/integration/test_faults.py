@@ -18,6 +18,8 @@ import pytest
 
 from devtools.devstack import RedisServer
 from producer import ClientSettings, LlavaClient, WorkerLost
+from producer.errors import InvalidImage
+from producer.images import data_uri
 from tests.integration.conftest import IMAGES, Stack, WorkerCli, health, wait_for
 from tests.integration.fault_tools import FAST_FETCH, SLOW, crash_until_verdict, in_flight, queue_name
 
@@ -157,3 +159,18 @@ def test_resending_a_succeeded_job_id_returns_the_stored_result(client: LlavaCli
     assert f"job {job_id} already succeeded" in worker.log_path.read_text()
     assert client.job(job_id, "llava.caption").get() == first
     assert health(client, hostname)["jobs_done"] == done_before
+
+
+def test_a_failed_job_delivered_again_keeps_its_stored_error(client: LlavaClient, shared_worker) -> None:
+    """A job whose failure is stored, delivered again as Redis redelivers it (same id, its acknowledgement
+    lost in a failover; here with a good image, to tell the runs apart): the worker raises the stored error
+    again instead of running it, and the producer's outcome stays the first (two outcomes for one id)."""
+    worker, _, queue = shared_worker
+    job = client.caption(b"not an image at all", queue=queue)
+    with pytest.raises(InvalidImage):
+        job.get(timeout=60)
+    good = {"image": data_uri((IMAGES / "stop_sign.jpg").read_bytes())}
+    client.app.send_task("llava.caption", task_id=job.id, kwargs={"request": good}, queue=queue)
+    wait_for(lambda: f"job {job.id} already failed" in worker.log_path.read_text(), 60, "the redelivery")
+    with pytest.raises(InvalidImage):
+        client.job(job.id, "llava.caption").get(timeout=60)

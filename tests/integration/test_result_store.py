@@ -1,5 +1,5 @@
 """The worker's result backend (worker.results) on a real Redis: one round trip per stored outcome, a stored
-success never overwritten, the waiting client told on the same round trip; and the broker transport that
+outcome never overwritten, the waiting client told on the same round trip; and the broker transport that
 reuses one Redis client per channel (producer.transport)."""
 
 from __future__ import annotations
@@ -66,12 +66,17 @@ def test_a_stored_success_is_never_overwritten(backend: ResultBackend) -> None:
     assert (meta["status"], meta["result"]) == (states.SUCCESS, {"text": "first"})
 
 
-def test_a_failure_is_replaced_by_a_later_success(backend: ResultBackend) -> None:
+def test_a_stored_failure_is_kept_too(backend: ResultBackend) -> None:
+    """A run after the failure was stored (a redelivery: its acknowledgement lost in a failover) must not
+    give the producer a second outcome; a producer that sends the job again forgets the failure first."""
     task_id = str(uuid.uuid4())
     backend.store_result(task_id, ValueError("first run"), states.FAILURE)
     assert backend.get_task_meta(task_id)["status"] == states.FAILURE
     backend.store_result(task_id, {"text": "second"}, states.SUCCESS)
-    assert backend.get_task_meta(task_id)["result"] == {"text": "second"}
+    assert backend.get_task_meta(task_id)["status"] == states.FAILURE
+    backend.forget(task_id)  # what LlavaClient does before it sends a failed job's id again
+    backend.store_result(task_id, {"text": "resent"}, states.SUCCESS)
+    assert backend.get_task_meta(task_id)["result"] == {"text": "resent"}
 
 
 def test_the_broker_channel_reuses_one_client(quiet_server: RedisServer) -> None:
