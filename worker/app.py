@@ -16,7 +16,7 @@ from producer.errors import InvalidRequest, LlavaError
 from worker import control  # noqa: F401  # registers the llava_health inspect command
 from worker.delivery import DeliveryLedger, LedgerUnavailable
 from worker.results import BACKENDS as RESULT_BACKENDS
-from worker.results import TaskRequest
+from worker.results import TaskRequest, redelivered
 from worker.service import JobContext, Requeue, Service
 from worker.settings import WorkerSettings
 
@@ -65,6 +65,7 @@ def _task_function(task_name: str, service: Service, ledger: DeliveryLedger) -> 
             job_id=str(task.request.id),
             worker=str(task.request.hostname),
             sent_at=_float_or_none(getattr(task.request, SENT_AT_HEADER, None)),
+            redelivered=redelivered(task.request),
         )
         try:
             return _deliver(task_name, service, ledger, context, args, kwargs)
@@ -102,7 +103,7 @@ def _deliver(
     if delivery.succeeded is not None:
         log.info("job %s already succeeded: returning its stored result", context.job_id)
         return dict(delivery.succeeded)
-    if delivery.failed is not None:  # a redelivery after the failure was stored: the same outcome again
+    if delivery.failed is not None and context.redelivered:  # the same send: the same outcome again
         log.info("job %s already failed: raising its stored error", context.job_id)
         raise delivery.failed
     if args or set(kwargs) != {"request"}:

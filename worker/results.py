@@ -5,10 +5,11 @@ in the worker's log, at DEBUG.
 
 Celery's Redis backend reads a task's stored meta before writing it (a stored success is never overwritten:
 a job that ran twice keeps its first result), then writes and publishes it: two round trips on every job's
-path to its waiting client. Here the rule runs as one Lua script (read, keep an outcome, else write with
-the same expiry and publish), so the waiting client is told one round trip sooner; and it keeps a stored
-failure too: a job run again after a failover (its acknowledgement lost) must not give its producer a second,
-different outcome (a producer that sends a failed job again forgets its stored failure first). Everything else
+path to its waiting client. Here the rule runs as one Lua script (read, keep a success, else write with
+the same expiry and publish), so the waiting client is told one round trip sooner. A redelivered message
+(its acknowledgement lost, in a failover say) keeps a stored failure too: the same send must not give its
+producer a second, different outcome. A new send under the same id (a resend while the first was queued, a
+bulk resume) may still turn a failure into a success. Everything else
 (connections, retries, ``result_backend_always_retry``, reading results) is Celery's own.
 """
 
@@ -32,8 +33,10 @@ _STORE_UNLESS_ENDED = """
 local current = redis.call('GET', KEYS[1])
 if current then
   local ok, meta = pcall(cjson.decode, current)
-  if ok and type(meta) == 'table' and (meta['status'] == 'SUCCESS' or meta['status'] == 'FAILURE') then
-    return 0
+  if ok and type(meta) == 'table' then
+    if meta['status'] == 'SUCCESS' or (ARGV[3] == '1' and meta['status'] == 'FAILURE') then
+      return 0
+    end
   end
 end
 if tonumber(ARGV[2]) > 0 then
@@ -60,15 +63,21 @@ class ResultBackend(RedisBackend):
         key, value = self.get_key_for_task(task_id), self.encode(meta)
         if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:  # as RedisBackend.set checks
             raise BackendStoreError("value too large for Redis backend", state=state, task_id=task_id)
-        self.ensure(self._store_unless_ended, (key, value, expires))
+        self.ensure(self._store_unless_ended, (key, value, expires, redelivered(request)))
         return result
 
     @functools.cached_property
     def _store_script(self) -> Any:
         return self.client.register_script(_STORE_UNLESS_ENDED)
 
-    def _store_unless_ended(self, key: bytes, value: str, expires: Any) -> None:
-        self._store_script(keys=[key], args=[value, int(expires or 0)])
+    def _store_unless_ended(self, key: bytes, value: str, expires: Any, keep_failure: bool = False) -> None:
+        self._store_script(keys=[key], args=[value, int(expires or 0), int(keep_failure)])
+
+
+def redelivered(request: Any) -> bool:
+    """Whether the task ``request`` came from a message Redis delivered again (kombu marks a restored one)."""
+    info = getattr(request, "delivery_info", None)
+    return bool(isinstance(info, dict) and info.get("redelivered"))
 
 
 class SentinelResultBackend(SentinelFailover, ResultBackend, SentinelBackend):
@@ -78,12 +87,12 @@ class SentinelResultBackend(SentinelFailover, ResultBackend, SentinelBackend):
 
     replica_ack = ReplicaAck()
 
-    def _store_unless_ended(self, key: bytes, value: str, expires: Any) -> None:
+    def _store_unless_ended(self, key: bytes, value: str, expires: Any, keep_failure: bool = False) -> None:
         if not self.replica_ack.wanted():
-            super()._store_unless_ended(key, value, expires)
+            super()._store_unless_ended(key, value, expires, keep_failure)
             return
         pipe = self.client.pipeline(transaction=False)  # one connection: WAIT counts its writes only
-        self._store_script(keys=[key], args=[value, int(expires or 0)], client=pipe)
+        self._store_script(keys=[key], args=[value, int(expires or 0), int(keep_failure)], client=pipe)
         pipe.execute_command(*self.replica_ack.command())
         self.replica_ack.record(pipe.execute()[-1])
 

@@ -43,6 +43,7 @@ class JobContext:
     worker: str
     sent_at: float | None = None
     isolated: bool = False  # redelivered after its worker died on the model: no batch-mates
+    redelivered: bool = False  # Redis delivered this message again (not a new send under the same id)
 
     def isolated_if(self, suspect: bool) -> JobContext:
         return replace(self, isolated=True) if suspect else self

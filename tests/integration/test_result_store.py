@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -66,15 +67,14 @@ def test_a_stored_success_is_never_overwritten(backend: ResultBackend) -> None:
     assert (meta["status"], meta["result"]) == (states.SUCCESS, {"text": "first"})
 
 
-def test_a_stored_failure_is_kept_too(backend: ResultBackend) -> None:
-    """A run after the failure was stored (a redelivery: its acknowledgement lost in a failover) must not
-    give the producer a second outcome; a producer that sends the job again forgets the failure first."""
+def test_a_redelivered_message_keeps_a_stored_failure_a_new_send_replaces_it(backend: ResultBackend) -> None:
+    """A run of a message Redis delivered again (its acknowledgement lost in a failover) must not give the
+    producer a second outcome; a new send under the same id (a resend while the first was queued) may."""
     task_id = str(uuid.uuid4())
     backend.store_result(task_id, ValueError("first run"), states.FAILURE)
+    again = SimpleNamespace(delivery_info={"redelivered": True})
+    backend.store_result(task_id, {"text": "redelivered"}, states.SUCCESS, request=again)
     assert backend.get_task_meta(task_id)["status"] == states.FAILURE
-    backend.store_result(task_id, {"text": "second"}, states.SUCCESS)
-    assert backend.get_task_meta(task_id)["status"] == states.FAILURE
-    backend.forget(task_id)  # what LlavaClient does before it sends a failed job's id again
     backend.store_result(task_id, {"text": "resent"}, states.SUCCESS)
     assert backend.get_task_meta(task_id)["result"] == {"text": "resent"}
 
