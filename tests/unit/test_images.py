@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 from PIL import Image
 
 from producer.errors import (
+    FetchFailed,
     FetchForbidden,
     ImageTooLarge,
     InvalidImage,
@@ -658,3 +660,29 @@ def test_a_path_with_a_nul_byte_is_an_invalid_request(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequest) as exc:
         read_image_bytes(str(tmp_path / "a\x00b.png"), settings_for(tmp_path))
     assert_code(exc, "invalid_request")
+
+
+class _BlinkingStore:
+    """A blob store that does not answer ``blinks`` times (a Redis restart, a failover), then does."""
+
+    def __init__(self, blinks: int, data: bytes) -> None:
+        self.blinks, self.data, self.reads = blinks, data, 0
+
+    def get(self, reference: str, max_bytes: int) -> bytes:
+        self.reads += 1
+        if self.reads <= self.blinks:
+            raise redis.ConnectionError("Connection refused")
+        return self.data
+
+
+def test_a_blob_read_rides_out_a_store_that_does_not_answer_until_the_deadline(tmp_path: Path) -> None:
+    reference = "blob:sha256:" + "a" * 64
+    store = _BlinkingStore(blinks=2, data=b"image")
+    deadline = time.monotonic() + 30
+    assert read_image_bytes(reference, settings_for(tmp_path), deadline=deadline, blobs=store) == b"image"  # type: ignore[arg-type]
+    assert store.reads == 3
+    with pytest.raises(FetchFailed, match="blob store did not answer") as error:
+        read_image_bytes(
+            reference, settings_for(tmp_path), deadline=time.monotonic() + 0.1, blobs=_BlinkingStore(9, b"")
+        )  # type: ignore[arg-type]
+    assert error.value.retryable
