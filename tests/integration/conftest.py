@@ -9,6 +9,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,14 +285,25 @@ class Stack:
         return worker, hostname
 
 
-@pytest.fixture
-def stack(tmp_path: Path, start_worker) -> Iterator[Stack]:
-    server = RedisServer(data_dir=tmp_path / "redis").start()
-    settings = ClientSettings(broker_url=server.url(0), result_backend=server.url(1), result_timeout=90)
+@contextmanager
+def stack_on(
+    server: RedisServer, settings: ClientSettings, start_worker: StartWorker, *others: RedisServer
+) -> Iterator[Stack]:
+    """A :class:`Stack` on ``server`` (and the ``others`` the settings name); its workers killed, its
+    client closed and the servers stopped at the end."""
     own = Stack(server, LlavaClient(settings), start_worker)
     try:
         yield own
     finally:
         stop_all(own.workers, signal.SIGKILL)
         own.client.close()
-        server.stop()
+        for each in (server, *others):
+            each.stop()
+
+
+@pytest.fixture
+def stack(tmp_path: Path, start_worker) -> Iterator[Stack]:
+    server = RedisServer(data_dir=tmp_path / "redis").start()
+    settings = ClientSettings(broker_url=server.url(0), result_backend=server.url(1), result_timeout=90)
+    with stack_on(server, settings, start_worker) as own:
+        yield own

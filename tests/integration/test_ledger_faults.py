@@ -19,9 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from devtools.devstack import RedisServer, free_port, stop_all
-from producer import ClientSettings, LlavaClient
-from tests.integration.conftest import IMAGES, Stack, wait_for
+from devtools.devstack import RedisServer, free_port
+from producer import ClientSettings
+from tests.integration.conftest import IMAGES, Stack, stack_on, wait_for
 from tests.integration.fault_tools import FAST_FETCH, SLOW, in_flight, queue_name
 from worker.attempts import AttemptWriter
 from worker.delivery import DeliveryLedger
@@ -45,14 +45,8 @@ def split_stack(tmp_path: Path, start_worker) -> Iterator[Stack]:
         broker_timeout=30,  # a waiting get() rides out the backend's restart
         blob_store="off",
     )
-    own = Stack(backend, LlavaClient(settings), start_worker)
-    try:
+    with stack_on(backend, settings, start_worker, broker) as own:
         yield own
-    finally:
-        stop_all(own.workers, signal.SIGKILL)
-        own.client.close()
-        backend.stop()
-        broker.stop()
 
 
 def send_while_paused(stack: Stack, worker, queue: str, count: int) -> list:
