@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -45,11 +46,56 @@ def redis_answers(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throwaway CA and one certificate it signed for 127.0.0.1 (servers and clients alike), for TLS tests:
+    :func:`make_tls_files`."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def server_args(self) -> tuple[str, ...]:
+        """redis-server's TLS options: clients must show a certificate of this CA, replicas use TLS."""
+        return (
+            "--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key),
+            "--tls-ca-cert-file", str(self.ca), "--tls-replication", "yes", "--tls-auth-clients", "yes",
+        )  # fmt: skip
+
+    def client_kwargs(self) -> dict[str, Any]:
+        return {
+            "ssl": True,
+            "ssl_ca_certs": str(self.ca),
+            "ssl_certfile": str(self.cert),
+            "ssl_keyfile": str(self.key),
+        }
+
+
+def make_tls_files(folder: Path) -> TlsFiles:
+    """A CA and a certificate for 127.0.0.1 in ``folder``, made with the ``openssl`` command (two days)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = TlsFiles(folder / "ca.crt", folder / "redis.crt", folder / "redis.key")
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for command in (
+        f"req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=llava-test-ca -keyout ca.key -out {files.ca}",
+        f"req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout {files.key} -out redis.csr",
+        f"x509 -req -days 2 -in redis.csr -CA {files.ca} -CAkey ca.key -CAcreateserial -extfile san.ext "
+        f"-out {files.cert}",
+    ):
+        subprocess.run(["openssl", *command.split()], cwd=folder, check=True, capture_output=True, timeout=60)
+    return files
+
+
 class RedisServer:
-    """A ``redis-server`` on a free port with its own data dir; stop, kill and restart it (AOF keeps data)."""
+    """A ``redis-server`` on a free port with its own data dir; stop, kill and restart it (AOF keeps data).
+    ``tls``: it listens with TLS only, on that port."""
 
     def __init__(
-        self, data_dir: Path | None = None, port: int | None = None, extra: tuple[str, ...] = ()
+        self,
+        data_dir: Path | None = None,
+        port: int | None = None,
+        extra: tuple[str, ...] = (),
+        tls: TlsFiles | None = None,
     ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
@@ -59,15 +105,25 @@ class RedisServer:
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="llava-redis-"))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.extra = extra  # more redis-server arguments (a replica's --replicaof, say)
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
 
     def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+        if self.tls is None:
+            return f"redis://127.0.0.1:{self.port}/{db}"
+        files = self.tls
+        query = f"ssl_cert_reqs=required&ssl_ca_certs={files.ca}&ssl_certfile={files.cert}"
+        return f"rediss://127.0.0.1:{self.port}/{db}?{query}&ssl_keyfile={files.key}"
+
+    def _listen(self) -> tuple[str, ...]:
+        if self.tls is None:
+            return ("--port", str(self.port))
+        return ("--port", "0", "--tls-port", str(self.port), *self.tls.server_args())
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         command = [
             self.binary,
-            "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+            *self._listen(), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
             "--maxmemory-policy", "noeviction", "--daemonize", "no", *self.extra,
         ]  # fmt: skip

@@ -30,7 +30,7 @@ from typing import Any
 
 import redis
 
-from devtools.devstack import WorkerProcess
+from devtools.devstack import TlsFiles, WorkerProcess, make_tls_files
 from devtools.sentinel import MASTER, SentinelCluster
 from producer import LlavaClient
 from producer.app import worker_health
@@ -75,12 +75,18 @@ class Drill:
     """A cluster, a worker and a client; :meth:`scenario` runs one disruption under load."""
 
     def __init__(
-        self, base: Path, job_timeout: float = 120.0, hang_s: float = 20.0, fork: bool = False
+        self,
+        base: Path,
+        job_timeout: float = 120.0,
+        hang_s: float = 20.0,
+        fork: bool = False,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.base = base
         self.hang_s = hang_s  # how long a hung primary sleeps (the Sentinels promote after ~4 s)
         self.fork = fork  # the worker forked from a preloaded forkserver (WorkerProcess): the tests
-        self.cluster = SentinelCluster(base / "cluster")
+        self.tls = tls  # Sentinels and servers on TLS only, client certificates required
+        self.cluster = SentinelCluster(base / "cluster", tls=tls)
         self.job_timeout = job_timeout
         self.queue = f"drill-{uuid.uuid4().hex[:8]}"
         self.hostname = f"drill-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
@@ -88,17 +94,13 @@ class Drill:
         self.client: LlavaClient | None = None
 
     def env(self) -> dict[str, str]:
-        return {
-            "LLAVA_BROKER_URL": self.cluster.url(0),
-            "LLAVA_RESULT_BACKEND": self.cluster.url(1),
-            "LLAVA_SENTINEL_MASTER": MASTER,
-        }
+        return {f"LLAVA_{name.upper()}": str(value) for name, value in self.settings_values().items()}
 
     def start(self, **worker_env: str) -> Drill:
         self.cluster.start()
         env = {k: v for k, v in os.environ.items() if not k.startswith("LLAVA_")} | self.env() | worker_env
         env["PYTHONPATH"] = str(ROOT)
-        self.client = LlavaClient(ClientSettings(**self.settings_values()))
+        self.client = LlavaClient(ClientSettings(**self.settings_values(), result_timeout=self.job_timeout))
         args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--queues", self.queue]
         args += ["--hostname", self.hostname]
         self.worker = WorkerProcess(args, env, self.base / "worker.log", fork=self.fork).start()
@@ -106,12 +108,16 @@ class Drill:
         return self
 
     def settings_values(self) -> dict[str, Any]:
-        return {
+        """The settings both sides run with (``env``: the same as ``LLAVA_*`` variables)."""
+        values: dict[str, Any] = {
             "broker_url": self.cluster.url(0),
             "result_backend": self.cluster.url(1),
             "sentinel_master": MASTER,
-            "result_timeout": self.job_timeout,
         }
+        if self.tls is not None:
+            values |= {"sentinel_tls": "true", "sentinel_tls_ca": self.tls.ca}
+            values |= {"sentinel_tls_cert": self.tls.cert, "sentinel_tls_key": self.tls.key}
+        return values
 
     def stop(self) -> int | None:
         status = self.worker.stop() if self.worker is not None else None
@@ -232,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--after", type=int, default=50, help="jobs sent before the disruption")
     parser.add_argument("--scenarios", default="kill,kill,hang", help="comma-separated: kill, hang")
     parser.add_argument("--json", type=Path, help="write the reports here")
+    parser.add_argument("--tls", action="store_true", help="Sentinels and servers on TLS (a throwaway CA)")
     args = parser.parse_args(argv)
-    drill = Drill(Path(tempfile.mkdtemp(prefix="llava-drill-")))
+    base = Path(tempfile.mkdtemp(prefix="llava-drill-"))
+    drill = Drill(base, tls=make_tls_files(base / "tls") if args.tls else None)
     reports = []
     try:
         drill.start()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from devtools.devstack import RedisServer, free_port
+from devtools.devstack import RedisServer, TlsFiles, free_port
 
 MASTER = "llava"  # the master (service) name the Sentinels monitor: LLAVA_SENTINEL_MASTER
 QUORUM = 2
@@ -25,11 +25,13 @@ class SentinelCluster:
     """``start()``, then ``url(db)`` for ``LLAVA_BROKER_URL``/``LLAVA_RESULT_BACKEND`` with
     ``LLAVA_SENTINEL_MASTER=MASTER``. ``down_after_ms``: how long a silent primary is taken for alive."""
 
-    def __init__(self, base: Path, down_after_ms: int = 2000) -> None:
+    def __init__(self, base: Path, down_after_ms: int = 2000, tls: TlsFiles | None = None) -> None:
         self.base = base
         self.down_after_ms = down_after_ms
-        first = RedisServer(base / "redis-a", extra=_DEBUG)
-        second = RedisServer(base / "redis-b", extra=(*_DEBUG, "--replicaof", "127.0.0.1", str(first.port)))
+        self.tls = tls  # every server and Sentinel listens with TLS only, and asks clients for a certificate
+        first = RedisServer(base / "redis-a", extra=_DEBUG, tls=tls)
+        replica_of = ("--replicaof", "127.0.0.1", str(first.port))
+        second = RedisServer(base / "redis-b", extra=(*_DEBUG, *replica_of), tls=tls)
         self.servers = {first.port: first, second.port: second}
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.sentinels: list[subprocess.Popen[bytes]] = []
@@ -53,8 +55,14 @@ class SentinelCluster:
     def _start_sentinel(self, port: int) -> subprocess.Popen[bytes]:
         folder = self.base / f"sentinel-{port}"
         folder.mkdir(parents=True, exist_ok=True)
+        listen = f"port {port}\n"
+        if self.tls is not None:
+            options = self.tls.server_args()
+            listen = f"port 0\ntls-port {port}\n" + "".join(
+                f"{name[2:]} {value}\n" for name, value in zip(options[::2], options[1::2], strict=True)
+            )
         (folder / "sentinel.conf").write_text(
-            f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
+            f"{listen}bind 127.0.0.1\ndir {folder}\n"
             f"sentinel monitor {MASTER} 127.0.0.1 {self._first} {QUORUM}\n"
             f"sentinel down-after-milliseconds {MASTER} {self.down_after_ms}\n"
             f"sentinel failover-timeout {MASTER} 3000\n"
@@ -65,7 +73,8 @@ class SentinelCluster:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
     def _ask(self, port: int, *command: str) -> object:
-        client = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        tls = self.tls.client_kwargs() if self.tls is not None else {}
+        client = redis.Redis("127.0.0.1", port, socket_timeout=0.5, socket_connect_timeout=0.5, **tls)
         try:
             return client.execute_command(*command)
         finally:
@@ -137,7 +146,8 @@ class SentinelCluster:
         return primary, thread
 
     def _ask_quietly(self, port: int, *command: str) -> None:
-        client = redis.Redis(port=port, socket_timeout=None)
+        tls = self.tls.client_kwargs() if self.tls is not None else {}
+        client = redis.Redis("127.0.0.1", port, socket_timeout=None, **tls)
         try:
             client.execute_command(*command)
         except (redis.RedisError, OSError):
@@ -161,7 +171,7 @@ class SentinelCluster:
     def rejoin(self, server: RedisServer, timeout: float = 60.0) -> None:
         """Bring ``server`` (a killed old primary) back; the Sentinels make it the new primary's replica."""
         if server.process is None:
-            server.extra = (*_DEBUG, "--replicaof", "127.0.0.1", str(self.primary().port))
+            server.extra = (*_DEBUG, "--replicaof", "127.0.0.1", str(self.primary().port))  # tls kept
             server.start()
         deadline = time.monotonic() + timeout
         while not (self._role(server.port) == "slave" and self.settled()):

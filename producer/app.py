@@ -9,6 +9,7 @@ The YAML file comes from ``load_settings(..., config_file=...)`` (the CLIs' ``--
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Sequence
 from contextvars import ContextVar
 from pathlib import Path
@@ -71,6 +72,21 @@ class QueueSettings(BaseSettings):
         "one; the Redis password goes in the URL (`sentinel://:PASSWORD@host:port/db`)",
     )
 
+    sentinel_tls: bool = Field(
+        default=False,
+        description="Redis Sentinel over TLS: to the Sentinels and to the Redis servers they name (a "
+        "`sentinel://` URL has no TLS scheme of its own); certificates are verified",
+    )
+    sentinel_tls_ca: Path | None = Field(
+        default=None,
+        description="CA bundle the Sentinels' and Redis servers' certificates are checked with "
+        "(default: the system's)",
+    )
+    sentinel_tls_cert: Path | None = Field(
+        default=None, description="client certificate, for servers that ask for one (`tls-auth-clients yes`)"
+    )
+    sentinel_tls_key: Path | None = Field(default=None, description="the client certificate's private key")
+
     @model_validator(mode="after")
     def _sentinel_needs_master(self) -> QueueSettings:
         urls = [url for url in (self.broker_url, self.result_backend) if url.startswith("sentinel://")]
@@ -79,6 +95,12 @@ class QueueSettings(BaseSettings):
                 f"{urls[0].split(';')[0][:60]!r} is a Redis Sentinel URL: set LLAVA_SENTINEL_MASTER "
                 "(sentinel_master in the YAML) to the master name the Sentinels monitor"
             )
+        if self.sentinel_tls and not self.sentinel_master:
+            raise ValueError(
+                "LLAVA_SENTINEL_TLS is for sentinel:// URLs (set LLAVA_SENTINEL_MASTER); use rediss://"
+            )
+        if (self.sentinel_tls_cert is None) != (self.sentinel_tls_key is None):
+            raise ValueError("set both LLAVA_SENTINEL_TLS_CERT and LLAVA_SENTINEL_TLS_KEY, or neither")
         return self
 
     @classmethod
@@ -187,6 +209,8 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
     scheme = settings.broker_url.split("://", 1)[0]
     if scheme in ("redis", "sentinel"):
         config["broker_transport"] = TRANSPORT if scheme == "redis" else SENTINEL_TRANSPORT
+    if tls := sentinel_tls_options(settings):
+        config["broker_use_ssl"] = config["redis_backend_use_ssl"] = tls
     return config
 
 
@@ -198,7 +222,22 @@ def sentinel_options(settings: QueueSettings, timeout: float) -> dict[str, Any]:
     sentinel_kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
     if settings.sentinel_password is not None:
         sentinel_kwargs["password"] = settings.sentinel_password.get_secret_value()
+    if settings.sentinel_tls:
+        sentinel_kwargs |= {"ssl": True, **sentinel_tls_options(settings)}
     return {"master_name": settings.sentinel_master, "sentinel_kwargs": sentinel_kwargs}
+
+
+def sentinel_tls_options(settings: QueueSettings) -> dict[str, Any]:
+    """redis-py's TLS arguments from the ``sentinel_tls*`` settings (kombu's ``broker_use_ssl`` and
+    Celery's ``redis_backend_use_ssl`` take the same names); empty without ``sentinel_tls``."""
+    if not settings.sentinel_tls:
+        return {}
+    files = {
+        "ssl_ca_certs": settings.sentinel_tls_ca,
+        "ssl_certfile": settings.sentinel_tls_cert,
+        "ssl_keyfile": settings.sentinel_tls_key,
+    }
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED} | {key: str(path) for key, path in files.items() if path}
 
 
 def worker_health(

@@ -14,6 +14,8 @@ import ipaddress
 import sys
 from collections.abc import Mapping
 
+from pydantic import SecretStr
+
 from producer.errors import InvalidRequest
 from producer.settings import ClientSettings
 
@@ -53,10 +55,20 @@ def flower_command(settings: ClientSettings, environ: Mapping[str, str]) -> tupl
     env = {key: value for key, value in environ.items() if key != "FLOWER_BASIC_AUTH"}
     env["CELERY_BROKER_URL"] = env["LLAVA_BROKER_URL"] = settings.broker_url
     env["LLAVA_RESULT_BACKEND"] = settings.result_backend
-    if settings.sentinel_master:
-        env["LLAVA_SENTINEL_MASTER"] = settings.sentinel_master
-    if settings.sentinel_password is not None:
-        env["LLAVA_SENTINEL_PASSWORD"] = settings.sentinel_password.get_secret_value()
+    env |= _sentinel_environment(settings)
     if auth:
         env["FLOWER_BASIC_AUTH"] = auth
     return argv, env
+
+
+def _sentinel_environment(settings: ClientSettings) -> dict[str, str]:
+    """The ``LLAVA_SENTINEL_*`` variables of the Sentinel settings that are set."""
+    env = {}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if not name.startswith("sentinel_") or value is None or value is False:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[f"LLAVA_{name.upper()}"] = "true" if value is True else str(value)
+    return env

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from devtools.devstack import RedisServer, WorkerProcess
+from devtools.devstack import RedisServer, WorkerProcess, make_tls_files
 from devtools.drill import Drill
 from tests.integration.conftest import ROOT, TINY_CONFIG
 
@@ -38,6 +38,18 @@ def test_a_failover_under_load_loses_nothing(drill: Drill, kind: str) -> None:
     assert report.codes == {"ok": 24}, report
     assert report.worker_alive, drill.worker.log_tail() if drill.worker else report
     assert report.promotion_to_answer_s is not None and report.promotion_to_answer_s <= OK_WITHIN_S, report
+
+
+def test_sentinel_over_tls_fails_over_without_loss(tmp_path: Path, cache_dir: Path) -> None:
+    """Sentinels and servers that speak TLS only and ask for client certificates (LLAVA_SENTINEL_TLS*):
+    jobs are served, and a kill of the primary loses none."""
+    drill = Drill(tmp_path, job_timeout=60.0, fork=True, tls=make_tls_files(tmp_path / "tls"))
+    try:
+        drill.start(LLAVA_CACHE_DIR=str(cache_dir))
+        report = drill.scenario("kill", jobs=12, rate=8.0, after=4)
+    finally:
+        drill.stop()
+    assert report.sent == 12 and report.codes == {"ok": 12} and report.worker_alive, report
 
 
 def test_a_worker_whose_consumer_cannot_go_on_exits_non_zero(tmp_path: Path, cache_dir: Path) -> None:

@@ -178,3 +178,44 @@ def test_a_channel_of_a_closed_connection_raises_a_connection_error_not_an_attri
         channel.connection = SimpleNamespace(client=None)
         with pytest.raises(redis.ConnectionError, match="closed"):
             channel._connparams()
+
+
+def test_sentinel_tls_reaches_the_sentinels_the_broker_and_the_result_backend(tmp_path: Path) -> None:
+    import ssl
+
+    files = {name: tmp_path / name for name in ("ca.crt", "client.crt", "client.key")}
+    settings = QueueSettings(
+        broker_url="sentinel://s1:26379/0",
+        result_backend="sentinel://s1:26379/1",
+        sentinel_master="llava",
+        sentinel_tls=True,
+        sentinel_tls_ca=files["ca.crt"],
+        sentinel_tls_cert=files["client.crt"],
+        sentinel_tls_key=files["client.key"],
+    )
+    config = celery_config(settings)
+    expected = {
+        "ssl_cert_reqs": ssl.CERT_REQUIRED,
+        "ssl_ca_certs": str(files["ca.crt"]),
+        "ssl_certfile": str(files["client.crt"]),
+        "ssl_keyfile": str(files["client.key"]),
+    }
+    assert config["broker_use_ssl"] == config["redis_backend_use_ssl"] == expected
+    for options in (config["broker_transport_options"], config["result_backend_transport_options"]):
+        assert options["sentinel_kwargs"] == {"socket_timeout": WORKER_REDIS_TIMEOUT,
+                                              "socket_connect_timeout": WORKER_REDIS_TIMEOUT,
+                                              "ssl": True, **expected}  # fmt: skip
+    assert "broker_use_ssl" not in celery_config(QueueSettings())
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"sentinel_tls": True}, "LLAVA_SENTINEL_TLS is for sentinel:// URLs"),
+        ({"broker_url": "sentinel://s1:26379/0", "sentinel_master": "m", "sentinel_tls_cert": "c.crt"},
+         "LLAVA_SENTINEL_TLS_CERT and LLAVA_SENTINEL_TLS_KEY"),
+    ],
+)  # fmt: skip
+def test_incomplete_sentinel_tls_settings_are_refused(values: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        QueueSettings(**values)  # type: ignore[arg-type]
