@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from celery import Celery
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -29,6 +29,7 @@ from producer.contract import (
     HEALTH_COMMAND,
     MAX_PRIORITY,
     OUTCOME_SETTINGS_KEY,
+    redact_url,
     wire_priority,
 )
 from producer.transport import RESULT_BACKENDS, SENTINEL_TRANSPORT, TRANSPORT
@@ -92,7 +93,7 @@ class QueueSettings(BaseSettings):
         urls = [url for url in (self.broker_url, self.result_backend) if url.startswith("sentinel://")]
         if urls and not self.sentinel_master:
             raise ValueError(
-                f"{urls[0].split(';')[0][:60]!r} is a Redis Sentinel URL: set LLAVA_SENTINEL_MASTER "
+                f"{redact_url(urls[0].split(';')[0])!r} is a Redis Sentinel URL: set LLAVA_SENTINEL_MASTER "
                 "(sentinel_master in the YAML) to the master name the Sentinels monitor"
             )
         if self.sentinel_tls and not self.sentinel_master:
@@ -117,6 +118,18 @@ class QueueSettings(BaseSettings):
         if config_file is not None:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
         return tuple(sources)
+
+
+def settings_problem(exc: Exception) -> str:
+    """What is wrong with the settings, naming each variable (``LLAVA_…``) and never its value: pydantic's own
+    message repeats the input, a broker URL's password or the Sentinels' included."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    problems = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        problems.append(f"{'LLAVA_' + field.upper() if field else 'settings'}: {error['msg']}")
+    return "; ".join(problems)
 
 
 def load_settings(cls: type[S], config_file: str | Path | None = None, **overrides: Any) -> S:

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from producer import __version__
+from producer.app import settings_problem
 from producer.broker import broker_guard
 from producer.bulk import (
     BulkRun,
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(ClientSettings, config_file=args.config, **flower_flags)
     except (ValidationError, FileNotFoundError) as exc:
-        print(f"llava-queue: invalid settings: {exc}", file=sys.stderr)
+        print(f"llava-queue: invalid settings: {settings_problem(exc)}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "flower":
         return _run_flower(settings)

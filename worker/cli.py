@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import ValidationError
 
+from producer.app import settings_problem
 from worker.redis_policy import refuse_evicting_redis
 from worker.settings import WorkerSettings, load_settings
 
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = build_settings(args)
     except (ValidationError, FileNotFoundError) as exc:
-        print(f"llava-worker: invalid settings: {exc}", file=sys.stderr)
+        print(f"llava-worker: invalid settings: {settings_problem(exc)}", file=sys.stderr)
         return 2
     if settings.gpus != "none":
         return _launch_per_gpu(settings, argv if argv is not None else sys.argv[1:])

@@ -80,4 +80,4 @@ def test_llava_worker_refuses_flash_attention_on_cpu(worker_cli: WorkerCli, tiny
 def test_llava_worker_rejects_bad_settings(worker_cli: WorkerCli) -> None:
     status, output = worker_cli(LLAVA_CONCURRENCY="0")
     assert status == 2
-    assert "llava-worker: invalid settings" in output and "concurrency" in output
+    assert "llava-worker: invalid settings: LLAVA_CONCURRENCY: Input should be greater than" in output

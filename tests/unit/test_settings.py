@@ -219,3 +219,23 @@ def test_sentinel_tls_reaches_the_sentinels_the_broker_and_the_result_backend(tm
 def test_incomplete_sentinel_tls_settings_are_refused(values: dict[str, object], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         QueueSettings(**values)  # type: ignore[arg-type]
+
+
+def test_a_settings_problem_names_the_variable_never_its_value() -> None:
+    """pydantic's message repeats the input: a broker URL's password, the Sentinels' password."""
+    from producer.app import settings_problem
+
+    with pytest.raises(ValidationError) as raised:
+        QueueSettings(
+            broker_url="sentinel://:url-pw@s1:26379/0",
+            sentinel_password="sentinel-pw",
+            visibility_timeout=0,  # type: ignore[arg-type]
+        )
+    problem = settings_problem(raised.value)
+    assert "LLAVA_VISIBILITY_TIMEOUT: Input should be greater than or equal to 1" in problem
+    assert "url-pw" not in problem and "sentinel-pw" not in problem
+    with pytest.raises(ValidationError) as raised:
+        QueueSettings(broker_url="sentinel://:url-pw@s1:26379/0", sentinel_password="sentinel-pw")
+    problem = settings_problem(raised.value)
+    assert problem.startswith("settings: Value error, 'sentinel://s1:26379/0' is a Redis Sentinel URL")
+    assert "url-pw" not in problem and "sentinel-pw" not in problem and "sentinel-pw" in str(raised.value)
