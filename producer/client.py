@@ -59,6 +59,17 @@ from producer.transport import ResultBackend
 
 log = logging.getLogger(__name__)
 
+
+def _refused_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` came of a connection the broker refused: nothing was sent, so nothing landed."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError) or "Connection refused" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 CALLBACK_QUEUE = "celery"  # where a callback given by name goes: the queue a plain Celery worker consumes
 
 # kind -> (task name, request model, the request fields passed by name)
@@ -306,15 +317,26 @@ class LlavaClient:
     @contextlib.contextmanager
     def _release_blob_on_failure(self, wire_image: str, claim: str) -> Iterator[None]:
         """If the block raises after the image was stored under ``claim``, drop the claim (best effort, never
-        raising: with Redis down the release fails too, and the blob's TTL cleans it up)."""
+        raising: with Redis down the release fails too, and the blob's TTL cleans it up). Not after a publish
+        that Redis did not answer, unless it refused the connection: it may have landed (a primary that took the
+        push and died, or hung, before replying), and its job would then find its image gone; the TTL cleans
+        up instead."""
         try:
             yield
-        except Exception:  # an interrupt leaves the claim to the TTL rather than wait on Redis
-            store = self.blob_store
-            if store is not None and wire_image.startswith(BLOB_PREFIX):
-                with contextlib.suppress(Exception):  # Redis down: the blob's TTL deletes it
-                    store.release(wire_image, claim)
+        except BrokerUnavailable as exc:
+            if not _refused_connection(exc):
+                raise
+            self._release_quietly(wire_image, claim)
             raise
+        except Exception:  # an interrupt leaves the claim to the TTL rather than wait on Redis
+            self._release_quietly(wire_image, claim)
+            raise
+
+    def _release_quietly(self, wire_image: str, claim: str) -> None:
+        store = self.blob_store
+        if store is not None and wire_image.startswith(BLOB_PREFIX):
+            with contextlib.suppress(Exception):  # Redis down: the blob's TTL deletes it
+                store.release(wire_image, claim)
 
     def _warn_if_redis_evicts(self) -> None:
         """Once per client, after a send went through: warn if its Redis may drop accepted jobs when full (an
