@@ -317,10 +317,10 @@ class LlavaClient:
     @contextlib.contextmanager
     def _release_blob_on_failure(self, wire_image: str, claim: str) -> Iterator[None]:
         """If the block raises after the image was stored under ``claim``, drop the claim (best effort, never
-        raising: with Redis down the release fails too, and the blob's TTL cleans it up). Not after a publish
-        that Redis did not answer, unless it refused the connection: it may have landed (a primary that took the
-        push and died, or hung, before replying), and its job would then find its image gone; the TTL cleans
-        up instead."""
+        raising: with Redis down the release fails too, and the blob's TTL cleans it up). Not after a
+        publish that Redis did not answer, unless it refused the connection: it may have landed (a primary
+        that took the push and died, or hung, before replying), and its job would then find its image gone;
+        the TTL cleans up instead."""
         try:
             yield
         except BrokerUnavailable as exc:

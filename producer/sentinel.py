@@ -30,19 +30,21 @@ class FailoverConnection(SentinelManagedConnection):
 
     redis-py asks the Sentinels for the master only when a connection connects, and a pool drops its idle
     connections to an old master only when one of its own connections finds the new one. kombu keeps two pools
-    per channel (BRPOP, and everything else), Celery's result backend and the blob store one each: after a
-    failover, a pool whose connections were idle kept handing them out, to a primary that was hung or demoted.
-    A popped job's unacknowledged copy was written through such a connection and timed out: the job was gone.
-    So here, a connection that finds a new master moves every pool of the same service to it, and one whose
-    command times out or breaks disconnects their idle connections (made again, each asks the Sentinels)."""
+    per channel (BRPOP, and everything else), Celery's result backend and the blob store one each, so after a
+    failover a pool whose connections are idle hands them out still, to a primary that is hung or demoted; a
+    popped job's unacknowledged copy written through one times out, and the job is gone. So a connection that
+    finds a new master moves every pool of the same service to it, and one whose command times out or breaks
+    disconnects their idle connections (made again, each asks the Sentinels)."""
 
     _pools: ClassVar[weakref.WeakSet[Any]] = weakref.WeakSet()
+    _pools_lock: ClassVar[threading.Lock] = threading.Lock()  # pools join while others are walked
 
     def connect_to(self, address: tuple[str, int]) -> None:
         super().connect_to(address)
         pool = self.connection_pool.connection_pool_ref()  # the pool's proxy holds it weakly
         if pool is not None:
-            FailoverConnection._pools.add(pool)
+            with FailoverConnection._pools_lock:
+                FailoverConnection._pools.add(pool)
         self._follow(address)
 
     def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
@@ -63,7 +65,9 @@ class FailoverConnection(SentinelManagedConnection):
         """Pools of this service on another master than ``master`` (None: whatever master they are on) drop
         their idle connections; in-use ones are dropped as they come back (redis-py's ``owns_connection``)."""
         service = self.connection_pool.service_name
-        for pool in list(FailoverConnection._pools):
+        with FailoverConnection._pools_lock:
+            pools = list(FailoverConnection._pools)
+        for pool in pools:
             if pool.service_name != service or not pool.is_master:
                 continue
             if master is None or pool.proxy.master_address not in (None, master):
