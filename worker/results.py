@@ -24,6 +24,7 @@ from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.exceptions import BackendStoreError
 from celery.worker.request import Request
 from kombu.utils.encoding import bytes_to_str
+from redis.exceptions import OutOfMemoryError
 
 from producer.sentinel import ReplicaAck, SentinelFailover
 
@@ -65,6 +66,16 @@ class ResultBackend(RedisBackend):
             raise BackendStoreError("value too large for Redis backend", state=state, task_id=task_id)
         self.ensure(self._store_unless_ended, (key, value, expires, redelivered(request)))
         return result
+
+    def exception_safe_to_retry(self, exc: BaseException) -> bool:
+        """Celery retries storing an outcome (``result_backend_always_retry``, with backoff) after a
+        connection error; here also after Redis refused it for want of memory: the job ran, and its message
+        is acknowledged once the outcome is stored, so a refusal would leave it answered by nothing. A full
+        Redis frees memory as workers take jobs and results expire."""
+        if isinstance(exc, OutOfMemoryError):
+            log.warning("Redis is full and refused a job's outcome: storing it again shortly")
+            return True
+        return bool(super().exception_safe_to_retry(exc))
 
     @functools.cached_property
     def _store_script(self) -> Any:

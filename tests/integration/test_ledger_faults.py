@@ -23,6 +23,7 @@ from devtools.devstack import RedisServer, free_port
 from producer import ClientSettings
 from tests.integration.conftest import IMAGES, Stack, stack_on, wait_for
 from tests.integration.fault_tools import FAST_FETCH, SLOW, in_flight, queue_name
+from tests.integration.test_redis_memory import fill
 from worker.attempts import AttemptWriter
 from worker.delivery import DeliveryLedger
 
@@ -171,3 +172,19 @@ def test_attempt_writes_ride_out_a_stopped_redis_and_count_each_attempt_once(tmp
         assert counted == {"ran": 0, "open": 0, "in-doubt": 0, "still-open": 1}
     finally:
         server.stop()
+
+
+def test_an_outcome_a_full_redis_refuses_is_stored_once_memory_is_back(split_stack: Stack) -> None:
+    """The job ran; Redis (the result backend's) is full when its outcome is stored: the store is retried
+    with backoff, not dropped, and the producer gets the result once memory is back."""
+    stack, queue = split_stack, queue_name("outcome-full")
+    worker, hostname = stack.start(queue, **ENV, **SLOW)
+    job = stack.client.caption(IMAGES / "stop_sign.jpg", "[slow] full", queue=queue, max_new_tokens=12)
+    wait_for(lambda: in_flight(stack.client, hostname) == 1, 30, "the job on the model")
+    backend = fill(stack.redis)  # while it decodes (0.2 s a step)
+    try:
+        refused = "refused a job's outcome"
+        wait_for(lambda: refused in worker.log_path.read_text(), 60, "the refused outcome")
+    finally:
+        backend.config_set("maxmemory", 0)
+    assert job.get(timeout=90).worker == hostname
