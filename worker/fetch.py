@@ -51,9 +51,12 @@ class FetchRegistry:
         self._lock = threading.Lock()
         self._running: set[FetchBudget] = set()
         self._closed = False
+        self._aborted = threading.Event()
 
     def abort(self) -> int:
-        """End every running fetch (and every later one) with :class:`FetchAborted`; returns how many ran."""
+        """End every running fetch (and every later one, and every :meth:`pause`) with :class:`FetchAborted`;
+        returns how many fetches ran."""
+        self._aborted.set()
         with self._lock:
             self._closed, running = True, list(self._running)
         for budget in running:
@@ -69,6 +72,12 @@ class FetchRegistry:
     def leave(self, budget: FetchBudget) -> None:
         with self._lock:
             self._running.discard(budget)
+
+    def pause(self, seconds: float) -> None:
+        """Wait ``seconds`` between two tries of an image read (a blob store that did not answer), or until
+        :meth:`abort`, which raises :class:`FetchAborted`: a warm shutdown never waits on the pause."""
+        if self._aborted.wait(seconds):
+            raise FetchAborted("the worker is shutting down")
 
 
 class FetchBudget:

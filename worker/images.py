@@ -167,7 +167,7 @@ def read_image_bytes(
     """The encoded bytes ``reference`` names; a fetch ends by ``fetch_deadline`` or ``deadline``."""
     kind = image_kind(reference)
     if kind == "blob":
-        return _read_blob(reference, blobs, settings.max_image_bytes, deadline)
+        return _read_blob(reference, blobs, settings.max_image_bytes, deadline, fetches or FetchRegistry())
     if kind == "data":
         return decode_data_uri(reference, settings.max_image_bytes)
     if kind == "url":
@@ -180,10 +180,13 @@ def read_image_bytes(
 BLOB_RETRY_PAUSE = 0.5  # seconds between reads of a blob store that did not answer
 
 
-def _read_blob(reference: str, blobs: BlobStore | None, max_bytes: int, deadline: float | None) -> bytes:
+def _read_blob(
+    reference: str, blobs: BlobStore | None, max_bytes: int, deadline: float | None, fetches: FetchRegistry
+) -> bytes:
     """The blob's bytes, read again while the store does not answer (a Redis restart, a failover: each read
     is bounded by the store's socket timeouts and reconnects) until the job's ``deadline``, so a job rides
-    out what its queue rides out; ``fetch_failed`` after it, or at once without a deadline."""
+    out what its queue rides out; ``fetch_failed`` after it, or at once without a deadline. A warm shutdown
+    ends the wait (``FetchAborted``: the job goes back to the queue)."""
     if blobs is None:
         raise InvalidRequest(
             "this worker has no blob store (its result backend is not Redis): send the image inline"
@@ -197,7 +200,7 @@ def _read_blob(reference: str, blobs: BlobStore | None, max_bytes: int, deadline
                     f"the blob store did not answer: {type(exc).__name__}", retryable=True
                 ) from None
             log.warning("the blob store did not answer (%s): reading the image again", type(exc).__name__)
-            time.sleep(BLOB_RETRY_PAUSE)
+            fetches.pause(BLOB_RETRY_PAUSE)
 
 
 def _read_local(path: Path, settings: WorkerSettings, deadline: float | None) -> bytes:

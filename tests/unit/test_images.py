@@ -686,3 +686,19 @@ def test_a_blob_read_rides_out_a_store_that_does_not_answer_until_the_deadline(t
             reference, settings_for(tmp_path), deadline=time.monotonic() + 0.1, blobs=_BlinkingStore(9, b"")
         )  # type: ignore[arg-type]
     assert error.value.retryable
+
+
+def test_a_warm_shutdown_ends_a_blob_read_waiting_on_its_store(tmp_path: Path) -> None:
+    """The grace period's abort reaches a job waiting for the blob store, which goes back to the queue."""
+    from worker.fetch import FetchRegistry
+
+    fetches = FetchRegistry()
+    threading.Timer(0.2, fetches.abort).start()
+    with pytest.raises(FetchAborted):  # not FetchFailed at the deadline
+        read_image_bytes(
+            "blob:sha256:" + "b" * 64,
+            settings_for(tmp_path),
+            deadline=time.monotonic() + 20,
+            fetches=fetches,
+            blobs=_BlinkingStore(10**6, b""),  # type: ignore[arg-type]
+        )
