@@ -78,6 +78,9 @@ class _Orphans:
 
     def keep(self, message: Any) -> None:
         delivery = message.delivery_info
+        headers = message._raw.get("headers") if isinstance(message._raw, dict) else None
+        job = headers.get("id") if isinstance(headers, dict) else None
+        log.error("job %s was taken off its queue but not recorded: held here until it can be put back", job)
         with self._lock:
             self._held.append((message._raw, delivery["exchange"], delivery["routing_key"]))
 
@@ -108,15 +111,20 @@ ORPHANS = _Orphans()
 
 class QoS(kombu_redis.QoS):
     """kombu's acknowledgement emulation, except that a job whose unacknowledged copy Redis refused is kept
-    (:class:`_Orphans`) and the refusal raised as a connection error: the consumer reconnects (it stopped
-    with "Unrecoverable error" on a full Redis, the job gone)."""
+    (:class:`_Orphans`). A refusal that passes (a connection lost, a full Redis) is raised as a connection
+    error, so that the consumer reconnects and puts the job back; any other is raised as it is, after the
+    job is put back, and stops the worker (non-zero: a supervisor sees it)."""
 
     def append(self, message: Any, delivery_tag: Any) -> None:
         try:
             super().append(message, delivery_tag)
         except Exception as exc:
             ORPHANS.keep(message)
-            raise redis.ConnectionError(f"Redis refused a popped job's unacknowledged copy: {exc}") from exc
+            if isinstance(exc, (redis.exceptions.OutOfMemoryError, *self.channel.connection_errors)):
+                refused = f"Redis refused a popped job's unacknowledged copy: {exc}"
+                raise redis.ConnectionError(refused) from exc
+            ORPHANS.requeue(self.channel)  # a refusal that lasts (an ACL, say): put it back, then stop
+            raise
 
 
 class RequeuesOrphans:

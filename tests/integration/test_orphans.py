@@ -44,3 +44,19 @@ def test_a_popped_job_whose_unacked_copy_is_refused_goes_back_on_its_queue(serve
         assert again.payload == {"job": 1} and again.delivery_info.get("redelivered") is not False
         again.ack()
     assert not ORPHANS._held
+
+
+def test_a_lasting_refusal_puts_the_job_back_and_is_raised_as_it_is(server: RedisServer) -> None:
+    """A user whose ACL forbids the unacknowledged copy (HSET): no reconnecting forever; the popped job goes
+    back on its queue and the error stops the consumer (the worker exits non-zero)."""
+    admin = redis.Redis(port=server.port)
+    admin.execute_command("ACL", "SETUSER", "nohset", "on", ">pw", "~*", "&*", "+@all", "-hset")
+    queue = Queue("lasting", routing_key="lasting")
+    url = f"redis://nohset:pw@127.0.0.1:{server.port}/0"
+    with Connection(url, transport=TRANSPORT) as connection:
+        connection.SimpleQueue(queue).put({"job": 2})
+        consumer = connection.Consumer(queue, callbacks=[lambda body, message: None])
+        with consumer, pytest.raises(redis.exceptions.NoPermissionError):
+            connection.drain_events(timeout=5)
+    assert admin.llen("lasting") == 1 and not ORPHANS._held
+    admin.execute_command("ACL", "DELUSER", "nohset")
