@@ -22,6 +22,7 @@ import functools
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,16 @@ from worker.settings import WorkerSettings, outcome_settings
 
 log = logging.getLogger(__name__)
 
+# KEYS: the job's ledger hash, its stored result; ARGV: the arrival's token, the ledger's expiry. An arrival
+# counts once (HSETNX on its token), whichever of its tries Redis runs.
+_COUNT_ARRIVAL = """
+if redis.call('HSETNX', KEYS[1], 'arrival:' .. ARGV[1], 1) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {redis.call('GET', KEYS[2]), redis.call('HGET', KEYS[1], 'deliveries'),
+        redis.call('HGET', KEYS[1], 'attempts')}
+"""
 BACKSTOP_FACTOR = 3  # deliveries allowed per counted model attempt before a job is given up regardless
 REDIS_TIMEOUT = 5.0  # seconds per ledger operation on Redis (connect, each read)
 ARRIVAL_BACKOFF_S = (0.2, 5.0)  # first and longest pause between a held job's tries of its arrival
@@ -90,14 +101,21 @@ class DeliveryLedger:
     def key(job_id: str) -> str:
         return f"llava-ledger-{job_id}"
 
+    @functools.cached_property
+    def _arrival_script(self) -> Any:
+        assert self.client is not None
+        return self.client.register_script(_COUNT_ARRIVAL)
+
     def arrived(self, job_id: str, patience: float) -> Delivery:
         """:meth:`delivered`, a Redis error retried with backoff for up to ``patience`` seconds (the job held
-        meanwhile, until :attr:`stopping` at most); then :class:`LedgerUnavailable`. A failed try counted
-        nothing (or is in doubt: one delivery more toward the backstop at worst)."""
+        meanwhile, until :attr:`stopping` at most); then :class:`LedgerUnavailable`. The tries share one
+        arrival token, so a try that timed out and ran late in Redis (a hung primary runs what it was sent
+        when it wakes) counts no second delivery."""
         deadline, pause = time.monotonic() + patience, ARRIVAL_BACKOFF_S[0]
+        arrival = uuid.uuid4().hex
         while True:
             try:
-                return self.delivered(job_id)
+                return self.delivered(job_id, arrival)
             except RedisError as exc:
                 left = deadline - time.monotonic()
                 if left <= 0 or self.stopping.is_set():
@@ -106,17 +124,14 @@ class DeliveryLedger:
             self.stopping.wait(min(pause, left))
             pause = min(2 * pause, ARRIVAL_BACKOFF_S[1])
 
-    def delivered(self, job_id: str) -> Delivery:
-        """Count one more delivery of ``job_id`` and read its stored outcome, in one round trip (zeros and
-        the backend's answer when counting is off)."""
+    def delivered(self, job_id: str, arrival: str | None = None) -> Delivery:
+        """Count the delivery ``arrival`` (a token; once however often it is sent) of ``job_id`` and read its
+        stored outcome, in one round trip (zeros and the backend's answer when counting is off)."""
         if self.client is None:
             return Delivery(0, 0, *self._ended(self.backend.get_task_meta(job_id)))
-        pipe = self.client.pipeline()
-        pipe.get(self.backend.get_key_for_task(job_id))
-        pipe.hincrby(self.key(job_id), "deliveries", 1)
-        pipe.hget(self.key(job_id), "attempts")
-        pipe.expire(self.key(job_id), self.expires)
-        meta, deliveries, attempts, _ = pipe.execute()
+        keys = [self.key(job_id), self.backend.get_key_for_task(job_id)]
+        args = [arrival or uuid.uuid4().hex, self.expires]
+        meta, deliveries, attempts = self._arrival_script(keys=keys, args=args)
         stored = self._ended(self.backend.decode_result(meta)) if meta else (None, None)
         return Delivery(int(deliveries), int(attempts or 0), *stored)
 

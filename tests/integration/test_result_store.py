@@ -88,3 +88,17 @@ def test_the_broker_channel_reuses_one_client(quiet_server: RedisServer) -> None
         with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
             assert first is second
             assert first.ping()
+
+
+def test_an_arrival_counts_once_however_often_it_is_sent(quiet_server: RedisServer) -> None:
+    """A job's arrival is retried while Redis does not answer; a try that timed out may still run when a
+    hung Redis wakes: one arrival is one delivery toward the backstop, whichever tries run."""
+    from worker.delivery import DeliveryLedger
+
+    settings = WorkerSettings(broker_url=quiet_server.url(0), result_backend=quiet_server.url(1))
+    ledger = DeliveryLedger(create_app(settings, Service(settings)), settings)
+    job_id = str(uuid.uuid4())
+    assert ledger.delivered(job_id, "arrival-1").deliveries == 1
+    assert ledger.delivered(job_id, "arrival-1").deliveries == 1  # the same arrival's late try
+    later = ledger.delivered(job_id, "arrival-2")
+    assert (later.deliveries, later.attempts, later.succeeded, later.failed) == (2, 0, None, None)
