@@ -74,6 +74,7 @@ class AttemptWriter:
         self._open: defaultdict[str, list[str]] = defaultdict(list)  # job id -> its attempts' tokens
         self._queued = self._written = 0  # serials: the last write handed over, the last one stored
         self._answering = True  # the last write succeeded: begin() may wait for its record
+        self._writing = False  # a batch is on its way to Redis
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -90,7 +91,7 @@ class AttemptWriter:
                 self._open[job_id].append(token)
                 serial = self._put((job_id, token), ON)
             if serial > self._written and self._answering:
-                self._wait(serial, BEGIN_WAIT_S, "rows reach the model without waiting for it")
+                self._wait(serial, BEGIN_WAIT_S, "rows reach the model without waiting for it", True)
 
     def end(self, job_ids: list[str]) -> None:
         """These jobs left the model (model thread): their attempts did not kill the worker. Never waits."""
@@ -115,6 +116,8 @@ class AttemptWriter:
     def close(self, wait: float) -> bool:
         """Write what is pending (up to ``wait`` seconds), then stop the writer. True if all was written."""
         with self._lock:
+            if not self._pending and not self._writing:  # a begin and its end dropped together wrote nothing
+                self._written = self._queued
             done = self._wait(self._queued, wait, "the attempts of the last jobs may stay counted")
             self._closed = True
             self._lock.notify_all()
@@ -135,14 +138,20 @@ class AttemptWriter:
         self._lock.notify_all()
         return self._queued
 
-    def _wait(self, serial: int, timeout: float, otherwise: str) -> bool:
-        """Wait (holding the lock's condition) until the writes up to ``serial`` are stored."""
-        if not self._lock.wait_for(lambda: self._written >= serial, timeout):
-            if self._answering:
-                log.warning("Redis did not record a ledger write within %g s: %s", timeout, otherwise)
-            self._answering = False
-            return False
-        return True
+    def _wait(self, serial: int, timeout: float, otherwise: str, until_failure: bool = False) -> bool:
+        """Wait (holding the lock's condition) until the writes up to ``serial`` are stored; with
+        ``until_failure``, no longer than until a write fails (the model thread: no use waiting on a Redis
+        that is away)."""
+        answering = self._answering
+        self._lock.wait_for(
+            lambda: self._written >= serial or (until_failure and not self._answering), timeout
+        )
+        if self._written >= serial:
+            return True
+        if answering:
+            log.warning("Redis did not record a ledger write within %g s: %s", timeout, otherwise)
+        self._answering = False
+        return False
 
     def _run(self) -> None:
         pause = RETRY_BACKOFF_S[0]
@@ -153,17 +162,19 @@ class AttemptWriter:
                     return
                 batch, serial = dict(self._pending), self._queued
                 self._pending.clear()
+                self._writing = True
                 self._sent.update(token for (_, token), state in batch.items() if state == ON)
             if self._write(batch, first_try=pause == RETRY_BACKOFF_S[0]):
                 pause = RETRY_BACKOFF_S[0]
                 with self._lock:
-                    self._written, self._answering = serial, True
+                    self._written, self._answering, self._writing = serial, True, False
                     self._sent.difference_update(token for (_, token), state in batch.items() if state != ON)
                     self._lock.notify_all()
                 continue
             with self._lock:  # in doubt: written again (idempotent) unless a later state replaced it
                 self._pending = {**batch, **self._pending}
-                self._answering = False  # Redis failed: rows stop waiting for their records at once
+                self._answering = self._writing = False  # Redis failed: waits for records end at once
+                self._lock.notify_all()
                 if self._closed:
                     return
             time.sleep(pause)

@@ -188,3 +188,19 @@ def test_an_outcome_a_full_redis_refuses_is_stored_once_memory_is_back(split_sta
     finally:
         backend.config_set("maxmemory", 0)
     assert job.get(timeout=90).worker == hostname
+
+
+def test_the_model_thread_stops_waiting_for_its_record_when_a_write_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing answers on the port: a row's begin stops waiting for its record as soon as the write fails,
+    not after its bound (here made 600 s, so that only the failure can end it)."""
+    monkeypatch.setattr("worker.attempts.BEGIN_WAIT_S", 600.0)
+    dead = redis.Redis(
+        port=free_port(), socket_timeout=0.5, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+    )
+    writer = AttemptWriter(dead, DeliveryLedger.key, 60)
+    model_thread = threading.Thread(target=writer.begin, args=(["running"],))
+    model_thread.start()
+    model_thread.join(60)
+    assert not model_thread.is_alive(), "the model thread waited out its bound on a Redis that failed"
