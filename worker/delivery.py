@@ -313,6 +313,8 @@ def disagreeing_peers(peers: dict[str, dict[str, Any]], settings: WorkerSettings
     own = {"queues": settings.consumed_queues, OUTCOME_SETTINGS_KEY: outcome_settings(settings)}
     lines = []
     for queue, names in outcome_differences({**peers, SELF: own}).items():
+        if queue not in settings.consumed_queues:  # others' queues: status reports them, not our start
+            continue
         for name, values in names.items():
             ours = values.pop(SELF, None)
             others = {node: value for node, value in values.items() if value != ours}

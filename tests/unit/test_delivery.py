@@ -84,6 +84,8 @@ def test_a_starting_worker_names_the_settings_its_queue_peers_set_otherwise() ->
     peers = {"p1": _worker(["llava.tiny"], max_labels=20), "p2": _worker(["llava.tiny"], max_labels=10)}
     assert disagreeing_peers(peers, settings) == ["queue llava.tiny: LLAVA_MAX_LABELS is 10 here, p1: 20"]
     assert disagreeing_peers({"p2": peers["p2"]}, settings) == []
+    others = {"o1": _worker(["llava.other"], max_labels=5), "o2": _worker(["llava.other"], max_labels=7)}
+    assert disagreeing_peers(others, settings) == []  # a queue this worker does not consume
 
 
 @pytest.mark.parametrize(
