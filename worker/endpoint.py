@@ -54,6 +54,7 @@ class Endpoint:
         self._loop.set_default_executor(self._apps)  # the bind's getaddrinfo too: no other threads
         # Open connections and their tasks, in insertion order: the oldest first.
         self._open: dict[asyncio.StreamWriter, asyncio.Task[Any]] = {}
+        self._answering: set[asyncio.StreamWriter] = set()  # connections whose request is being answered
         self._server: asyncio.Server | None = None
 
     def start(self, address: str, port: int, timeout: float = 30.0) -> Endpoint:
@@ -99,21 +100,32 @@ class Endpoint:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None  # a connection callback always runs as a task
-        if len(self._open) >= self.max_connections:
-            # Aborting (not cancelling: Python 3.11's stream callback logs a cancelled task as an error)
-            # ends the oldest connection's read or write with an error its task handles.
-            oldest = next(iter(self._open))
-            del self._open[oldest]
-            oldest.transport.abort()
+        if len(self._open) >= self.max_connections and not self._make_room():
+            writer.transport.abort()  # every connection is being answered: this one waits for none
+            return
         self._open[writer] = task
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.head_timeout)
+            self._answering.add(writer)
             await asyncio.wait_for(self._answer(head, writer), self.answer_timeout)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError) as exc:
             log.debug("endpoint: connection dropped: %r", exc)
         finally:
             self._open.pop(writer, None)
+            self._answering.discard(writer)
             writer.transport.abort()  # a no-op after a clean close; never lingers on a client that won't read
+
+    def _make_room(self) -> bool:
+        """Drop the oldest connection still waiting for its request (an answer under way is never cut
+        short: a flood of new connections must not starve every scrape); False when none waits."""
+        for oldest in self._open:
+            if oldest not in self._answering:
+                # Aborting (not cancelling: Python 3.11's stream callback logs a cancelled task as an
+                # error) ends its read with an error its task handles.
+                del self._open[oldest]
+                oldest.transport.abort()
+                return True
+        return False
 
     async def _answer(self, head: bytes, writer: asyncio.StreamWriter) -> None:
         environ = _environ(head, writer.get_extra_info("sockname"))

@@ -40,13 +40,25 @@ def metrics_port() -> Iterator[int]:
     endpoint.close()
 
 
-@pytest.fixture
-def endpoint() -> Iterator[Endpoint]:
-    """An endpoint with short timeouts and four connections at most, serving a registry of its own."""
+def _served(head_timeout: float) -> Endpoint:
     registry = CollectorRegistry()
     Counter("scrapes_seen", "a counter to find in the page", registry=registry).inc()
     routes = {"/metrics": make_wsgi_app(registry), "/boom": _failing_app}
-    served = Endpoint(routes, head_timeout=0.5, max_connections=4).start("127.0.0.1", 0)
+    return Endpoint(routes, head_timeout=head_timeout, max_connections=4).start("127.0.0.1", 0)
+
+
+@pytest.fixture
+def endpoint() -> Iterator[Endpoint]:
+    """An endpoint with short timeouts and four connections at most, serving a registry of its own."""
+    served = _served(head_timeout=0.5)
+    yield served
+    served.close()
+
+
+@pytest.fixture
+def patient_endpoint() -> Iterator[Endpoint]:
+    """The same, waiting 60 s for a request: a connection it drops was dropped for room, not for silence."""
+    served = _served(head_timeout=60.0)
     yield served
     served.close()
 
@@ -117,7 +129,8 @@ def test_a_client_trickling_its_request_is_dropped_within_the_head_timeout(endpo
     assert dropped
 
 
-def test_a_new_connection_pushes_out_the_oldest_beyond_the_cap(endpoint: Endpoint) -> None:
+def test_a_new_connection_pushes_out_the_oldest_idle_one_beyond_the_cap(patient_endpoint: Endpoint) -> None:
+    endpoint = patient_endpoint
     idle = [socket.create_connection(("127.0.0.1", endpoint.port), timeout=10) for _ in range(4)]
     try:
         status, _, body = get(endpoint.port)  # the fifth connection: the first idle one makes room
