@@ -23,6 +23,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from producer.contract import (
     DEFAULT_PRIORITY,
@@ -251,6 +253,17 @@ def sentinel_tls_options(settings: QueueSettings) -> dict[str, Any]:
         "ssl_keyfile": settings.sentinel_tls_key,
     }
     return {"ssl_cert_reqs": ssl.CERT_REQUIRED} | {key: str(path) for key, path in files.items() if path}
+
+
+def backend_client(backend: Any, timeout: float, connect_timeout: float | None = None, **extra: Any) -> Any:
+    """A Redis client of its own on ``backend``'s Redis, connected as the backend connects (its
+    ``connparams``: Sentinel, TLS), each command bounded by ``timeout`` and each connect by
+    ``connect_timeout`` (default: the same), tried once (callers retry where that is safe; Celery's backend
+    client waits up to two minutes per read); None for a backend that is not Redis."""
+    if not hasattr(backend, "connparams"):
+        return None
+    bounds = {"socket_timeout": timeout, "socket_connect_timeout": connect_timeout or timeout}
+    return backend._create_client(**{**backend.connparams, **bounds, "retry": Retry(NoBackoff(), 0), **extra})
 
 
 def worker_health(

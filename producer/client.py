@@ -18,10 +18,8 @@ from typing import Any
 from celery import Celery, states
 from celery.canvas import Signature
 from pydantic import BaseModel, ValidationError
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from producer.app import attempt_timeout, create_celery_app
+from producer.app import attempt_timeout, backend_client, create_celery_app
 from producer.blobs import BlobStore, RedisBlobStore, bytes_packer
 from producer.broker import broker_guard
 from producer.collector import aiter_completed, iter_completed
@@ -361,14 +359,13 @@ class LlavaClient:
         # of at most ``broker_timeout - a`` (the time a large image may need to be written), so a put on a
         # dead or hung Redis ends within broker_timeout. Sentinel and TLS as the backend has them.
         attempt = attempt_timeout(self.settings.broker_timeout)
-        params = {
-            **backend.connparams,
-            "socket_connect_timeout": attempt,
-            "socket_timeout": self.settings.broker_timeout - attempt,
-            "retry": Retry(NoBackoff(), 0),
-            "command_packer": bytes_packer(),  # the image's bytes go to the socket uncopied
-        }
-        return RedisBlobStore(backend._create_client(**params), ttl=self.settings.result_expires)
+        client = backend_client(
+            backend,
+            self.settings.broker_timeout - attempt,
+            connect_timeout=attempt,
+            command_packer=bytes_packer(),  # the image's bytes go to the socket uncopied
+        )
+        return RedisBlobStore(client, ttl=self.settings.result_expires)
 
     def _succeeded(self, job_id: str, task_name: str) -> Job[Any] | None:
         """The handle of job ``job_id`` if it already succeeded. A stored failure is forgotten: the job runs

@@ -22,9 +22,8 @@ from typing import Any
 
 import redis
 from celery import Celery
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from producer.app import backend_client
 from producer.contract import is_redis_url
 
 log = logging.getLogger(__name__)
@@ -110,16 +109,12 @@ def _broker_client(app: Celery, timeout: float) -> Iterator[redis.Redis | None]:
 def _backend_client(app: Celery, timeout: float) -> Iterator[redis.Redis | None]:
     """A client of its own on the result backend's Redis (as the backend connects: Sentinel, TLS), bounded
     by ``timeout``, one attempt; None for a backend that is not Redis."""
-    backend: Any = app.backend
-    if not hasattr(backend, "connparams"):
-        yield None
-        return
-    bounded = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
-    client = backend._create_client(**{**backend.connparams, **bounded})
+    client = backend_client(app.backend, timeout)
     try:
         yield client
     finally:
-        client.close()
+        if client is not None:
+            client.close()
 
 
 def _text(value: Any) -> str:

@@ -28,11 +28,9 @@ from typing import Any
 
 from celery import Celery, current_task, states
 from celery.worker.consumer import Consumer
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
-from producer.app import outcome_differences, worker_health
+from producer.app import backend_client, outcome_differences, worker_health
 from producer.blobs import RedisBlobStore, message_claim
 from producer.contract import CLAIM_HEADER, OUTCOME_SETTINGS_KEY, TASKS, is_blob_reference
 from producer.errors import InvalidRequest, WorkerLost
@@ -200,20 +198,14 @@ BLOB_READ_TIMEOUT = 5.0  # seconds per Redis operation on a blob: a hung store i
 
 def _blob_store(backend: Any, settings: WorkerSettings) -> RedisBlobStore:
     """The blob store on the result backend's Redis (the app's effective backend: ``CELERY_RESULT_BACKEND``
-    may override ``LLAVA_RESULT_BACKEND``; Sentinel and TLS as the backend has them), with its own bounded
-    socket timeouts (Celery's backend client waits up to two minutes per read)."""
-    timeouts = {"socket_timeout": BLOB_READ_TIMEOUT, "socket_connect_timeout": BLOB_READ_TIMEOUT}
-    return RedisBlobStore(
-        backend._create_client(**{**backend.connparams, **timeouts}), settings.result_expires
-    )
+    may override ``LLAVA_RESULT_BACKEND``), each read bounded (a hung store is a retryable fetch_failed)."""
+    return RedisBlobStore(backend_client(backend, BLOB_READ_TIMEOUT), settings.result_expires)
 
 
 def _bounded_client(backend: Any) -> Any:
-    """The ledger's client of the result backend's Redis (as :func:`_blob_store`'s), every operation bounded
-    by :data:`REDIS_TIMEOUT` and never retried by redis-py (the ledger retries: a held job's arrival, the
-    attempt writer's idempotent writes)."""
-    bounds = {"socket_timeout": REDIS_TIMEOUT, "socket_connect_timeout": REDIS_TIMEOUT}
-    return backend._create_client(**{**backend.connparams, **bounds, "retry": Retry(NoBackoff(), 0)})
+    """The ledger's client of the result backend's Redis, every operation bounded by :data:`REDIS_TIMEOUT`
+    (the ledger retries: a held job's arrival, the attempt writer's idempotent writes)."""
+    return backend_client(backend, REDIS_TIMEOUT)
 
 
 class LlavaConsumer(Consumer):
