@@ -165,6 +165,44 @@ HEALTH_CHECK_INTERVAL = 3
 
 def celery_config(settings: QueueSettings) -> dict[str, Any]:
     """Celery settings for llava-queue (the decisions are listed in the README, "Architecture")."""
+    config: dict[str, Any] = {
+        # JSON only: pickle from the broker would be remote code execution.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # A job is acknowledged only when done; a worker that dies gives it back.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "result_expires": settings.result_expires,
+        # Results and coded errors only: an extended result would copy the request (image bytes, URL
+        # credentials) into the result backend for result_expires seconds.
+        "result_extended": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,  # their results are kept: see app.py
+        # Events so Flower sees every state (STARTED included). The result backend is not told of STARTED
+        # (task_track_started): one Redis write less per job, 347 -> ~420 no-op jobs/s per worker (bench/).
+        "task_track_started": False,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_default_queue": settings.default_queue,
+        "task_default_priority": wire_priority(DEFAULT_PRIORITY, settings.broker_url),
+        "task_queue_max_priority": MAX_PRIORITY,
+        "worker_hijack_root_logger": False,
+    } | _redis_config(settings)
+    # redis:// and sentinel:// only: kombu turns on TLS for rediss:// by its transport's name, which a class
+    # path would lose. Both are kombu's, with one client reused per channel (producer.transport).
+    scheme = settings.broker_url.split("://", 1)[0]
+    if scheme in ("redis", "sentinel"):
+        config["broker_transport"] = TRANSPORT if scheme == "redis" else SENTINEL_TRANSPORT
+    if tls := sentinel_tls_options(settings):
+        config["broker_use_ssl"] = config["redis_backend_use_ssl"] = tls
+    return config
+
+
+def _redis_config(settings: QueueSettings) -> dict[str, Any]:
+    """How a worker talks to Redis, broker and result backend: every connection bounded and checked, a
+    restart or a failover waited out, never fatal."""
     transport_options = {
         "visibility_timeout": settings.visibility_timeout,
         # Priorities: kombu's default Redis steps (0, 3, 6, 9; one list each, 0 served first) and separator,
@@ -182,51 +220,20 @@ def celery_config(settings: QueueSettings) -> dict[str, Any]:
         "interval_start": 0,
         "interval_step": 1,
         "interval_max": 2,
-    } | sentinel_options(settings, WORKER_REDIS_TIMEOUT)
-    config: dict[str, Any] = {
-        # JSON only: pickle from the broker would be remote code execution.
-        "task_serializer": "json",
-        "result_serializer": "json",
-        "accept_content": ["json"],
-        "result_accept_content": ["json"],
-        # A job is acknowledged only when done; a worker that dies gives it back.
-        "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 1,
-        "broker_transport_options": transport_options,
+    }
+    return {
+        "broker_transport_options": transport_options | sentinel_options(settings, WORKER_REDIS_TIMEOUT),
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout}
         | sentinel_options(settings, WORKER_REDIS_TIMEOUT),
         "redis_socket_timeout": WORKER_REDIS_TIMEOUT,
         "redis_socket_connect_timeout": WORKER_REDIS_TIMEOUT,
         "redis_socket_keepalive": True,
         "redis_backend_health_check_interval": HEALTH_CHECK_INTERVAL,
-        "result_expires": settings.result_expires,
-        # Results and coded errors only: an extended result would copy the request (image bytes, URL
-        # credentials) into the result backend for result_expires seconds.
-        "result_extended": False,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # a Redis restart is waited out, never fatal
         "result_backend_always_retry": True,
         "result_backend_max_retries": 30,
-        "worker_cancel_long_running_tasks_on_connection_loss": False,  # their results are kept: see app.py
-        # Events so Flower sees every state (STARTED included). The result backend is not told of STARTED
-        # (task_track_started): one Redis write less per job, 347 -> ~420 no-op jobs/s per worker (bench/).
-        "task_track_started": False,
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
-        "task_default_queue": settings.default_queue,
-        "task_default_priority": wire_priority(DEFAULT_PRIORITY, settings.broker_url),
-        "task_queue_max_priority": MAX_PRIORITY,
-        "worker_hijack_root_logger": False,
     }
-    # redis:// and sentinel:// only: kombu turns on TLS for rediss:// by its transport's name, which a class
-    # path would lose. Both are kombu's, with one client reused per channel (producer.transport).
-    scheme = settings.broker_url.split("://", 1)[0]
-    if scheme in ("redis", "sentinel"):
-        config["broker_transport"] = TRANSPORT if scheme == "redis" else SENTINEL_TRANSPORT
-    if tls := sentinel_tls_options(settings):
-        config["broker_use_ssl"] = config["redis_backend_use_ssl"] = tls
-    return config
 
 
 def sentinel_options(settings: QueueSettings, timeout: float) -> dict[str, Any]:
