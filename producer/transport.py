@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 class SharedClient:
     """The channel mixin: one client per connection pool, handed out for every command; and a channel whose
     kombu connection was closed under it (a channel still restoring its unacknowledged jobs as the consumer
-    reconnects) raises a connection error, which the consumer recovers from, where kombu raised an
-    AttributeError that stopped the worker ("Unrecoverable error", seen after a Sentinel failover)."""
+    reconnects, after a Sentinel failover say) raises a connection error, which the consumer recovers from
+    (kombu reads the closed connection's address: an AttributeError stops the worker)."""
 
     _shared_client: Any = None
     pool: Any
@@ -148,8 +148,8 @@ MISSED_HEALTH_CHECKS = 2  # unanswered PINGs after which a result subscription's
 
 class ResultConsumer(CeleryResultConsumer):
     """Celery's result subscription, which also notices a Redis that stopped answering. A hung primary keeps
-    the subscription's socket open and silent, which looks like no result yet: the waits went on until the
-    old primary woke (or their timeout), though the results were stored on the promoted replica. Here the
+    the subscription's socket open and silent, which looks like no result yet: a wait would go on until the
+    old primary woke (or its timeout), though the results are stored on the promoted replica. So the
     subscription PINGs every ``redis_backend_health_check_interval`` seconds while it waits, and after
     :data:`MISSED_HEALTH_CHECKS` unanswered PINGs it reconnects as Celery does after a connection error:
     through the Sentinels, reading the stored results it waits for, subscribing again."""

@@ -171,10 +171,10 @@ def start_service(settings: WorkerSettings, service: Service, app: Celery) -> bo
 
 
 def serve(app: Celery, settings: WorkerSettings) -> int:
-    """Run Celery's worker for ``app`` until it stops; its exit status. Neither ``worker_main`` nor
-    ``app.start`` returns it (Celery's command exits through click, which ``app.start`` swallows), so a
-    consumer that could not go on ("Unrecoverable error") exited 0 and no supervisor restarted it: the
-    status is read off the worker itself."""
+    """Run Celery's worker for ``app`` until it stops; its exit status, read off the worker itself: neither
+    ``worker_main`` nor ``app.start`` returns it (Celery's command exits through click, which ``app.start``
+    swallows), and a consumer that cannot go on ("Unrecoverable error") must exit non-zero for a supervisor
+    to restart it."""
     from celery.signals import worker_init
 
     workers: list[Any] = []

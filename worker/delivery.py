@@ -216,8 +216,8 @@ class LlavaConsumer(Consumer):
 
     def ensure_connected(self, conn: Any) -> Any:
         """Celery's reconnect loop, paced by the transport options' ``interval_*`` as kombu paces a publish's
-        (Celery leaves kombu's defaults here: pauses growing by 2 s to 30 s, so a worker could sit idle for
-        half a minute after Redis or its Sentinel-promoted replica answered again)."""
+        (Celery leaves kombu's defaults here, pauses growing by 2 s to 30 s: a worker would sit idle for up
+        to half a minute after Redis, or its Sentinel-promoted replica, answers again)."""
         options = conn.transport_options or {}
         keys = ("interval_start", "interval_step", "interval_max")
         pace = {key: options[key] for key in keys if key in options}
