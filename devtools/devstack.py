@@ -10,6 +10,7 @@ already configured if it replies to PING, otherwise a ``redis-server`` started h
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing
 import os
 import runpy
@@ -205,7 +206,10 @@ class ForkedWorker:
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:
-            os.kill(self.pid, sig)
+            # The forkserver, its parent, reaps it and reports its status a moment later: in between, the
+            # pid is gone while poll() still says it runs.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
