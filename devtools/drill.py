@@ -57,6 +57,7 @@ class Report:
     worker_alive: bool = True
     down_to_promotion_s: float | None = None
     promotion_to_answer_s: float | None = None
+    problems: list[str] = field(default_factory=list)  # what went wrong with the cluster itself
 
 
 @dataclass
@@ -64,6 +65,7 @@ class _Clock:
     disrupted: float | None = None
     promoted: float | None = None
     answers: list[float] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def answered(self) -> None:
@@ -211,6 +213,12 @@ class Drill:
 
     def _disrupt(self, kind: str, clock: _Clock) -> None:
         clock.disrupted = time.monotonic()
+        try:
+            self._disrupt_primary(kind, clock)
+        except Exception as exc:  # the cluster's own failure (no promotion, no rejoin): in the report
+            clock.problems.append(f"{type(exc).__name__}: {exc}")
+
+    def _disrupt_primary(self, kind: str, clock: _Clock) -> None:
         if kind == "kill":
             old = self.cluster.kill_primary()
             clock.promoted = self.cluster.wait_promotion(old.port)
@@ -223,6 +231,7 @@ class Drill:
 
 
 def _outage(report: Report, clock: _Clock) -> None:
+    report.problems = list(clock.problems)
     if clock.disrupted is None or clock.promoted is None:
         return
     report.down_to_promotion_s = round(clock.promoted - clock.disrupted, 2)

@@ -34,10 +34,11 @@ def test_a_failover_under_load_loses_nothing(drill: Drill, kind: str) -> None:
     """Every job sent is answered with its caption (a send refused with a retryable error is sent again and
     counts once), the worker stays up, and it serves again within 10 s of the promotion."""
     report = drill.scenario(kind, jobs=24, rate=8.0, after=6)
-    assert report.sent == 24 and report.lost == 0, report
-    assert report.codes == {"ok": 24}, report
-    assert report.worker_alive, drill.worker.log_tail() if drill.worker else report
-    assert report.promotion_to_answer_s is not None and report.promotion_to_answer_s <= OK_WITHIN_S, report
+    seen = f"{report}\n--- worker log\n{drill.worker.log_tail(80) if drill.worker else ''}"
+    assert report.sent == 24 and report.lost == 0, seen
+    assert report.codes == {"ok": 24}, seen
+    assert report.worker_alive, seen
+    assert report.promotion_to_answer_s is not None and report.promotion_to_answer_s <= OK_WITHIN_S, seen
 
 
 def test_sentinel_over_tls_fails_over_without_loss(tmp_path: Path, cache_dir: Path) -> None:
