@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,23 @@ class CeleryWorker(WorkerProcess):
         super().__init__(["-A", "worker.celery_app", "worker", *args], env, log_path, fork)
 
 
+@contextlib.contextmanager
+def celery_worker(
+    client: LlavaClient, settings: ClientSettings, cache_dir: Path, log: Path, *args: str
+) -> Iterator[tuple[CeleryWorker, str, str]]:
+    """A ready ``celery -A worker.celery_app worker`` on a queue of its own: (worker, node, queue); it must
+    stop with status 0."""
+    queue = f"it-{uuid.uuid4().hex[:8]}"
+    hostname = f"c{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+    env = worker_env(settings, cache_dir, LLAVA_CONFIG=str(TINY_CONFIG), LLAVA_QUEUES=queue)
+    worker = CeleryWorker(["--hostname", hostname, *args], env, log, fork=True).start()
+    try:
+        worker.wait_ready(client.app, hostname)
+        yield worker, hostname, queue
+    finally:
+        assert worker.stop() == 0, worker.log_tail()
+
+
 def test_celery_inspect_llava_health_answers_for_a_llava_worker(
     shared_worker: tuple[WorkerProcess, str, str], client_settings: ClientSettings, cache_dir: Path
 ) -> None:
@@ -53,12 +72,8 @@ def test_celery_inspect_llava_health_answers_for_a_llava_worker(
 def test_celery_worker_serves_jobs_with_the_project_settings(
     client: LlavaClient, client_settings: ClientSettings, cache_dir: Path, tmp_path: Path
 ) -> None:
-    queue = f"it-{uuid.uuid4().hex[:8]}"
-    hostname = f"c{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
-    env = worker_env(client_settings, cache_dir, LLAVA_CONFIG=str(TINY_CONFIG), LLAVA_QUEUES=queue)
-    worker = CeleryWorker(["--hostname", hostname], env, tmp_path / "celery-worker.log", fork=True).start()
-    try:
-        worker.wait_ready(client.app, hostname)
+    log = tmp_path / "celery-worker.log"
+    with celery_worker(client, client_settings, cache_dir, log) as (_, hostname, queue):
         result = client.caption(IMAGES / "stop_sign.jpg", queue=queue).get(timeout=60)
         assert isinstance(result, CaptionResult) and result.worker == hostname
         [stats] = client.app.control.inspect(destination=[hostname], timeout=5).stats().values()
@@ -66,8 +81,6 @@ def test_celery_worker_serves_jobs_with_the_project_settings(
         threads = load_settings(WorkerSettings, config_file=TINY_CONFIG).threads
         assert stats["pool"]["max-concurrency"] == threads  # what llava-worker runs with
         assert health(client, hostname, timeout=10)["jobs_done"] == 1  # (`celery inspect`: the test above)
-    finally:
-        assert worker.stop() == 0, worker.log_tail()
 
 
 def test_celery_worker_that_cannot_load_its_model_exits_1_saying_why_once(

@@ -5,9 +5,7 @@ error's code and message, never a traceback; the worker's log at INFO says a job
 from __future__ import annotations
 
 import json
-import socket
 import threading
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +16,8 @@ from celery import Celery
 from devtools.devstack import WorkerProcess
 from producer import InvalidImage, LlavaClient
 from producer.settings import ClientSettings
-from tests.integration.conftest import IMAGES, TINY_CONFIG, wait_for, worker_env
-from tests.integration.test_celery_app import CeleryWorker
+from tests.integration.conftest import IMAGES, wait_for
+from tests.integration.test_celery_app import celery_worker
 
 pytestmark = pytest.mark.integration
 
@@ -98,14 +96,6 @@ def test_llava_worker_logs_a_success_without_its_result(client: LlavaClient, sha
 def test_celery_worker_logs_a_success_without_its_result(
     client: LlavaClient, client_settings: ClientSettings, cache_dir: Path, tmp_path: Path
 ) -> None:
-    queue = f"it-{uuid.uuid4().hex[:8]}"
-    hostname = f"c{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
-    env = worker_env(client_settings, cache_dir, LLAVA_CONFIG=str(TINY_CONFIG), LLAVA_QUEUES=queue)
-    worker = CeleryWorker(
-        ["--hostname", hostname, "--loglevel", "INFO"], env, tmp_path / "celery-worker.log", fork=True
-    ).start()
-    try:
-        worker.wait_ready(client.app, hostname)
+    log = tmp_path / "celery-worker.log"
+    with celery_worker(client, client_settings, cache_dir, log, "--loglevel", "INFO") as (worker, _, queue):
         _caption_is_not_logged(client, queue, worker)
-    finally:
-        assert worker.stop() == 0, worker.log_tail()
