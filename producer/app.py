@@ -357,7 +357,7 @@ def fail_fast_config(settings: QueueSettings, broker_timeout: float) -> dict[str
         "redis_socket_connect_timeout": attempt,
         "redis_socket_timeout": attempt,
         "result_backend_always_retry": False,
-        "redis_backend_health_check_interval": attempt,  # the result subscription's PINGs (transport.py)
+        "redis_backend_health_check_interval": 0,  # a waiting subscription reads stored results instead
         "result_backend_transport_options": {
             "visibility_timeout": settings.visibility_timeout,
             "retry_policy": {**reconnects, "timeout": window},

@@ -143,26 +143,38 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-MISSED_HEALTH_CHECKS = 2  # unanswered PINGs after which a result subscription's Redis is taken for hung
+POLL_EVERY_S = 2.0  # how often a waiting result subscription also reads the stored results
 
 
 class ResultConsumer(CeleryResultConsumer):
-    """Celery's result subscription, which also notices a Redis that stopped answering. A hung primary keeps
-    the subscription's socket open and silent, which looks like no result yet: a wait would go on until the
-    old primary woke (or its timeout), though the results are stored on the promoted replica. So the
-    subscription PINGs every ``redis_backend_health_check_interval`` seconds while it waits, and after
-    :data:`MISSED_HEALTH_CHECKS` unanswered PINGs it reconnects as Celery does after a connection error:
-    through the Sentinels, reading the stored results it waits for, subscribing again."""
+    """Celery's result subscription, which also reads the stored results it waits for every
+    :data:`POLL_EVERY_S` seconds (one MGET). A hung primary keeps the subscription's socket open and
+    silent, which looks like no result yet, while the results are stored on the promoted replica: the read
+    finds them there (through the Sentinels), and its timing out on the hung one reconnects the subscription
+    as Celery does after a connection error. (A PING on the subscription would do the first part only, and
+    redis-py's own health checks share its socket with the results: a result read while cleaning their
+    replies raises.)"""
+
+    _polled_at = 0.0
 
     def drain_events(self, timeout: float | None = None) -> None:
-        with self._locked():
-            pubsub = self._pubsub
-            if pubsub is not None and pubsub.subscribed and pubsub.connection is not None:
-                with self.reconnect_on_error():
-                    if pubsub.health_check_response_counter >= MISSED_HEALTH_CHECKS:
-                        raise redis.ConnectionError("the result subscription's Redis stopped answering PINGs")
-                    pubsub.check_health()  # a PING, when the interval has passed since the last command
+        now = time.monotonic()
+        if now - self._polled_at >= POLL_EVERY_S:
+            self._polled_at = now
+            self._read_stored()
         super().drain_events(timeout)
+
+    def _read_stored(self) -> None:
+        with self._locked():
+            keys = list(self.subscribed_to) if self._pubsub is not None else []
+        if not keys:
+            return
+        metas: list[Any] = []
+        with self.reconnect_on_error():
+            metas = self.backend.client.mget(keys)
+        for meta in metas or []:
+            if meta:
+                self.on_state_change(self._decode_result(meta), None)
 
 
 class ResultBackend(RedisBackend):
