@@ -1,5 +1,5 @@
-"""Every Python snippet of the README runs as shown, from the repository root, against a real Redis and a
-real tiny worker (the reader's `make demo` stack). Fragments of the reader's own code are fenced
+"""Every Python snippet of the README and of docs/ runs as shown, from the repository root, against a real
+Redis and a real tiny worker (the reader's `make demo` stack). Fragments of the reader's own code are fenced
 ```python {.norun}``` and only parsed."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from tests.integration.conftest import ROOT
 pytestmark = pytest.mark.integration
 
 FENCE = re.compile(r"^```python([^\n]*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
-SNIPPETS = [(info.strip(), code) for info, code in FENCE.findall((ROOT / "README.md").read_text())]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SNIPPETS = [(info.strip(), code) for page in PAGES for info, code in FENCE.findall(page.read_text())]
 RUNNABLE = [code for info, code in SNIPPETS if info != "{.norun}"]
 
 
